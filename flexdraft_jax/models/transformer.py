@@ -1,0 +1,352 @@
+"""Llama-family transformer (linen modules, pure-functional forward) with FlexDraft deep layers.
+
+Parameters are plain pytrees, created by the linen modules below and stacked over layers:
+
+  target = {"embed": {"embedding": [V, H]},
+            "layers": {"input_norm", "attn": {q_proj, k_proj, v_proj, o_proj, [q_norm, k_norm]},
+                       "post_norm", "mlp": {gate_proj, up_proj, down_proj}}   # leaves [L, ...]
+            "final_norm": {"scale": [H]},
+            "lm_head": {"kernel": [H, V]}}                 # absent when embeddings are tied
+  draft  = {"mask_embedding": [H],
+            "layers": <"attn" subtree stacked over the D deep layers>,
+            "calibration": {"fc1": {kernel [2H, r], bias}, "fc2": {kernel [r, V], bias}}}
+
+One forward (`forward`) serves every case. Its rows are `Tc` clean rows (real tokens, AR convention)
+followed by `Tm` mask rows (FlexDraft drafts, diffusion convention) that exist only in the deep
+layers `s .. L-1`; clean rows use the target's projectors and mask rows the draft copies; norms,
+MLP, final norm and lm_head are shared. Attention goes through `kernels.api.attention` with the
+per-row `RowMeta` (see `kernels/mask.py` and `layouts.py`). Clean rows are written to the KV cache
+(a value passed in and returned); mask rows never are. Layers run in `lax.fori_loop`s that index the
+stacked parameters, so compile time does not grow with depth and the cache is updated in place.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flexdraft_jax.kernels.api import attention
+from flexdraft_jax.kernels.mask import RowMeta
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
+
+
+class KVCache(NamedTuple):
+    """Clean-row keys/values of every layer. k, v: [L, B, S, K, D]; lengths: int32[B].
+
+    Slots >= lengths[b] may hold stale rows (rejected candidates, prompt padding); attention never
+    sees them because every row's `q_limit` stops at the committed length plus its own step's rows.
+    Rollback is therefore a length update.
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    lengths: jnp.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- linen modules
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(x.dtype)
+
+
+def rope(x, positions, inv_freq):
+    """Rotate-half RoPE (the Hugging Face Llama convention). x [B, T, N, D], positions [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class AttnProj(nn.Module):
+    """q/k/v/o projectors of one layer (the part FlexDraft copies for mask rows)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        dense = lambda n, bias: nn.Dense(n, use_bias=bias, param_dtype=jnp.float32)
+        self.q_proj = dense(c.num_heads * c.head_dim, c.attention_bias)
+        self.k_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.v_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.o_proj = dense(c.hidden_size, False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.rms_norm_eps)
+
+    def qkv(self, h, positions):
+        """h [B, T, H] -> q [B, T, N, D], k, v [B, T, K, D], RoPE applied."""
+        c = self.cfg
+        b, t, _ = h.shape
+        q = self.q_proj(h).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = jnp.asarray(c.inv_freq())
+        return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
+
+    def out(self, a):
+        """a [B, T, N, D] -> [B, T, H]."""
+        return self.o_proj(a.reshape(*a.shape[:2], -1))
+
+    def __call__(self, h, positions):  # used only to create parameters
+        q, _, _ = self.qkv(h, positions)
+        return self.out(q)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, name=name, param_dtype=jnp.float32)
+        g = dense(self.cfg.intermediate_size, "gate_proj")(x)
+        u = dense(self.cfg.intermediate_size, "up_proj")(x)
+        return dense(self.cfg.hidden_size, "down_proj")(nn.silu(g) * u)
+
+
+class Block(nn.Module):
+    """One decoder layer's parameters: input_norm, attn, post_norm, mlp."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.input_norm = RMSNorm(self.cfg.rms_norm_eps)
+        self.attn = AttnProj(self.cfg)
+        self.post_norm = RMSNorm(self.cfg.rms_norm_eps)
+        self.mlp = MLP(self.cfg)
+
+    def __call__(self, x, positions):
+        x = x + self.attn(self.input_norm(x), positions)
+        return x + self.mlp(self.post_norm(x))
+
+
+class Calibration(nn.Module):
+    """Bonus-guided calibration: MLP([E(bonus) ; n_j]) -> V logits correction (DESIGN §2.2)."""
+
+    rank: int
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.rank, name="fc1", param_dtype=jnp.float32)(x)
+        return nn.Dense(
+            self.vocab_size, name="fc2", kernel_init=nn.initializers.zeros, param_dtype=jnp.float32
+        )(nn.silu(x))
+
+
+# ----------------------------------------------------------------------------- parameter init
+
+
+def init_target(cfg: ModelConfig, key) -> dict:
+    """Random target parameters (for tests and shape inference)."""
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    h = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    layer_keys = jax.random.split(k_layers, cfg.num_layers)
+    layers = jax.vmap(lambda k: Block(cfg).init(k, h, pos)["params"])(layer_keys)
+    params = {
+        "embed": {
+            "embedding": jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size)) * 0.02
+        },
+        "layers": layers,
+        "final_norm": {"scale": jnp.ones((cfg.hidden_size,), jnp.float32)},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {
+            "kernel": jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size)) * 0.02
+        }
+    return params
+
+
+def init_draft(cfg: ModelConfig, dcfg: DraftConfig, target: dict, key) -> dict:
+    """FlexDraft parameters: mask embedding ~ N(0, 0.02), draft projectors copied from the target's
+    last D layers, calibration MLP with a zero output layer (a no-op at start)."""
+    s = dcfg.split(cfg)
+    k_mask, k_cal = jax.random.split(key)
+    draft_layers = jax.tree.map(lambda x: jnp.array(x[s:]), target["layers"]["attn"])
+    calib = Calibration(dcfg.calib_rank, cfg.vocab_size).init(
+        k_cal, jnp.zeros((1, 2 * cfg.hidden_size), jnp.float32)
+    )["params"]
+    return {
+        "mask_embedding": jax.random.normal(k_mask, (cfg.hidden_size,), jnp.float32) * 0.02,
+        "layers": draft_layers,
+        "calibration": calib,
+    }
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+
+def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots):
+    """One decoder layer over [clean rows ; mask rows]. x [B, T, H], positions [B, T].
+
+    cache_kv: (k, v) [B, S, K, D] of this layer, or None (keys are this call's clean rows).
+    write_slots: int32[B, Tc] cache slots for the clean rows' keys/values.
+    Returns the new x and the layer's updated (k, v) (or None).
+    """
+    t = x.shape[1]
+    norm = lambda p, y: RMSNorm(cfg.rms_norm_eps).apply({"params": p}, y)
+    proj = lambda p, *a, method: AttnProj(cfg).apply({"params": p}, *a, method=method)
+    h = norm(lp["input_norm"], x)
+    q, k, v = proj(lp["attn"], h[:, :n_clean], positions[:, :n_clean], method="qkv")
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        if n_clean:
+            bidx = jnp.arange(x.shape[0])[:, None]
+            ck = ck.at[bidx, write_slots].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[bidx, write_slots].set(v.astype(cv.dtype), mode="drop")
+        keys, values, new_kv = ck, cv, (ck, cv)
+    else:
+        keys, values, new_kv = k, v, None
+    if t > n_clean:
+        qm, km, vm = proj(dp, h[:, n_clean:], positions[:, n_clean:], method="qkv")
+        q = jnp.concatenate([q, qm], axis=1)
+        keys = jnp.concatenate([keys, km.astype(keys.dtype)], axis=1)
+        values = jnp.concatenate([values, vm.astype(values.dtype)], axis=1)
+    a = attention(q, keys, values, meta, impl=cfg.attention_impl)
+    o = proj(lp["attn"], a[:, :n_clean], method="out")
+    if t > n_clean:
+        o = jnp.concatenate([o, proj(dp, a[:, n_clean:], method="out")], axis=1)
+    x = x + o
+    x = x + MLP(cfg).apply({"params": lp["mlp"]}, norm(lp["post_norm"], x))
+    return x, new_kv
+
+
+def _run_layers(cfg, target, draft, lo, hi, x, n_clean, positions, meta, cache, write_slots):
+    """Layers lo..hi-1 in a fori_loop. Draft projectors (if any) are indexed from layer `lo`."""
+    has_cache = cache is not None
+
+    def body(i, carry):
+        x, ck, cv = carry
+        lp = _index(target["layers"], i)
+        dp = _index(draft["layers"], i - lo) if draft is not None else None
+        kv = (ck[i], cv[i]) if has_cache else None
+        x, new_kv = _layer(cfg, lp, dp, x, n_clean, positions, meta, kv, write_slots)
+        if has_cache and n_clean:
+            ck = jax.lax.dynamic_update_index_in_dim(ck, new_kv[0], i, 0)
+            cv = jax.lax.dynamic_update_index_in_dim(cv, new_kv[1], i, 0)
+        return x, ck, cv
+
+    ck, cv = (cache.k, cache.v) if has_cache else (jnp.zeros(()), jnp.zeros(()))
+    x, ck, cv = jax.lax.fori_loop(lo, hi, body, (x, ck, cv))
+    return x, (cache._replace(k=ck, v=cv) if has_cache else None)
+
+
+def embed(target, tokens):
+    return jnp.take(target["embed"]["embedding"], tokens, axis=0)
+
+
+def lm_head(cfg: ModelConfig, target, h):
+    """h [..., H] (after the final norm) -> logits [..., V]."""
+    if cfg.tie_word_embeddings:
+        return h @ target["embed"]["embedding"].T
+    return h @ target["lm_head"]["kernel"]
+
+
+def final_norm(cfg: ModelConfig, target, x):
+    return RMSNorm(cfg.rms_norm_eps).apply({"params": target["final_norm"]}, x)
+
+
+def forward(
+    cfg: ModelConfig,
+    target: dict,
+    tokens,
+    positions,
+    meta: RowMeta,
+    cache: KVCache | None = None,
+    write_start=None,
+    *,
+    draft: dict | None = None,
+    dcfg: DraftConfig | None = None,
+    mask_positions=None,
+    return_hidden: bool = False,
+):
+    """One pass over Tc clean rows and (with a draft) Tm mask rows.
+
+    tokens, positions: int32[B, Tc] (Tc may be 0: the sequential draft pass, deep layers only).
+    mask_positions: int32[B, Tm] positions of the mask rows (Tm may be 0 or None).
+    meta: RowMeta over the Tc + Tm query rows; its q_limit counts cache slots (or, without a cache,
+      this call's clean rows).
+    cache, write_start: the KV cache and int32[B] slot where the clean rows are written.
+
+    Returns (clean_logits [B, Tc, V], mask_hidden [B, Tm, H] after the final norm, cache). With
+    `return_hidden`, clean final-normed hidden states [B, Tc, H] are returned instead of logits.
+    """
+    b, n_clean = tokens.shape
+    n_mask = 0 if mask_positions is None else mask_positions.shape[1]
+    if n_mask and (draft is None or dcfg is None):
+        raise ValueError("mask rows need draft parameters and a DraftConfig")
+    if cache is not None and write_start is None:
+        write_start = cache.lengths
+    write_slots = (
+        write_start[:, None] + jnp.arange(n_clean)[None, :] if cache is not None else None
+    )
+    split = dcfg.split(cfg) if n_mask else cfg.num_layers
+    # Shallow layers: clean rows only (their meta is the clean sub-block of `meta`).
+    clean_meta = RowMeta(meta.q_limit[:, :n_clean], meta.q_group[:, :n_clean], meta.k_group[:, :0])
+    x = embed(target, tokens)
+    if n_clean and split > 0:
+        x, cache = _run_layers(
+            cfg, target, None, 0, split, x, n_clean, positions, clean_meta, cache, write_slots
+        )
+    if n_mask:
+        mask_rows = jnp.broadcast_to(draft["mask_embedding"], (b, n_mask, cfg.hidden_size))
+        x = jnp.concatenate([x, mask_rows.astype(x.dtype)], axis=1)
+        pos = jnp.concatenate([positions, mask_positions], axis=1)
+        x, cache = _run_layers(
+            cfg, target, draft, split, cfg.num_layers, x, n_clean, pos, meta, cache, write_slots
+        )
+    h = final_norm(cfg, target, x)
+    hc, hm = h[:, :n_clean], h[:, n_clean:]
+    clean_out = hc if return_hidden else lm_head(cfg, target, hc)
+    return clean_out, hm, cache
+
+
+def apply(cfg: ModelConfig, params: dict, tokens, positions, cache: KVCache | None, meta: RowMeta):
+    """Plain target forward: (logits [B, T, V], cache). Clean rows only."""
+    logits, _, cache = forward(cfg, params, tokens, positions, meta, cache)
+    return logits, cache
+
+
+def draft_logits(cfg: ModelConfig, target: dict, draft: dict, hidden, bonus, use_calibration=True):
+    """Calibrated draft logits: lm_head(n_j) + MLP([E(bonus) ; n_j]).
+
+    hidden [B, W, H] mask-row states after the final norm; bonus int32[B]. Returns [B, W, V]
+    (slot 0 is included for shape simplicity; callers discard it).
+    """
+    logits = lm_head(cfg, target, hidden)
+    if not use_calibration:
+        return logits
+    e = embed(target, bonus)[:, None, :]
+    e = jnp.broadcast_to(e, hidden.shape)
+    corr = Calibration(draft["calibration"]["fc1"]["kernel"].shape[1], cfg.vocab_size).apply(
+        {"params": draft["calibration"]}, jnp.concatenate([e, hidden], axis=-1)
+    )
+    return logits + corr
