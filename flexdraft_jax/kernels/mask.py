@@ -62,9 +62,7 @@ def dense_mask(meta: RowMeta, num_clean: int) -> jnp.ndarray:
     )
 
 
-def block_visibility(
-    meta: RowMeta, num_clean: int, block_q: int, block_k: int
-) -> np.ndarray:
+def block_visibility(meta: RowMeta, num_clean: int, block_q: int, block_k: int) -> np.ndarray:
     """bool[B, T/block_q, S/block_k]: tiles with at least one visible (row, key) pair.
 
     Computed on host from concrete metadata (outside jit, as splash attention builds its

@@ -95,8 +95,10 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Build from a `transformers` config object (or the dict of a config.json)."""
-        get = hf_config.get if isinstance(hf_config, dict) else (
-            lambda k, d=None: getattr(hf_config, k, d)
+        get = (
+            hf_config.get
+            if isinstance(hf_config, dict)
+            else (lambda k, d=None: getattr(hf_config, k, d))
         )
         arch = get("model_type")
         if arch not in ARCHITECTURES:
@@ -162,5 +164,7 @@ class DraftConfig:
     def split(self, cfg: ModelConfig) -> int:
         """First deep layer index s = L - D."""
         if self.depth > cfg.num_layers:
-            raise ValueError(f"draft depth {self.depth} exceeds the model's {cfg.num_layers} layers")
+            raise ValueError(
+                f"draft depth {self.depth} exceeds the model's {cfg.num_layers} layers"
+            )
         return cfg.num_layers - self.depth

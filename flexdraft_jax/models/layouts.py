@@ -47,7 +47,9 @@ def _mask_groups(anchors, block_size):
     j = jnp.arange(block_size, dtype=jnp.int32)
     pos = (anchors[:, :, None] + j).reshape(b, g * block_size)
     limit = jnp.repeat(anchors, block_size, axis=1)
-    group = jnp.broadcast_to(jnp.repeat(jnp.arange(g, dtype=jnp.int32), block_size), (b, g * block_size))
+    group = jnp.broadcast_to(
+        jnp.repeat(jnp.arange(g, dtype=jnp.int32), block_size), (b, g * block_size)
+    )
     return pos, limit, group
 
 

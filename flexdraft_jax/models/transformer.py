@@ -109,7 +109,7 @@ class AttnProj(nn.Module):
 
     def out(self, a):
         """a [B, T, N, D] -> [B, T, H]."""
-        return self.o_proj(a.reshape(*a.shape[:2], -1))
+        return self.o_proj(a.reshape(*a.shape[:2], a.shape[2] * a.shape[3]))
 
     def __call__(self, h, positions):  # used only to create parameters
         q, _, _ = self.qkv(h, positions)
@@ -305,9 +305,7 @@ def forward(
         raise ValueError("mask rows need draft parameters and a DraftConfig")
     if cache is not None and write_start is None:
         write_start = cache.lengths
-    write_slots = (
-        write_start[:, None] + jnp.arange(n_clean)[None, :] if cache is not None else None
-    )
+    write_slots = write_start[:, None] + jnp.arange(n_clean)[None, :] if cache is not None else None
     split = dcfg.split(cfg) if n_mask else cfg.num_layers
     # Shallow layers: clean rows only (their meta is the clean sub-block of `meta`).
     clean_meta = RowMeta(meta.q_limit[:, :n_clean], meta.q_group[:, :n_clean], meta.k_group[:, :0])

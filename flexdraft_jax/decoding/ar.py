@@ -1,0 +1,139 @@
+"""Plain autoregressive decoding: the slow twin every speculative mode is tested against.
+
+`generate(cfg, params, prompts, max_new_tokens, ...)` prefills a batch of prompts of different
+lengths (padded to a bucket, lengths tracked per sequence), then runs one jitted step per token
+that donates the cache. Greedy or temperature / top-k / top-p sampling; per-sequence stop on EOS
+or `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexdraft_jax.decoding import sampling
+from flexdraft_jax.models import layouts
+from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt (prompt excluded, EOS included if hit)
+    stats: dict
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Next power of two >= n (static shapes: a few compilations cover all prompt lengths)."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def validate_prompts(prompts, vocab_size: int) -> np.ndarray:
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+    return np.array([len(p) for p in prompts], np.int32)
+
+
+def pad_prompts(prompts, width: int) -> np.ndarray:
+    out = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, : len(p)] = p
+    return out
+
+
+def check_capacity(lengths: np.ndarray, max_new_tokens: int, extra: int, capacity: int) -> None:
+    need = int(lengths.max()) + max_new_tokens + extra
+    if need > capacity:
+        raise ValueError(
+            f"longest prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens})"
+            f" + {extra} working slots = {need} exceeds the KV cache capacity {capacity}"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp"))
+def _prefill(cfg, params, tokens, lengths, cache, key, sp):
+    lay = layouts.causal(jnp.zeros_like(lengths), tokens.shape[1])
+    h, _, cache = tf.forward(
+        cfg, params, tokens, lay.positions, lay.meta, cache, return_hidden=True
+    )
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = tf.lm_head(cfg, params, last)
+    return sampling.choose(key, logits, sp), cache._replace(lengths=lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp"), donate_argnums=(3,))
+def _step(cfg, params, token, cache, key, sp):
+    lay = layouts.causal(cache.lengths, 1)
+    logits, _, cache = tf.forward(cfg, params, token[:, None], lay.positions, lay.meta, cache)
+    nxt = sampling.choose(key, logits[:, 0], sp)
+    return nxt, cache._replace(lengths=cache.lengths + 1)
+
+
+def generate(
+    cfg: ModelConfig,
+    params,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    sampling_params: sampling.SamplingParams = sampling.SamplingParams(),
+    eos_ids=None,
+    seed: int = 0,
+    cache_len: int | None = None,
+) -> Generation:
+    """Generate up to `max_new_tokens` per prompt, stopping each sequence at its first EOS."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = validate_prompts(prompts, cfg.vocab_size)
+    width = bucket(int(lengths.max()))
+    capacity = cache_len or round_up(max(width, int(lengths.max()) + max_new_tokens), 64)
+    check_capacity(lengths, max_new_tokens, 0, capacity)
+    eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    b = len(prompts)
+    key = jax.random.PRNGKey(seed)
+    cache = tf.init_cache(cfg, b, capacity)
+    t0 = time.perf_counter()
+    key, sub = jax.random.split(key)
+    tok, cache = _prefill(
+        cfg,
+        params,
+        jnp.asarray(pad_prompts(prompts, width)),
+        jnp.asarray(lengths),
+        cache,
+        sub,
+        sampling_params,
+    )
+    out = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    steps = 0
+    while True:
+        host = np.asarray(tok)
+        for i in range(b):
+            if not done[i]:
+                out[i].append(int(host[i]))
+                done[i] = host[i] in eos or len(out[i]) >= max_new_tokens
+        if done.all():
+            break
+        key, sub = jax.random.split(key)
+        tok, cache = _step(cfg, params, tok, cache, sub, sampling_params)
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    n = sum(len(o) for o in out)
+    return Generation(out, {"steps": steps, "tokens": n, "seconds": elapsed, "tau": 1.0})

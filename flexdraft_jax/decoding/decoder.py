@@ -1,0 +1,240 @@
+"""The generation API: `Decoder(cfg, target, draft, dcfg, ecfg).generate(prompts, max_new_tokens)`.
+
+Owns the host loop around the jitted `engine.prefill` / `engine.step` (one sync per step to check
+the stop flags) and the cost profile the flex policy reads: the measured seconds of each branch at
+a batch size (forward time against rows processed in the shallow and deep layers), measured once at
+start-up by forcing each branch on a warm state, cached on disk, or given by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexdraft_jax.decoding import engine
+from flexdraft_jax.decoding.ar import Generation, bucket, pad_prompts, validate_prompts
+from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
+
+DEFAULT_PROFILE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "flexdraft_jax", "profiles")
+
+
+@dataclasses.dataclass
+class CostProfile:
+    """Seconds per step of each branch at one batch size; `draft_pass` is the refill cost."""
+
+    batch_size: int
+    branches: dict[str, float]  # "ar1", "seq4", "par8", ...
+    draft_pass: float
+    rows: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def costs(self, branches) -> np.ndarray:
+        missing = [branch_name(b) for b in branches if branch_name(b) not in self.branches]
+        if missing:
+            raise ValueError(f"cost profile has no entry for branches {missing}")
+        return np.array(
+            [self.branches[branch_name(b)] for b in branches] + [self.draft_pass], np.float32
+        )
+
+    def relative(self) -> dict[str, float]:
+        base = self.branches.get("ar1") or min(self.branches.values())
+        return {k: v / base for k, v in self.branches.items()}
+
+
+def branch_name(branch) -> str:
+    return f"{branch[0]}{branch[1]}"
+
+
+class Decoder:
+    """Speculative (or plain AR) decoding of prompt batches with one engine configuration."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        target,
+        draft,
+        dcfg: DraftConfig,
+        ecfg: engine.EngineConfig = engine.EngineConfig(),
+        *,
+        cache_len: int = 1024,
+        eos_ids=None,
+        profiles: dict[int, CostProfile] | None = None,
+        profile_dir: str | None = DEFAULT_PROFILE_DIR,
+    ):
+        if dcfg.block_size + 2 > cache_len:
+            raise ValueError(
+                f"block_size {dcfg.block_size} leaves no room in a KV cache of {cache_len} slots"
+            )
+        if draft is None and ecfg.mode != "ar":
+            raise ValueError(f"mode {ecfg.mode!r} needs draft parameters")
+        self.cfg, self.target, self.draft, self.dcfg, self.ecfg = cfg, target, draft, dcfg, ecfg
+        self.cache_len = cache_len
+        self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+        self.profiles = dict(profiles or {})
+        self.profile_dir = profile_dir
+
+    def static(self, batch: int) -> engine.Static:
+        branches = engine.branches_for(self.ecfg, self.dcfg.block_size, batch)
+        return engine.Static(self.cfg, self.dcfg, self.ecfg, branches, self.eos_ids)
+
+    # ------------------------------------------------------------------ generation
+
+    def _prefill(self, st, prompts, max_new_tokens, seed):
+        lengths = validate_prompts(prompts, self.cfg.vocab_size)
+        w = self.dcfg.block_size
+        need = int(lengths.max()) + max_new_tokens + 2 * w
+        if need > self.cache_len:
+            raise ValueError(
+                f"longest prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens})"
+                f" + 2 blocks of {w} = {need} exceeds the KV cache capacity {self.cache_len}"
+            )
+        width = min(bucket(int(lengths.max())), self.cache_len)
+        cache = tf.init_cache(self.cfg, len(prompts), self.cache_len)
+        return engine.prefill(
+            st,
+            self.target,
+            self.draft,
+            jnp.asarray(pad_prompts(prompts, width)),
+            jnp.asarray(lengths),
+            cache,
+            jax.random.PRNGKey(seed),
+            jnp.int32(max_new_tokens),
+        )
+
+    def generate(self, prompts, max_new_tokens: int, *, seed: int = 0) -> Generation:
+        """Tokens per prompt (first EOS included) and stats (tau, acceptance, branches, speed)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        st = self.static(len(prompts))
+        costs = jnp.asarray(self._costs(st, len(prompts)))
+        force = jnp.int32(-1)
+        t0 = time.perf_counter()
+        state = self._prefill(st, prompts, max_new_tokens, seed)
+        jax.block_until_ready(state.done)
+        t_prefill = time.perf_counter() - t0
+        idxs = []
+        while not bool(np.asarray(state.done).all()):
+            state, idx = engine.step(st, self.target, self.draft, state, costs, force)
+            idxs.append(idx)
+        elapsed = time.perf_counter() - t0
+        return self._result(st, state, [int(i) for i in idxs], elapsed, t_prefill, max_new_tokens)
+
+    def _result(self, st, state, idxs, elapsed, t_prefill, max_new_tokens):
+        out, n_out = np.asarray(state.out), np.asarray(state.n_out)
+        tokens = [out[i, : min(n, max_new_tokens)].tolist() for i, n in enumerate(n_out)]
+        steps = np.asarray(state.steps)
+        tried, hits = np.asarray(state.tried), np.asarray(state.hits)
+        committed = int((n_out - 1).sum())  # the prefill's bonus is not a step's work
+        names = [branch_name(b) for b in st.branches]
+        n_tok = sum(len(t) for t in tokens)
+        stats = {
+            "steps": len(idxs),
+            "tokens": n_tok,
+            "tau": committed / max(int(steps.sum()), 1),
+            "per_position_acceptance": (hits / np.maximum(tried, 1)).tolist(),
+            "branch_per_step": [names[i] for i in idxs],
+            "branch_counts": {n: idxs.count(i) for i, n in enumerate(names)},
+            "seconds": elapsed,
+            "prefill_seconds": t_prefill,
+            "tokens_per_s": n_tok / elapsed if elapsed > 0 else 0.0,
+        }
+        return Generation(tokens, stats)
+
+    # ------------------------------------------------------------------ cost profile
+
+    def _costs(self, st, batch: int) -> np.ndarray:
+        if self.ecfg.mode != "flex":
+            return np.zeros(len(st.branches) + 1, np.float32)
+        return self.profile(batch).costs(st.branches)
+
+    def _profile_path(self, batch: int) -> str | None:
+        if not self.profile_dir:
+            return None
+        c = self.cfg
+        ident = json.dumps(
+            [
+                jax.devices()[0].device_kind,
+                jax.device_count(),
+                repr(c),
+                self.dcfg.depth,
+                self.dcfg.block_size,
+                self.ecfg.row_buckets(self.dcfg.block_size),
+                self.cache_len,
+                batch,
+                self.ecfg.sampling.greedy,
+            ]
+        )
+        digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
+        return os.path.join(self.profile_dir, f"{digest}.json")
+
+    def profile(self, batch: int, *, repeats: int = 5) -> CostProfile:
+        """The cost profile at this batch size: given, cached on disk, or measured now."""
+        if batch in self.profiles:
+            return self.profiles[batch]
+        path = self._profile_path(batch)
+        if path and os.path.exists(path):
+            with open(path) as f:
+                raw = json.load(f)
+            prof = CostProfile(
+                raw["batch_size"],
+                raw["branches"],
+                raw["draft_pass"],
+                {k: tuple(v) for k, v in raw["rows"].items()},
+            )
+        else:
+            prof = self.measure(batch, repeats=repeats)
+            if path:
+                _write_json_atomic(path, dataclasses.asdict(prof))
+        self.profiles[batch] = prof
+        return prof
+
+    def measure(self, batch: int, *, repeats: int = 5) -> CostProfile:
+        """Time each branch (forced) on a warm state; the draft pass as seq minus its verify."""
+        st = self.static(batch)
+        prompts = [[1 + (i % max(self.cfg.vocab_size - 1, 1))] * 8 for i in range(batch)]
+        budget = self.cache_len - 8 - 2 * self.dcfg.block_size
+        state = self._prefill(st, prompts, budget, 0)
+        costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
+        times = {}
+        for i, br in enumerate(st.branches):
+            force = jnp.int32(i)
+            state, _ = engine.step(st, self.target, self.draft, state, costs, force)  # compile
+            samples = []
+            for _ in range(repeats):
+                state = _rewind(state)
+                t0 = time.perf_counter()
+                state, _ = engine.step(st, self.target, self.draft, state, costs, force)
+                jax.block_until_ready(state.cache.lengths)
+                samples.append(time.perf_counter() - t0)
+            times[branch_name(br)] = float(np.median(samples))
+        w = self.dcfg.block_size
+        rows = {branch_name(b): engine.branch_rows(b, w) for b in st.branches}
+        seq = [times[n] for n in times if n.startswith("seq")]
+        ar = times.get("ar1", min(times.values()))
+        draft_pass = max(min(seq) - ar, 0.0) if seq else 0.0
+        return CostProfile(batch, times, draft_pass, rows)
+
+
+def _rewind(state: engine.DecodeState) -> engine.DecodeState:
+    """Keep a profiling run inside the cache: reset lengths, outputs and stop flags."""
+    return state._replace(
+        cache=state.cache._replace(lengths=jnp.minimum(state.cache.lengths, 16)),
+        n_out=jnp.ones_like(state.n_out),
+        done=jnp.zeros_like(state.done),
+    )
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,407 @@
+"""The flex decoding engine: AR, sequential, parallel and flex steps in one jitted function.
+
+State per sequence (DESIGN §2.3): the clean-row KV cache, the candidate block
+`cand = [x0, d1 .. d(W-1)]` (x0 = last bonus, committed but not cached), the draft distributions q
+(sampling only), and a batch-level verify length `v`. A step is one `lax.switch` among branches:
+
+  ("ar", 1)    plain AR: x0 through all layers, bonus = target's choice; no drafts afterwards
+  ("seq", R)   verify pass over C[0..R-1], then a draft pass (one mask block, deep layers only)
+  ("par", R)   one forward: C[0..R-1] plus R mask groups; group `acc` gives the next drafts
+
+R is a static row bucket >= v + 1 (rows that are never verified are not computed). The branch index
+is chosen on device by the mode's policy (`policy.py`): fixed for `ar`, by bucket for `sequential` /
+`parallel` / `paper`, by the cost model for `flex`. A speculative branch entered without drafts (after
+an AR step) first runs a draft pass. All branches produce the same tokens (tested): they differ only
+in cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flexdraft_jax.decoding import sampling, verify
+from flexdraft_jax.models import layouts
+from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
+
+MODES = ("ar", "sequential", "parallel", "flex", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    mode: str = "flex"
+    threshold: float = 0.01  # confidence threshold for the verify length (0 = whole block)
+    sampling: sampling.SamplingParams = sampling.SamplingParams()
+    rule: str = "speculative"  # or "match" (the public release's sample-and-match)
+    buckets: tuple[int, ...] | None = None  # candidate-row buckets; default 2, 4, .., W
+    use_calibration: bool = True
+    alpha_init: float = 0.7  # prior per-position acceptance for the cost model
+    alpha_ema: float = 0.2
+    probe_interval: int = 16  # flex: after this many AR steps in a row, try speculating again
+    paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.threshold < 0 or self.threshold > 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.rule not in verify.RULES:
+            raise ValueError(f"unknown verification rule {self.rule!r}; choose from {verify.RULES}")
+
+    def row_buckets(self, block_size: int) -> tuple[int, ...]:
+        if self.buckets is not None:
+            bad = [r for r in self.buckets if not 2 <= r <= block_size]
+            if bad or not self.buckets:
+                raise ValueError(f"row buckets must lie in [2, {block_size}], got {self.buckets}")
+            out = sorted(set(self.buckets))
+            return tuple(out if out[-1] == block_size else out + [block_size])
+        out, r = [], 2
+        while r < block_size:
+            out.append(r)
+            r *= 2
+        return tuple(out + [block_size])
+
+
+class DecodeState(NamedTuple):
+    cache: tf.KVCache
+    cand: jnp.ndarray  # int32[B, W]
+    q: jnp.ndarray  # float32[B, W-1, V] draft distributions (sampling) or [B, 1, 1] (greedy)
+    v: jnp.ndarray  # int32[] verify length for the next step
+    has_drafts: jnp.ndarray  # bool[]
+    alpha: jnp.ndarray  # float32[W-1] running conditional acceptance per draft position
+    out: jnp.ndarray  # int32[B, O] committed tokens (prefill bonus first)
+    n_out: jnp.ndarray  # int32[B]
+    done: jnp.ndarray  # bool[B]
+    key: jnp.ndarray
+    steps: jnp.ndarray  # int32[B] steps taken while active
+    tried: jnp.ndarray  # int32[W-1] draft positions verified
+    hits: jnp.ndarray  # int32[W-1] draft positions accepted
+    ar_streak: jnp.ndarray  # int32[] consecutive AR steps (flex probing)
+    max_new: jnp.ndarray  # int32[] token budget per sequence (traced: no recompile per length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Everything the jitted functions specialise on (hashable)."""
+
+    cfg: ModelConfig
+    dcfg: DraftConfig
+    ecfg: EngineConfig
+    branches: tuple[tuple[str, int], ...]
+    eos_ids: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return self.dcfg.block_size
+
+
+def branches_for(ecfg: EngineConfig, block_size: int, batch: int) -> tuple[tuple[str, int], ...]:
+    rows = ecfg.row_buckets(block_size)
+    mode = ecfg.mode
+    if mode == "paper":
+        mode = "parallel" if batch <= ecfg.paper_max_parallel_batch else "sequential"
+    if mode == "ar":
+        return (("ar", 1),)
+    if mode == "sequential":
+        return tuple(("seq", r) for r in rows)
+    if mode == "parallel":
+        return tuple(("par", r) for r in rows)
+    return (("ar", 1),) + tuple(("seq", r) for r in rows) + tuple(("par", r) for r in rows)
+
+
+def branch_rows(branch: tuple[str, int], block_size: int) -> tuple[int, int]:
+    """(rows through the shallow layers, rows through the deep layers) of one branch."""
+    kind, r = branch
+    if kind == "ar":
+        return 1, 1
+    if kind == "seq":
+        return r, r + block_size
+    return r, r + r * block_size
+
+
+# ----------------------------------------------------------------------------- drafting
+
+
+def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, key):
+    """Calibrated drafts from a mask block's hidden states [B, W, H] and the bonus.
+
+    Returns (cand [B, W], q, v): greedy drafts or draws from q, and the confidence verify length.
+    """
+    logits = tf.draft_logits(st.cfg, target, draft, hidden, bonus, st.ecfg.use_calibration)[:, 1:]
+    sp = st.ecfg.sampling
+    if sp.greedy:
+        drafts, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), state.q
+    else:
+        q = sampling.probs(logits, sp)
+        drafts = sampling.sample(key, q)
+    conf = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)  # [B, W-1]
+    v_seq = jnp.sum(jnp.cumprod(conf, axis=1) >= st.ecfg.threshold, axis=1)
+    active = ~state.done
+    v = jnp.max(jnp.where(active, v_seq, 1))
+    v = jnp.clip(v, 1, st.width - 1).astype(jnp.int32)
+    return jnp.concatenate([bonus[:, None], drafts], axis=1), q, v
+
+
+def _refill(st: Static, target, draft, state: DecodeState):
+    """Draft pass anchored at x0 (used when a speculative step follows an AR step)."""
+    key, sub = jax.random.split(state.key)
+    lay = layouts.draft_pass(state.cache.lengths, st.width)
+    empty = jnp.zeros((state.cand.shape[0], 0), jnp.int32)
+    _, hm, _ = tf.forward(
+        st.cfg,
+        target,
+        empty,
+        empty,
+        lay.meta,
+        state.cache,
+        draft=draft,
+        dcfg=st.dcfg,
+        mask_positions=lay.mask_positions,
+    )
+    cand, q, v = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
+    return state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True), key=key)
+
+
+# ----------------------------------------------------------------------------- commit
+
+
+def _commit(st: Static, state: DecodeState, start, acc, bonus, v_used):
+    """Append d1..d(acc) and the bonus per active sequence; update lengths, stop flags, stats."""
+    b, w = state.cand.shape
+    active = ~state.done
+    acc = jnp.where(active, acc, 0)
+    j = jnp.arange(w)[None, :]
+    toks = jnp.where(j < acc[:, None], jnp.roll(state.cand, -1, axis=1), bonus[:, None])
+    count = acc + 1
+    if st.eos_ids:
+        is_eos = jnp.isin(toks, jnp.asarray(st.eos_ids)) & (j < count[:, None])
+        first = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, count)
+        hit_eos = is_eos.any(axis=1)
+        count = jnp.minimum(count, first)
+    else:
+        hit_eos = jnp.zeros((b,), bool)
+    count = jnp.where(active, count, 0)
+    slots = state.n_out[:, None] + j
+    slots = jnp.where(j < count[:, None], slots, state.out.shape[1])  # dropped
+    out = state.out.at[jnp.arange(b)[:, None], slots].set(toks, mode="drop")
+    n_out = state.n_out + count
+    done = state.done | (active & (hit_eos | (n_out >= state.max_new)))
+    lengths = jnp.where(active, start + acc + 1, state.cache.lengths)
+    # Per-position acceptance: position i (1-based) is tried iff i <= v and all before it passed.
+    pos = jnp.arange(1, w)[None, :]
+    tried_m = active[:, None] & (pos <= v_used) & (pos <= acc[:, None] + 1)
+    hit_m = active[:, None] & (pos <= acc[:, None])
+    tried_n, hit_n = tried_m.sum(0), hit_m.sum(0)
+    rate = hit_n / jnp.maximum(tried_n, 1)
+    beta = st.ecfg.alpha_ema
+    alpha = jnp.where(tried_n > 0, (1 - beta) * state.alpha + beta * rate, state.alpha)
+    return state._replace(
+        cache=state.cache._replace(lengths=lengths),
+        out=out,
+        n_out=n_out,
+        done=done,
+        steps=state.steps + active.astype(jnp.int32),
+        tried=state.tried + tried_n.astype(jnp.int32),
+        hits=state.hits + hit_n.astype(jnp.int32),
+        alpha=alpha.astype(jnp.float32),
+    )
+
+
+# ----------------------------------------------------------------------------- branches
+
+
+def _ar_branch(st: Static, target, draft, state: DecodeState):
+    key, sub = jax.random.split(state.key)
+    start = state.cache.lengths
+    lay = layouts.causal(start, 1)
+    logits, _, cache = tf.forward(
+        st.cfg, target, state.cand[:, :1], lay.positions, lay.meta, state.cache, start
+    )
+    bonus = sampling.choose(sub, logits[:, 0], st.ecfg.sampling)
+    state = state._replace(cache=cache, key=key)
+    state = _commit(st, state, start, jnp.zeros_like(start), bonus, 0)
+    cand = state.cand.at[:, 0].set(bonus)
+    return state._replace(cand=cand, has_drafts=jnp.array(False), ar_streak=state.ar_streak + 1)
+
+
+def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeState):
+    state = jax.lax.cond(
+        state.has_drafts, lambda s: s, functools.partial(_refill, st, target, draft), state
+    )
+    key, k_ver, k_draft = jax.random.split(state.key, 3)
+    start = state.cache.lengths
+    v_used = jnp.minimum(state.v, rows - 1)
+    w = st.width
+    if kind == "seq":
+        lay = layouts.causal(start, rows)
+        logits, _, cache = tf.forward(
+            st.cfg, target, state.cand[:, :rows], lay.positions, lay.meta, state.cache, start
+        )
+    else:
+        lay = layouts.parallel(start, rows, rows, w)
+        logits, hm, cache = tf.forward(
+            st.cfg,
+            target,
+            state.cand[:, :rows],
+            lay.positions,
+            lay.meta,
+            state.cache,
+            start,
+            draft=draft,
+            dcfg=st.dcfg,
+            mask_positions=lay.mask_positions,
+        )
+    acc, bonus = verify.verify(
+        k_ver, logits, state.cand, state.q, v_used, st.ecfg.sampling, st.ecfg.rule
+    )
+    state = _commit(st, state._replace(cache=cache, key=key), start, acc, bonus, v_used)
+    if kind == "seq":
+        lay2 = layouts.draft_pass(state.cache.lengths, w)
+        empty = jnp.zeros((state.cand.shape[0], 0), jnp.int32)
+        _, hidden, _ = tf.forward(
+            st.cfg,
+            target,
+            empty,
+            empty,
+            lay2.meta,
+            state.cache,
+            draft=draft,
+            dcfg=st.dcfg,
+            mask_positions=lay2.mask_positions,
+        )
+    else:
+        b, h = hm.shape[0], hm.shape[-1]
+        groups = hm.reshape(b, rows, w, h)
+        hidden = jnp.take_along_axis(groups, acc[:, None, None, None], axis=1)[:, 0]
+    cand, q, v = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
+    return state._replace(
+        cand=cand, q=q, v=v, has_drafts=jnp.array(True), ar_streak=jnp.zeros((), jnp.int32)
+    )
+
+
+def _branch_fns(st: Static):
+    fns = []
+    for kind, rows in st.branches:
+        if kind == "ar":
+            fns.append(functools.partial(_ar_branch, st))
+        else:
+            fns.append(functools.partial(_spec_branch, st, kind, rows))
+    return fns
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+def expected_tokens(alpha, v):
+    """1 + sum_{i<=v} prod_{j<=i} alpha_j: expected committed tokens when verifying v drafts."""
+    cum = jnp.cumprod(alpha)
+    return 1.0 + jnp.sum(jnp.where(jnp.arange(1, alpha.shape[0] + 1) <= v, cum, 0.0))
+
+
+def choose_branch(st: Static, state: DecodeState, costs):
+    """Branch index on device. costs: float32[n_branches + 1] seconds (last: a draft pass)."""
+    kinds = [k for k, _ in st.branches]
+    rows = jnp.asarray([r for _, r in st.branches])
+    if kinds == ["ar"]:
+        return jnp.zeros((), jnp.int32)
+    if "ar" not in kinds:  # fixed kind: the smallest bucket that holds v + 1 rows
+        return jnp.argmax(rows >= state.v + 1).astype(jnp.int32)
+    gain = jnp.stack(
+        [
+            jnp.asarray(1.0)
+            if k == "ar"
+            else expected_tokens(state.alpha, jnp.minimum(state.v, r - 1))
+            for k, r in st.branches
+        ]
+    )
+    refill = jnp.where(state.has_drafts, 0.0, costs[-1])
+    cost = costs[:-1] + jnp.asarray([0.0 if k == "ar" else 1.0 for k in kinds]) * refill
+    score = gain / jnp.maximum(cost, 1e-9)
+    probing = state.ar_streak >= st.ecfg.probe_interval
+    score = jnp.where(jnp.asarray([k == "ar" for k in kinds]) & probing, -jnp.inf, score)
+    return jnp.argmax(score).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- prefill and step
+
+
+def needs_drafts(st: Static) -> bool:
+    return any(k != "ar" for k, _ in st.branches)
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
+    """Prompt rows (padded, ragged lengths) + one mask block anchored at each prompt's end."""
+    b, t = tokens.shape
+    w = st.width
+    key, k_bonus, k_draft = jax.random.split(key, 3)
+    if needs_drafts(st):
+        lay = layouts.prefill_block(lengths, t, w)
+        h, hm, cache = tf.forward(
+            st.cfg,
+            target,
+            tokens,
+            lay.positions,
+            lay.meta,
+            cache,
+            jnp.zeros_like(lengths),
+            draft=draft,
+            dcfg=st.dcfg,
+            mask_positions=lay.mask_positions,
+            return_hidden=True,
+        )
+    else:
+        lay = layouts.causal(jnp.zeros_like(lengths), t)
+        h, hm, cache = tf.forward(
+            st.cfg,
+            target,
+            tokens,
+            lay.positions,
+            lay.meta,
+            cache,
+            jnp.zeros_like(lengths),
+            return_hidden=True,
+        )
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    bonus = sampling.choose(k_bonus, tf.lm_head(st.cfg, target, last), st.ecfg.sampling)
+    vocab = st.cfg.vocab_size
+    greedy = st.ecfg.sampling.greedy
+    q0 = jnp.zeros((b, 1, 1) if greedy else (b, w - 1, vocab), jnp.float32)
+    out = jnp.zeros((b, cache.capacity), jnp.int32).at[:, 0].set(bonus)
+    done = (max_new <= 1) | (jnp.isin(bonus, jnp.asarray(st.eos_ids)) if st.eos_ids else False)
+    state = DecodeState(
+        cache=cache._replace(lengths=lengths),
+        cand=jnp.zeros((b, w), jnp.int32).at[:, 0].set(bonus),
+        q=q0,
+        v=jnp.asarray(w - 1, jnp.int32),
+        has_drafts=jnp.array(False),
+        alpha=jnp.full((w - 1,), st.ecfg.alpha_init, jnp.float32),
+        out=out,
+        n_out=jnp.ones((b,), jnp.int32),
+        done=jnp.broadcast_to(done, (b,)),
+        key=key,
+        steps=jnp.zeros((b,), jnp.int32),
+        tried=jnp.zeros((w - 1,), jnp.int32),
+        hits=jnp.zeros((w - 1,), jnp.int32),
+        ar_streak=jnp.zeros((), jnp.int32),
+        max_new=jnp.asarray(max_new, jnp.int32),
+    )
+    if needs_drafts(st):
+        cand, q, v = _draft_block(st, target, draft, state, hm, bonus, k_draft)
+        state = state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True))
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("state",))
+def step(st: Static, target, draft, state: DecodeState, costs, force):
+    """One decoding step. force >= 0 runs that branch (profiling); else the mode's policy."""
+    idx = jnp.where(force >= 0, force, choose_branch(st, state, costs)).astype(jnp.int32)
+    fns = _branch_fns(st)
+    if len(fns) == 1:
+        return fns[0](target, draft, state), idx
+    return jax.lax.switch(idx, fns, target, draft, state), idx
