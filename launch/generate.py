@@ -1,0 +1,81 @@
+"""Generate completions with plain AR or FlexDraft decoding.
+
+  python launch/generate.py --chat --prompt "Write a haiku about TPUs."
+  python launch/generate.py --prompts_file=p.jsonl --mode=flex --output_json=out.json
+
+Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipped in drafts/
+(for the embedded target), else untrained copies of the target's projectors (still lossless).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flexdraft_jax import pipeline  # noqa: E402
+from flexdraft_jax.decoding.decoder import Decoder  # noqa: E402
+from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
+from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+flags.DEFINE_string("prompts_file", None, 'JSONL with one {"prompt": ...} (or "turns") per line.')
+flags.DEFINE_bool("chat", False, "Apply the tokenizer's chat template to each prompt.")
+flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.", lower_bound=1)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
+flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).", lower_bound=0)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling (1 = off).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("checkpoint", None, "HF directory or .gguf file (default: embedded SmolLM2).")
+flags.DEFINE_enum("mode", "flex", MODES, "Decoding mode.")
+flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
+flags.DEFINE_integer("draft_depth", 6, "Layers with draft projectors (untrained draft only).")
+flags.DEFINE_float("threshold", 0.01, "Confidence threshold for the verify length (0 = whole block).")
+flags.DEFINE_string("draft_checkpoint", None, "Release-format dir/.safetensors or an orbax workdir.")
+flags.DEFINE_enum("verify_rule", "speculative", ["speculative", "match"], "Sampling verification.")
+flags.DEFINE_integer("cache_len", 1024, "KV cache capacity per sequence.")
+flags.DEFINE_string("output_json", None, "Write generations and stats here (atomically).")
+
+
+def run(_):
+    texts = pipeline.read_prompts(F.prompt, F.prompts_file)
+    sp = SamplingParams(F.temperature, F.top_k, F.top_p)
+    ecfg = EngineConfig(mode=F.mode, threshold=F.threshold, sampling=sp, rule=F.verify_rule)
+    cfg, target, tok = pipeline.load_target(F.checkpoint)
+    draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
+    dcfg, draft = pipeline.load_draft(
+        draft_path, cfg, target, depth=F.draft_depth, block_size=F.block_size or 8
+    )
+    if F.block_size and F.block_size != dcfg.block_size:
+        dcfg = dcfg.__class__(dcfg.depth, F.block_size, dcfg.calib_rank, dcfg.use_calibration)
+    ids = pipeline.encode(tok, texts, F.chat)
+    logging.info("target %s, draft %s, %d prompts", F.checkpoint or "embedded SmolLM2",
+                 draft_path or "untrained", len(ids))
+    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len)
+    gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)
+    records = []
+    for text, toks in zip(texts, gen.tokens):
+        completion = tok.decode(toks, skip_special_tokens=True)
+        records.append({"prompt": text, "text": completion, "token_ids": toks})
+        print(f"### {text}\n{completion}\n")
+    stats = {k: v for k, v in gen.stats.items() if k != "branch_per_step"}
+    print(f"mode={F.mode} tau={stats['tau']:.2f} tokens/s={stats['tokens_per_s']:.1f} "
+          f"steps={stats['steps']} branches={stats['branch_counts']}")
+    if F.output_json:
+        stats["branch_per_step"] = gen.stats["branch_per_step"]
+        out_dir = os.path.dirname(os.path.abspath(F.output_json))
+        os.makedirs(out_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"generations": records, "stats": stats}, f, indent=1)
+        os.replace(tmp, F.output_json)
+
+
+if __name__ == "__main__":
+    app.run(run)
