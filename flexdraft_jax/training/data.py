@@ -1,0 +1,420 @@
+"""Training data: offline prompts, self-distillation, packing and anchor sampling (DESIGN §2.5, §3).
+
+prompt sources   `python_docs_prompts` (text that ships with Python: `pydoc_data.topics` and
+                 standard-library signatures + docstrings via `inspect`; never the evaluation
+                 set), `read_jsonl` (user files of {"prompt"} or {"prompt", "response"}) and
+                 `synthetic_prompts` (random token ids, for tokenizer-less test models)
+tokenization     `encode_prompt` renders one user turn with the tokenizer's chat template
+distillation     `distill`: batched greedy generation with `decoding.ar.generate` (prompts sorted
+                 by length), cached on disk keyed by model + prompts + max tokens, atomic write
+packing          `pack`: fixed-shape arrays tokens [N, T], lengths [N], loss_mask [N, T] (the
+                 response tokens: the only loss region)
+anchors          `sample_anchors`: A anchors per sequence, uniform over the loss region
+batches          `Dataset.batch(step)`: a deterministic function of (seed, step), so resuming at a
+                 step reproduces the data order and the anchors exactly; each process gets its
+                 rows of the global batch (`process_index` / `process_count`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import pkgutil
+import tempfile
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- prompt sources
+
+_DOC_TEMPLATES = (
+    "Write a short Python example that uses `{name}{sig}`. Here is its documentation:\n\n{doc}",
+    "Explain what `{name}{sig}` does, when to use it, and show a small code example.\n\n{doc}",
+    "Implement a simplified version of `{name}{sig}` in pure Python, following this "
+    "description:\n\n{doc}",
+)
+_TOPIC_TEMPLATES = (
+    "Summarize this part of the Python language reference and illustrate it with code:\n\n{doc}",
+    "Write a Python function that demonstrates the following language feature, with a "
+    "docstring and a test:\n\n{doc}",
+)
+# Modules whose import has side effects or is slow; we only read their docstrings.
+_SKIP_MODULES = ("antigravity", "this", "idlelib", "tkinter", "turtle", "test", "lib2to3", "pydoc")
+
+
+def _stdlib_functions(max_doc_chars: int):
+    """(qualified name, signature, docstring) of public standard-library functions, sorted."""
+    import importlib
+    import sys
+    import warnings
+
+    names = sorted(
+        m.name
+        for m in pkgutil.iter_modules()
+        if m.name in sys.stdlib_module_names and not m.name.startswith("_")
+    )
+    names = sorted(set(names) | {n for n in sys.builtin_module_names if not n.startswith("_")})
+    out = []
+    for mod_name in names:
+        if mod_name.startswith(_SKIP_MODULES):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(mod_name)
+        except Exception:  # platform-specific modules (winreg, msvcrt, ...)
+            continue
+        for attr in sorted(getattr(mod, "__all__", None) or dir(mod)):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(mod, attr, None)
+            if getattr(obj, "__module__", mod_name) not in (mod_name, None):
+                continue  # re-exports are seen once, in their own module
+            if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+                _add_callable(out, f"{mod_name}.{attr}", obj, max_doc_chars)
+            elif inspect.isclass(obj):
+                _add_callable(out, f"{mod_name}.{attr}", obj, max_doc_chars)
+                for meth in sorted(vars(obj)):
+                    m = getattr(obj, meth, None)
+                    if not meth.startswith("_") and callable(m):
+                        _add_callable(out, f"{mod_name}.{attr}.{meth}", m, max_doc_chars)
+    return out
+
+
+def _add_callable(out: list, name: str, obj, max_doc_chars: int) -> None:
+    doc = inspect.getdoc(obj)
+    if not doc or len(doc) < 40:
+        return
+    try:
+        sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        sig = "(...)"
+    out.append((name, sig, doc[:max_doc_chars]))
+
+
+def python_docs_prompts(
+    num_prompts: int | None = None, seed: int = 0, max_doc_chars: int = 1200
+) -> list[str]:
+    """Instruction prompts built from documentation that ships with Python (DESIGN §3)."""
+    import pydoc_data.topics
+
+    prompts = []
+    for i, (name, sig, doc) in enumerate(_stdlib_functions(max_doc_chars)):
+        prompts.append(_DOC_TEMPLATES[i % len(_DOC_TEMPLATES)].format(name=name, sig=sig, doc=doc))
+    for i, key in enumerate(sorted(pydoc_data.topics.topics)):
+        doc = pydoc_data.topics.topics[key].strip()
+        # Long reference sections are cut at paragraph boundaries into several prompts.
+        for j, start in enumerate(range(0, min(len(doc), 6 * max_doc_chars), max_doc_chars)):
+            chunk = doc[start : start + max_doc_chars]
+            template = _TOPIC_TEMPLATES[(i + j) % len(_TOPIC_TEMPLATES)]
+            prompts.append(template.format(doc=chunk))
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    prompts = [prompts[i] for i in order]
+    return prompts if num_prompts is None else prompts[:num_prompts]
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records {"prompt": str} or {"prompt": str, "response": str} from a JSON-lines file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(
+                    f"{path}:{n}: expected an object with a string 'prompt', got {rec}"
+                )
+            if "response" in rec and not isinstance(rec["response"], str):
+                raise ValueError(f"{path}:{n}: 'response' must be a string")
+            out.append({k: rec[k] for k in ("prompt", "response") if k in rec})
+    if not out:
+        raise ValueError(f"prompt file {path} has no records")
+    return out
+
+
+def synthetic_prompts(num: int, vocab_size: int, min_len: int, max_len: int, seed: int = 0):
+    """Random token-id prompts (for test models without a tokenizer)."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(min_len, max_len + 1, size=num)
+    return [rng.integers(1, vocab_size, size=n).tolist() for n in lens]
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """One user turn rendered with the tokenizer's chat template (or the raw text)."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; set data.chat_template=False")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(prompt))
+
+
+def encode_response(tokenizer, response: str, eos_id: int | None) -> list[int]:
+    ids = list(tokenizer.encode(response, add_special_tokens=False))
+    return ids + ([eos_id] if eos_id is not None else [])
+
+
+# ----------------------------------------------------------------------------- self-distillation
+
+
+def params_fingerprint(cfg, params) -> str:
+    """A cheap identity for a target: its config plus a strided sample of every parameter."""
+    import jax
+
+    h = hashlib.sha1(repr(cfg).encode())
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(x).ravel()
+        h.update(f"{jax.tree_util.keystr(path)}{x.shape}{x.dtype}".encode())
+        h.update(np.ascontiguousarray(a[:: max(1, a.size // 4096)]).astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def distill(
+    cfg,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 32,
+    cache_dir: str | None = None,
+    model_id: str | None = None,
+    eos_ids: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Greedy responses of the target to `prompts` (token ids), cached on disk.
+
+    Prompts are sorted by length and generated in batches (one compiled prefill per length bucket,
+    one compiled step). With several processes, each generates every `process_count`-th batch and
+    the results are all-gathered. The cache file is keyed by model, prompts and `max_new_tokens`.
+    """
+    import jax
+
+    from flexdraft_jax.decoding import ar
+
+    prompts = [list(map(int, p)) for p in prompts]
+    eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    key = hashlib.sha1(
+        json.dumps(
+            [model_id or params_fingerprint(cfg, params), prompts, max_new_tokens, eos]
+        ).encode()
+    ).hexdigest()[:20]
+    path = os.path.join(cache_dir, f"distill-{key}.json") if cache_dir else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            responses = json.load(f)["responses"]
+        log.info("self-distillation: %d cached responses from %s", len(responses), path)
+        return responses
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    pi, pc = jax.process_index(), jax.process_count()
+    mine = batches[pi::pc]
+    responses: dict[int, list[int]] = {}
+    bar = tqdm(total=sum(len(b) for b in mine), desc="self-distill", unit="seq", disable=pi != 0)
+    n_tok = 0
+    for idx in mine:
+        gen = ar.generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, eos_ids=eos)
+        for i, toks in zip(idx, gen.tokens):
+            responses[i] = toks
+        n_tok += gen.stats["tokens"]
+        bar.update(len(idx))
+        bar.set_postfix(tok_s=f"{gen.stats['tokens'] / max(gen.stats['seconds'], 1e-9):.0f}")
+    bar.close()
+    if pc > 1:
+        responses = _allgather_responses(responses, len(prompts), max_new_tokens)
+    out = [responses[i] for i in range(len(prompts))]
+    if path and pi == 0:
+        _atomic_write_json(path, {"max_new_tokens": max_new_tokens, "responses": out})
+    log.info("self-distillation: %d responses, %d tokens (this process)", len(out), n_tok)
+    return out
+
+
+def _allgather_responses(local: dict, n: int, width: int) -> dict:
+    from jax.experimental import multihost_utils
+
+    arr = np.full((n, width), -1, np.int32)
+    for i, toks in local.items():
+        arr[i, : len(toks)] = toks
+    gathered = np.asarray(multihost_utils.process_allgather(arr))  # [P, n, width]
+    merged = gathered.max(axis=0)  # every row was filled by exactly one process
+    return {i: [int(t) for t in row if t >= 0] for i, row in enumerate(merged)}
+
+
+# ----------------------------------------------------------------------------- packing, anchors
+
+
+class Packed(NamedTuple):
+    tokens: np.ndarray  # int32[N, T] (0 past each length)
+    lengths: np.ndarray  # int32[N]
+    loss_mask: np.ndarray  # bool[N, T]: response tokens
+
+
+def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int) -> Packed:
+    """(prompt ids, response ids) pairs -> fixed-shape arrays. Responses are cropped to fit;
+    examples whose prompt leaves fewer than 2 response tokens are dropped (both are counted)."""
+    rows, dropped, cropped = [], 0, 0
+    for prompt, response in examples:
+        room = seq_len - len(prompt)
+        if room < 2 or len(response) < 2:
+            dropped += 1
+            continue
+        cropped += len(response) > room
+        rows.append((list(prompt), list(response[:room])))
+    if not rows:
+        raise ValueError(
+            f"no example fits seq_len={seq_len} with at least 2 response tokens "
+            f"({len(examples)} examples)"
+        )
+    if dropped or cropped:
+        log.warning(
+            "packing to seq_len=%d: dropped %d examples (prompt too long or response < 2 tokens), "
+            "cropped %d responses",
+            seq_len,
+            dropped,
+            cropped,
+        )
+    n = len(rows)
+    tokens = np.zeros((n, seq_len), np.int32)
+    loss_mask = np.zeros((n, seq_len), bool)
+    lengths = np.zeros((n,), np.int32)
+    for i, (p, r) in enumerate(rows):
+        tokens[i, : len(p) + len(r)] = p + r
+        loss_mask[i, len(p) : len(p) + len(r)] = True
+        lengths[i] = len(p) + len(r)
+    return Packed(tokens, lengths, loss_mask)
+
+
+def sample_anchors(loss_mask, lengths, num_anchors: int, rng: np.random.Generator):
+    """A anchors per sequence, uniform without replacement over the response positions p that
+    have at least one label (p + 1 < length). Returns anchors int32[N, A], valid bool[N, A]
+    (sequences with fewer candidates than A get invalid, zero-weight anchors at position 0)."""
+    n, t = loss_mask.shape
+    cand = loss_mask & (np.arange(t)[None, :] + 1 < np.asarray(lengths)[:, None])
+    anchors = np.zeros((n, num_anchors), np.int32)
+    valid = np.zeros((n, num_anchors), bool)
+    for i in range(n):
+        pos = np.flatnonzero(cand[i])
+        k = min(num_anchors, pos.size)
+        if k:
+            anchors[i, :k] = np.sort(rng.choice(pos, size=k, replace=False))
+            valid[i, :k] = True
+    return anchors, valid
+
+
+class Dataset:
+    """Packed sequences served as deterministic global batches, split across processes."""
+
+    def __init__(self, packed: Packed, batch_size: int, num_anchors: int, seed: int = 0):
+        n = packed.tokens.shape[0]
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n} training sequences")
+        self.packed, self.batch_size, self.num_anchors, self.seed = (
+            packed,
+            batch_size,
+            num_anchors,
+            seed,
+        )
+        self.steps_per_epoch = n // batch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.packed.tokens.shape[1]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.packed.tokens.shape[0])
+        return order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        """This process's rows of the global batch at `step`: numpy, a function of (seed, step)."""
+        if self.batch_size % process_count:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by {process_count} processes"
+            )
+        idx = self.global_indices(step)
+        rng = np.random.default_rng([self.seed, step, 1])
+        p = self.packed
+        anchors, valid = sample_anchors(p.loss_mask[idx], p.lengths[idx], self.num_anchors, rng)
+        full = {
+            "tokens": p.tokens[idx],
+            "lengths": p.lengths[idx],
+            "loss_mask": p.loss_mask[idx],
+            "anchors": anchors,
+            "anchor_valid": valid,
+        }
+        per = self.batch_size // process_count
+        return {k: v[process_index * per : (process_index + 1) * per] for k, v in full.items()}
+
+
+def build_examples(
+    sources: Sequence[str],
+    *,
+    tokenizer,
+    num_prompts: int,
+    seed: int,
+    chat_template: bool,
+    max_prompt_tokens: int,
+    vocab_size: int,
+) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
+    """Tokenized prompts to distill (at most `num_prompts`, 0 = all) and ready (prompt, response)
+    pairs from JSONL records that carry a response.
+
+    sources: "python_docs", "synthetic" or "jsonl:PATH" (several may be combined). Prompts longer
+    than `max_prompt_tokens` are skipped and counted.
+    """
+    limit = num_prompts or None
+    to_distill: list[list[int]] = []
+    given: list[tuple[list[int], list[int]]] = []
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    skipped = 0
+    for src in sources:
+        if src == "synthetic":
+            to_distill += synthetic_prompts(num_prompts, vocab_size, 4, max_prompt_tokens, seed)
+            continue
+        if tokenizer is None:
+            raise ValueError(f"data source {src!r} needs a tokenizer, and the target has none")
+        if src == "python_docs":
+            recs = [{"prompt": t} for t in python_docs_prompts(None, seed)]
+        elif src.startswith("jsonl:"):
+            recs = read_jsonl(src[len("jsonl:") :])
+        else:
+            raise ValueError(f"unknown data source {src!r} (python_docs, synthetic, jsonl:PATH)")
+        for rec in tqdm(recs, desc=f"tokenize {src}", unit="prompt", leave=False):
+            if "response" not in rec and limit is not None and len(to_distill) >= limit:
+                continue
+            ids = encode_prompt(tokenizer, rec["prompt"], chat_template)
+            if len(ids) > max_prompt_tokens:
+                skipped += 1
+            elif "response" in rec:
+                given.append((ids, encode_response(tokenizer, rec["response"], eos)))
+            else:
+                to_distill.append(ids)
+    if skipped:
+        log.info("skipped %d prompts longer than %d tokens", skipped, max_prompt_tokens)
+    if not to_distill and not given:
+        raise ValueError(f"no prompts of at most {max_prompt_tokens} tokens in sources {sources}")
+    return to_distill[:limit], given

@@ -1,0 +1,430 @@
+"""The FlexDraft training loop: attention tuning and bonus-guided calibration (DESIGN §2.5).
+
+`train(config, workdir)` reads top to bottom: mesh -> target -> data -> shapes -> shardings ->
+sharded init -> step -> restore -> loop. Stages (`config.train.stage`):
+
+  attention    mask embedding + draft projectors; calibration MLP excluded from the loss
+  calibration  only the calibration MLP (everything upstream is a constant of the step)
+  joint        everything in the draft tree
+
+One step: a causal clean forward of the frozen target writes the clean K/V of every layer into a
+cache of capacity T (and gives the clean hidden states for KL targets and target bonuses); then only
+the A*W mask rows run through the deep layers against that cache (`layouts.training(0, anchors)`:
+no clean rows, q_limit = anchor). The clean pass does not depend on the draft, so its backward is
+never computed, and gradients reach exactly the trainable subset of the draft (the target is an
+argument that is never written; tests check it is bit-identical after training).
+
+Writes to `workdir`: checkpoints/ (orbax: step, draft, optimizer state; the data order and anchors
+are functions of (seed, step), so resuming is exact), metrics.jsonl, and draft_release/ (the final
+draft in the public release's safetensors layout, readable by `checkpoints.release.load_release`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from flexdraft_jax import sharding as shd
+from flexdraft_jax.models import layouts
+from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
+from flexdraft_jax.training import data as data_lib
+from flexdraft_jax.training import losses
+
+log = logging.getLogger(__name__)
+
+STAGES = {
+    "attention": ("mask_embedding", "layers"),
+    "calibration": ("calibration",),
+    "joint": ("mask_embedding", "layers", "calibration"),
+}
+BATCH_KEYS = ("tokens", "lengths", "loss_mask", "anchors", "anchor_valid")
+
+
+def trainable_keys(stage: str) -> tuple[str, ...]:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    return STAGES[stage]
+
+
+# ----------------------------------------------------------------------------- target
+
+
+def load_target(mc: ml_collections.ConfigDict, seed: int):
+    """(ModelConfig, numpy-or-None params, tokenizer, model id). "tiny" builds params later,
+    already sharded, from `seed`."""
+    if mc.source == "tiny":
+        cfg = ModelConfig(**dict(mc.tiny))
+        return cfg, None, None, f"tiny-{seed}-{hash(repr(cfg)) & 0xFFFFFFFF:x}"
+    from flexdraft_jax.checkpoints.load import load_checkpoint
+
+    path = None if mc.source == "default" else mc.source
+    cfg, params, tokenizer = load_checkpoint(path)
+    return cfg, params, tokenizer, None
+
+
+def place_target(cfg, params, mesh, dtype, seed: int):
+    """The target as global arrays sharded by the rules (random init for the tiny model)."""
+    dtype = jnp.dtype(dtype)
+    if params is None:
+        init = lambda k: jax.tree.map(lambda x: x.astype(dtype), tf.init_target(cfg, k))
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
+        sh = shd.shardings(shd.param_specs(abstract, mesh), mesh)
+        return jax.jit(init, out_shardings=sh)(jax.random.PRNGKey(seed))
+    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    sh = shd.shardings(shd.param_specs(params, mesh), mesh)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]), params, sh
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_dataset(config, cfg, target, tokenizer, model_id) -> data_lib.Dataset:
+    dc, tc = config.data, config.train
+    to_distill, given = data_lib.build_examples(
+        list(dc.sources),
+        tokenizer=tokenizer,
+        num_prompts=dc.num_prompts,
+        seed=config.seed,
+        chat_template=dc.chat_template,
+        max_prompt_tokens=dc.max_prompt_tokens,
+        vocab_size=cfg.vocab_size,
+    )
+    examples = list(given)
+    if to_distill:
+        host_params = jax.tree.map(_to_host, target)
+        responses = data_lib.distill(
+            cfg,
+            host_params,
+            to_distill,
+            dc.max_new_tokens,
+            batch_size=dc.gen_batch_size,
+            cache_dir=dc.cache_dir or os.path.expanduser("~/.cache/flexdraft_jax/distill"),
+            model_id=model_id,
+        )
+        examples += list(zip(to_distill, responses))
+    packed = data_lib.pack(examples, dc.seq_len)
+    n_resp = int(packed.loss_mask.sum())
+    log.info("training data: %d sequences, %d response tokens", len(packed.lengths), n_resp)
+    return data_lib.Dataset(packed, tc.batch_size, dc.anchors_per_seq, config.seed)
+
+
+def _to_host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def global_batch(local: dict, mesh, global_batch_size: int) -> dict:
+    """Process-local rows -> global arrays sharded over ("data", "fsdp")."""
+    out = {}
+    for k in BATCH_KEYS:
+        x = local[k]
+        sh = NamedSharding(mesh, shd.batch_spec(x.ndim))
+        out[k] = jax.make_array_from_process_local_data(sh, x, (global_batch_size, *x.shape[1:]))
+    return out
+
+
+# ----------------------------------------------------------------------------- optimizer, step
+
+
+def make_optimizer(tc):
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1),
+        end_value=tc.lr * tc.end_lr_ratio,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
+    )
+    return tx, schedule
+
+
+def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule):
+    """step(state, target, batch) -> (state, metrics). state = {step, draft, opt_state}."""
+    keys = trainable_keys(tc.stage)
+    w = dcfg.block_size
+    weights = losses.position_weights(w, tc.gamma)
+    use_calibration = "calibration" in keys
+    if tc.bonus not in ("data", "target"):
+        raise ValueError(f"train.bonus must be 'data' or 'target', got {tc.bonus!r}")
+    need_target_rows = tc.kl_weight > 0 or (use_calibration and tc.bonus == "target")
+
+    def step(state, target, batch):
+        tokens, anchors = batch["tokens"], batch["anchors"]
+        b, t = tokens.shape
+        a = anchors.shape[1]
+        zeros = jnp.zeros((b,), jnp.int32)
+        # Clean pass: frozen target, causal, K/V of every layer into a cache of capacity T.
+        lay = layouts.causal(zeros, t)
+        cache = tf.init_cache(cfg, b, t, dtype=target["embed"]["embedding"].dtype)
+        h_clean, _, cache = tf.forward(
+            cfg, target, tokens, lay.positions, lay.meta, cache, zeros, return_hidden=True
+        )
+        labels, valid = losses.slot_targets(
+            tokens, batch["lengths"], batch["loss_mask"], anchors, batch["anchor_valid"], w
+        )
+        target_logits = None
+        if need_target_rows:  # target at clean rows p + j - 1 (j = 0: the row choosing token p)
+            rows = jnp.clip(anchors[:, :, None] + jnp.arange(w) - 1, 0, t - 1).reshape(b, a * w)
+            h_rows = jnp.take_along_axis(h_clean, rows[..., None], axis=1)
+            target_logits = tf.lm_head(cfg, target, h_rows).reshape(b, a, w, -1)
+        if use_calibration and tc.bonus == "target":
+            bonus = jnp.argmax(target_logits[:, :, 0], axis=-1).astype(jnp.int32)
+        else:
+            bonus = jnp.take_along_axis(tokens, anchors, axis=1)  # the committed token at p
+        # Mask rows only, against the clean cache: group a sees slots < anchors[a].
+        mlay = layouts.training(0, anchors, w)
+        frozen = {k: v for k, v in state["draft"].items() if k not in keys}
+
+        def loss_fn(trainable):
+            draft = {**frozen, **trainable}
+            _, hm, _ = tf.forward(
+                cfg,
+                target,
+                tokens[:, :0],
+                mlay.positions,
+                mlay.meta,
+                cache,
+                zeros,
+                draft=draft,
+                dcfg=dcfg,
+                mask_positions=mlay.mask_positions,
+            )
+            hm = hm.reshape(b * a, w, cfg.hidden_size)
+            logits = tf.draft_logits(
+                cfg, target, draft, hm, bonus.reshape(b * a), use_calibration
+            ).reshape(b, a, w, -1)
+            return losses.draft_loss(
+                logits,
+                labels,
+                valid,
+                weights,
+                target_logits,
+                ce_weight=tc.ce_weight,
+                kl_weight=tc.kl_weight,
+            )
+
+        trainable = {k: state["draft"][k] for k in keys}
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = schedule(state["step"])
+        new_state = {
+            "step": state["step"] + 1,
+            "draft": {**state["draft"], **trainable},
+            "opt_state": opt_state,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def load_init_draft(path: str, cfg: ModelConfig, dcfg: DraftConfig) -> dict:
+    """A draft to start from: a release-format directory, or a previous stage's workdir."""
+    from flexdraft_jax.checkpoints import release
+
+    if os.path.isdir(os.path.join(path, "draft_release")):
+        path = os.path.join(path, "draft_release")
+    got, draft = release.load_release(path, cfg)
+    if (got.depth, got.block_size, got.calib_rank) != (
+        dcfg.depth,
+        dcfg.block_size,
+        dcfg.calib_rank,
+    ):
+        raise ValueError(
+            f"draft at {path} has depth={got.depth}, block_size={got.block_size}, "
+            f"calib_rank={got.calib_rank}; the config asks for depth={dcfg.depth}, "
+            f"block_size={dcfg.block_size}, calib_rank={dcfg.calib_rank}"
+        )
+    return draft
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, target=None) -> dict:
+    """Run (or resume) training; returns {"state", "target", "cfg", "history"}.
+
+    devices: the devices of the mesh (default: all). target: optional (cfg, params, tokenizer) to
+    use instead of `config.model` (tests).
+    """
+    tc = config.train
+    dcfg = DraftConfig(
+        depth=config.draft.depth,
+        block_size=config.draft.block_size,
+        calib_rank=config.draft.calib_rank,
+        use_calibration=True,
+    )
+    pi, pc = jax.process_index(), jax.process_count()
+    is_main = pi == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    # ---------------------------------------------------------------- mesh
+    mesh = shd.make_mesh(tuple(config.mesh.shape), devices)
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tc.batch_size % n_batch_shards or tc.batch_size % pc:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} must be divisible by data*fsdp={n_batch_shards} "
+            f"and by the {pc} processes"
+        )
+    log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, pc)
+
+    # ---------------------------------------------------------------- target
+    if target is not None:
+        cfg, params, tokenizer = target
+        model_id = None
+    else:
+        cfg, params, tokenizer, model_id = load_target(config.model, config.seed)
+    cfg = cfg.replace(attention_impl=config.model.attention_impl)
+    dcfg.split(cfg)  # validates depth
+    target = place_target(cfg, params, mesh, config.model.dtype, config.seed)
+    missing = shd.check_sharded(target, mesh) if mesh.size > 1 else []
+    if missing:
+        log.warning("large target params left replicated: %s", missing)
+
+    # ---------------------------------------------------------------- data
+    dataset = build_dataset(config, cfg, target, tokenizer, model_id)
+    log.info("%d steps per epoch of %d sequences", dataset.steps_per_epoch, tc.batch_size)
+
+    # ---------------------------------------------------------------- shapes
+    optimizer, schedule = make_optimizer(tc)
+    keys = trainable_keys(tc.stage)
+    init_draft = functools.partial(tf.init_draft, cfg, dcfg)
+    key = jax.random.PRNGKey(config.seed)
+    abstract_draft = jax.eval_shape(init_draft, target, key)
+    abstract_opt = jax.eval_shape(optimizer.init, {k: abstract_draft[k] for k in keys})
+
+    # ---------------------------------------------------------------- shardings
+    draft_specs = shd.param_specs(abstract_draft, mesh)
+    opt_specs = shd.opt_state_specs(optimizer, abstract_opt, {k: draft_specs[k] for k in keys})
+    state_specs = {"step": P(), "draft": draft_specs, "opt_state": opt_specs}
+    state_sh = shd.shardings(state_specs, mesh)
+    target_sh = jax.tree.map(lambda x: x.sharding, target)
+    batch_sh = {k: NamedSharding(mesh, shd.batch_spec(2)) for k in BATCH_KEYS}
+    batch_sh["lengths"] = NamedSharding(mesh, shd.batch_spec(1))
+
+    # ---------------------------------------------------------------- sharded init
+    def init_state(target, key, draft=None):
+        draft = init_draft(target, key) if draft is None else draft
+        opt_state = optimizer.init({k: draft[k] for k in keys})
+        return {"step": jnp.zeros((), jnp.int32), "draft": draft, "opt_state": opt_state}
+
+    if tc.init_from:
+        start = load_init_draft(tc.init_from, cfg, dcfg)
+        start = jax.tree.map(
+            lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: x[i]),
+            start,
+            state_sh["draft"],
+        )
+        state = jax.jit(init_state, out_shardings=state_sh)(target, key, start)
+        log.info("draft initialised from %s", tc.init_from)
+    else:
+        state = jax.jit(init_state, out_shardings=state_sh)(target, key)
+
+    # ---------------------------------------------------------------- step
+    step_fn = jax.jit(
+        make_train_step(cfg, dcfg, tc, optimizer, schedule),
+        in_shardings=(state_sh, target_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=(0,),
+    )
+
+    # ---------------------------------------------------------------- restore
+    mngr = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=tc.ckpt_every, max_to_keep=tc.keep_checkpoints
+        ),
+    )
+    latest = mngr.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh
+        )
+        state = mngr.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )["state"]
+        log.info("resumed from step %d", latest)
+    start_step = int(jax.device_get(state["step"]))
+
+    # ---------------------------------------------------------------- loop
+    stop = tc.steps if not tc.get("stop_at") else min(tc.stop_at, tc.steps)
+    history = []
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    bar = tqdm(total=stop, initial=start_step, desc=f"train {tc.stage}", disable=not is_main)
+    pending, t_last, n_last = [], time.perf_counter(), start_step
+    tokens_per_step = tc.batch_size * dataset.seq_len
+    for step in range(start_step, stop):
+        batch = global_batch(dataset.batch(step, pi, pc), mesh, tc.batch_size)
+        if step == start_step:
+            compiled = step_fn.lower(state, target, batch).compile()
+            mem = compiled.memory_analysis()
+            if mem is not None and is_main:
+                log.info("step memory: %s", mem)
+            t_last = time.perf_counter()
+        state, metrics = compiled(state, target, batch)
+        pending.append(metrics)
+        done = step + 1
+        if done % tc.log_every == 0 or done == stop:
+            host = jax.device_get(pending)
+            now = time.perf_counter()
+            rec = _summarise(host, done, now - t_last, (done - n_last) * tokens_per_step)
+            t_last, n_last, pending = now, done, []
+            history.append(rec)
+            if is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['acc_per_slot'][1]:.3f}")
+        mngr.save(
+            done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=done == stop
+        )
+        bar.update(1)
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+
+    if stop == tc.steps and tc.export_release:
+        export_release(os.path.join(workdir, "draft_release"), cfg, dcfg, state["draft"])
+    return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
+
+
+def _summarise(host: list[dict], step: int, seconds: float, tokens: int) -> dict:
+    mean = lambda k: np.mean([np.asarray(m[k]) for m in host], axis=0)
+    rec = {"step": step}
+    for k in host[0]:
+        v = mean(k)
+        rec[k] = v.tolist() if np.ndim(v) else float(v)
+    rec["step_seconds"] = seconds / len(host)
+    rec["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+    return rec
+
+
+def export_release(path: str, cfg, dcfg, draft) -> None:
+    from flexdraft_jax.checkpoints import release
+
+    host = jax.tree.map(_to_host, draft)
+    if jax.process_index() == 0:
+        release.save_release(path, cfg, dcfg, host)
+        log.info("draft exported to %s", path)
