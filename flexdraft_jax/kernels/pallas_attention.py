@@ -145,13 +145,14 @@ def attention(
     *,
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
+    interpret=None,
     backend: str | None = None,
 ):
     """Masked flash attention over [Sc clean slots ; Sm mask rows]. q [B,T,N,D] -> [B,T,N,D].
 
     scale: softmax scale (default D ** -0.5). block_sizes: tile upper bounds (default per backend).
-    interpret: run the kernel in the Pallas interpreter (default: only when JAX runs on CPU).
+    interpret: run the kernel in the Pallas interpreter (default: only when JAX runs on CPU); a
+      `pltpu.InterpretParams` selects the TPU-faithful interpreter (simulated DMAs and SMEM/VMEM).
     backend: 'tpu' (Mosaic) or 'gpu' (Triton); default from `jax.default_backend()`.
     Differentiable in q, k, v (the backward pass is the reference's VJP).
     """
@@ -160,7 +161,10 @@ def attention(
     if backend not in ("tpu", "gpu"):
         raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
     # interpret=False on CPU is legitimate under `jax.export(..., platforms=["tpu"|"cuda"])`.
-    interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    elif isinstance(interpret, (bool, int)):
+        interpret = bool(interpret)  # else: a `pltpu.InterpretParams` (TPU-faithful interpreter)
     block_sizes = BlockSizes.get_default(backend) if block_sizes is None else block_sizes
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
