@@ -22,6 +22,7 @@ draft in the public release's safetensors layout, readable by `checkpoints.relea
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -68,12 +69,17 @@ def load_target(mc: ml_collections.ConfigDict, seed: int):
     already sharded, from `seed`."""
     if mc.source == "tiny":
         cfg = ModelConfig(**dict(mc.tiny))
-        return cfg, None, None, f"tiny-{seed}-{hash(repr(cfg)) & 0xFFFFFFFF:x}"
+        digest = hashlib.sha1(repr(cfg).encode()).hexdigest()[:12]
+        return cfg, None, None, f"tiny-{seed}-{dtype_name(mc.dtype)}-{digest}"
     from flexdraft_jax.checkpoints.load import load_checkpoint
 
     path = None if mc.source == "default" else mc.source
     cfg, params, tokenizer = load_checkpoint(path)
     return cfg, params, tokenizer, None
+
+
+def dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
 
 
 def place_target(cfg, params, mesh, dtype, seed: int):
@@ -241,6 +247,45 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
     return step
 
 
+def draft_init(cfg: ModelConfig, dcfg: DraftConfig, target, key) -> dict:
+    """`init_draft` in float32 whatever the target's dtype (trained weights keep full precision)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tf.init_draft(cfg, dcfg, target, key))
+
+
+def abstract_state(config, mesh) -> tuple[dict, dict]:
+    """(target, train state) as ShapeDtypeStructs for `config.model.tiny`'s architecture, with
+    their partition specs on `mesh` (which may be an AbstractMesh). Nothing is allocated."""
+    cfg = ModelConfig(**dict(config.model.tiny))
+    dcfg = DraftConfig(config.draft.depth, config.draft.block_size, config.draft.calib_rank)
+    dtype = jnp.dtype(config.model.dtype)
+    init = lambda k: jax.tree.map(lambda x: x.astype(dtype), tf.init_target(cfg, k))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    target = jax.eval_shape(init, key)
+    draft = jax.eval_shape(functools.partial(draft_init, cfg, dcfg), target, key)
+    optimizer, _ = make_optimizer(config.train)
+    keys = trainable_keys(config.train.stage)
+    opt_state = jax.eval_shape(optimizer.init, {k: draft[k] for k in keys})
+    return target, {"draft": draft, "opt_state": opt_state}
+
+
+def check_config_sharding(config, min_bytes: int = 4 * 2**20) -> list[str]:
+    """Parameters (target, draft, Adam moments) above `min_bytes` that `config.mesh` on
+    `config.mesh.expected_devices` devices would leave replicated. Abstract: nothing allocated."""
+    sizes = shd.resolve_mesh_shape(tuple(config.mesh.shape), config.mesh.expected_devices)
+    mesh = shd.abstract_mesh(sizes)
+    target, state = abstract_state(config, mesh)
+    bad = shd.check_sharded(target, mesh, min_bytes)
+    bad += shd.check_sharded(state["draft"], mesh, min_bytes)
+    moments = [
+        s.mu
+        for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")
+    ]
+    for mu in moments:
+        bad += [f"adam moment {b}" for b in shd.check_sharded(mu, mesh, min_bytes)]
+    return bad
+
+
 def load_init_draft(path: str, cfg: ModelConfig, dcfg: DraftConfig) -> dict:
     """A draft to start from: a release-format directory, or a previous stage's workdir."""
     from flexdraft_jax.checkpoints import release
@@ -311,7 +356,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     # ---------------------------------------------------------------- shapes
     optimizer, schedule = make_optimizer(tc)
     keys = trainable_keys(tc.stage)
-    init_draft = functools.partial(tf.init_draft, cfg, dcfg)
+    init_draft = functools.partial(draft_init, cfg, dcfg)
     key = jax.random.PRNGKey(config.seed)
     abstract_draft = jax.eval_shape(init_draft, target, key)
     abstract_opt = jax.eval_shape(optimizer.init, {k: abstract_draft[k] for k in keys})

@@ -1,0 +1,55 @@
+"""SmolLM2-135M-Instruct (the embedded default target), sized for a 2-core CPU (DESIGN §2.5).
+
+D = 6, b = 8 (the baseline's shape); self-distilled responses to prompts built from Python's own
+documentation; CE on the greedy tokens plus KL to the target's distribution, early slots weighted.
+
+  python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2_attn
+  python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2_calib \
+      --stage=calibration --config.train.init_from=/tmp/smollm2_attn
+  python launch/train.py --config=configs/smollm2_135m.py:runlocal ...   (a smoke run)
+"""
+
+import ml_collections
+
+from flexdraft_jax.training.defaults import base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.model.source = "default"
+
+    c.draft.depth = 6
+    c.draft.block_size = 8
+    c.draft.calib_rank = 256
+
+    c.data.sources = ("python_docs",)
+    c.data.num_prompts = 2048
+    c.data.max_prompt_tokens = 320
+    c.data.max_new_tokens = 192
+    c.data.gen_batch_size = 32
+    c.data.seq_len = 512
+    c.data.anchors_per_seq = 16
+    c.data.chat_template = True
+
+    c.train.stage = "attention"
+    c.train.steps = 4000
+    c.train.batch_size = 8
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 100
+    c.train.end_lr_ratio = 0.05
+    c.train.ce_weight = 1.0
+    c.train.kl_weight = 1.0
+    c.train.gamma = 4.0
+    c.train.log_every = 20
+    c.train.ckpt_every = 250
+    c.train.keep_checkpoints = 2
+
+    c.mesh.shape = (1, -1, 1)
+
+    if arg == "runlocal":
+        c.data.num_prompts = 16
+        c.data.max_new_tokens = 48
+        c.train.steps = 3
+        c.train.batch_size = 4
+        c.train.log_every = 1
+    return c

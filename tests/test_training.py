@@ -1,0 +1,224 @@
+"""Training: data pieces, losses, the tiny model learns with the target untouched, exact resume.
+
+Single device, in this process, except the resume test, which runs `launch/train.py` in fresh
+processes (restore must work from disk alone). Sharded runs live in tests/test_sharding.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from flexdraft_jax.decoding import ar
+from flexdraft_jax.models import transformer as T
+from flexdraft_jax.models.config import ModelConfig
+from flexdraft_jax.training import data, losses, trainer
+from flexdraft_jax.training.defaults import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESUME_TOL = 1e-6
+
+
+def tiny_config(tmp_path, **train):
+    sys.path.insert(0, ROOT)
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.data.cache_dir = str(tmp_path / "distill")
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def sharp_target(cfg: ModelConfig, seed: int = 0) -> dict:
+    """A random target with O(1) logits, so greedy continuations are structured and learnable."""
+    params = T.init_target(cfg, jax.random.PRNGKey(seed))
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 60.0
+    params["embed"]["embedding"] = params["embed"]["embedding"] * 30.0
+    return jax.tree.map(np.asarray, params)
+
+
+# ----------------------------------------------------------------------------- data, losses
+
+
+def test_slot_targets_masks_slot0_end_and_prompt():
+    tokens = jnp.arange(10, dtype=jnp.int32)[None] + 100
+    loss_mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0]], bool)  # response = 3..7, length 8
+    anchors = jnp.array([[3, 6, 0]], jnp.int32)
+    valid_anchor = jnp.array([[True, True, False]])
+    labels, valid = losses.slot_targets(tokens, jnp.array([8]), loss_mask, anchors, valid_anchor, 4)
+    np.testing.assert_array_equal(labels[0, 0], [103, 104, 105, 106])
+    np.testing.assert_array_equal(valid[0, 0], [False, True, True, True])
+    np.testing.assert_array_equal(valid[0, 1], [False, True, False, False])  # 8, 9 past the end
+    assert not valid[0, 2].any()
+    w = losses.position_weights(4, 2.0)
+    np.testing.assert_allclose(w, [0.0, 1.0, np.exp(-0.5), np.exp(-1.0)], rtol=1e-6)
+
+
+def test_draft_loss_perfect_prediction_and_kl():
+    labels = jnp.array([[[5, 1, 2, 3]]], jnp.int32)
+    logits = jax.nn.one_hot(labels, 8) * 50.0
+    valid = jnp.array([[[False, True, True, True]]])
+    loss, m = losses.draft_loss(
+        logits, labels, valid, losses.position_weights(4, 0.0), logits, kl_weight=1.0
+    )
+    assert float(loss) < 1e-6 and float(m["kl"]) < 1e-6
+    np.testing.assert_allclose(m["acc_per_slot"], [0.0, 1.0, 1.0, 1.0])
+
+
+def test_pack_and_anchors_stay_in_the_response():
+    examples = [([1, 2, 3], [4, 5, 6, 7]), ([1] * 9, [2, 3]), ([1, 2], list(range(3, 20)))]
+    packed = data.pack(examples, seq_len=10)
+    assert packed.tokens.shape == (2, 10)  # the second example leaves no room: dropped
+    np.testing.assert_array_equal(packed.lengths, [7, 10])  # the third is cropped
+    np.testing.assert_array_equal(packed.loss_mask[0], [0, 0, 0, 1, 1, 1, 1, 0, 0, 0])
+    rng = np.random.default_rng(0)
+    anchors, valid = data.sample_anchors(packed.loss_mask, packed.lengths, 5, rng)
+    assert valid[0].sum() == 3 and valid[1].sum() == 5  # row 0 has candidates 3, 4, 5 only
+    for i in range(2):
+        a = anchors[i][valid[i]]
+        assert len(set(a)) == len(a)
+        assert packed.loss_mask[i, a].all() and (a + 1 < packed.lengths[i]).all()
+
+
+def test_dataset_batches_are_a_function_of_step_and_split_by_process():
+    rng = np.random.default_rng(1)
+    ex = [(rng.integers(1, 50, 4).tolist(), rng.integers(1, 50, 20).tolist()) for _ in range(12)]
+    ds = data.Dataset(data.pack(ex, 32), batch_size=4, num_anchors=3, seed=7)
+    a, b = ds.batch(5), ds.batch(5)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    halves = [ds.batch(5, p, 2) for p in range(2)]
+    for k in a:
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), a[k])
+    epoch0 = np.concatenate([ds.global_indices(s) for s in range(3)])
+    assert sorted(epoch0) == list(range(12))
+
+
+def test_python_docs_prompts_are_offline_and_deterministic():
+    p = data.python_docs_prompts(50, seed=3)
+    assert len(p) == 50 and p == data.python_docs_prompts(50, seed=3)
+    assert all("HumanEval" not in x for x in p)
+
+
+def test_read_jsonl_errors(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"prompt": "q", "response": "a"}\n')
+    assert data.read_jsonl(str(path)) == [{"prompt": "hi"}, {"prompt": "q", "response": "a"}]
+    path.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="string 'prompt'"):
+        data.read_jsonl(str(path))
+    with pytest.raises(FileNotFoundError):
+        data.read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_distill_matches_generate_and_is_cached(tmp_path):
+    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
+    params = sharp_target(cfg)
+    prompts = data.synthetic_prompts(5, cfg.vocab_size, 3, 8, seed=2)  # one length bucket
+    out = data.distill(cfg, params, prompts, 6, batch_size=5, cache_dir=str(tmp_path))
+    assert out == ar.generate(cfg, params, prompts, 6).tokens  # same shapes: one compilation
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith("distill-")
+    # A cache hit never touches the model (params=None would fail to generate).
+    key_id = data.params_fingerprint(cfg, params)
+    assert data.distill(cfg, None, prompts, 6, cache_dir=str(tmp_path), model_id=key_id) == out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_tiny_model_learns_and_target_is_untouched(tmp_path):
+    config = tiny_config(tmp_path, steps=300, log_every=50, ckpt_every=1000)
+    cfg = ModelConfig(**dict(config.model.tiny))
+    params = sharp_target(cfg)
+    before = jax.tree.map(np.copy, params)
+    out = trainer.train(config, str(tmp_path / "wd"), target=(cfg, params, None))
+    hist = out["history"]
+    first, last = hist[0], hist[-1]
+    assert last["loss"] < first["loss"] - 0.3, (first["loss"], last["loss"])
+    for j in range(1, config.draft.block_size):
+        assert last["acc_per_slot"][j] > first["acc_per_slot"][j] + 0.1, (first, last)
+    # Bit-identical target: the arrays we passed and the ones the trainer used.
+    used = jax.tree.map(np.asarray, out["target"])
+    for a, b, c in zip(jax.tree.leaves(before), jax.tree.leaves(params), jax.tree.leaves(used)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    # Attention stage: the calibration MLP is not trained.
+    init = trainer.draft_init(cfg, out["dcfg"], out["target"], jax.random.PRNGKey(config.seed))
+    for a, b in zip(
+        jax.tree.leaves(init["calibration"]), jax.tree.leaves(out["state"]["draft"]["calibration"])
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(init["mask_embedding"], out["state"]["draft"]["mask_embedding"])
+
+    # Calibration stage from the exported attention draft: only the MLP moves.
+    config2 = tiny_config(
+        tmp_path, stage="calibration", steps=30, log_every=10, init_from=str(tmp_path / "wd")
+    )
+    out2 = trainer.train(config2, str(tmp_path / "wd2"), target=(cfg, params, None))
+    d1, d2 = out["state"]["draft"], out2["state"]["draft"]
+    for k in ("mask_embedding", "layers"):
+        for a, b in zip(jax.tree.leaves(d1[k]), jax.tree.leaves(d2[k])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(
+        d1["calibration"]["fc2"]["kernel"], d2["calibration"]["fc2"]["kernel"]
+    )
+    assert out2["history"][-1]["loss"] < out2["history"][0]["loss"]
+
+
+def test_stage_names_are_checked():
+    with pytest.raises(ValueError, match="unknown stage"):
+        trainer.trainable_keys("everything")
+    assert base_config().train.stage == "attention"
+
+
+def run_train(args, env_extra=None, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    env.pop("XLA_FLAGS", None) if "XLA_FLAGS" not in (env_extra or {}) else None
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), *args]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if res.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+    return res
+
+
+def read_release(workdir) -> dict:
+    return load_file(os.path.join(workdir, "draft_release", "model.safetensors"))
+
+
+def read_metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_in_a_new_process_is_exact(tmp_path):
+    n, k = 12, 5
+    common = [
+        "--config=configs/tiny.py",
+        f"--config.train.steps={n}",
+        "--config.train.log_every=1",
+        "--config.train.ckpt_every=100",
+        f"--config.data.cache_dir={tmp_path / 'distill'}",
+    ]
+    run_train([*common, f"--workdir={tmp_path / 'straight'}"])
+    run_train([*common, f"--workdir={tmp_path / 'resumed'}", f"--config.train.stop_at={k}"])
+    assert not os.path.exists(tmp_path / "resumed" / "draft_release")
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))[-1] == str(k)
+    run_train([*common, f"--workdir={tmp_path / 'resumed'}"])
+    a, b = read_release(tmp_path / "straight"), read_release(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=RESUME_TOL, rtol=0, err_msg=name)
+    ma, mb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [m["step"] for m in mb] == list(range(1, n + 1))
+    for x, y in zip(ma, mb):
+        assert abs(x["loss"] - y["loss"]) <= RESUME_TOL, (x, y)
