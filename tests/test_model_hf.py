@@ -135,13 +135,9 @@ def _torch_logits(model, tokens):
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-# Llama's `attention_bias` also puts a bias on o_proj, which our AttnProj does not have (yet):
-# load_hf drops `o_proj.bias` silently. Strict xfail so the fix turns this test red-to-green.
-_XFAIL = {
-    "llama_bias": pytest.mark.xfail(
-        strict=True, reason="Llama attention_bias includes an o_proj bias the model lacks"
-    )
-}
+# Llama's `attention_bias` also puts a bias on o_proj (ModelConfig.o_proj_bias); "llama_bias"
+# checks it is loaded and applied.
+_XFAIL: dict = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_XFAIL.get(n, ())) for n in CASES])

@@ -87,7 +87,7 @@ def params_from_state_dict(
         attn = {}
         for ours, theirs in _ATTN.items():
             entry = {"kernel": need(pre + f"self_attn.{theirs}.weight").T}
-            if cfg.attention_bias and ours != "o_proj":
+            if (cfg.attention_bias and ours != "o_proj") or (cfg.o_proj_bias and ours == "o_proj"):
                 entry["bias"] = need(pre + f"self_attn.{theirs}.bias")
             attn[ours] = entry
         if cfg.qk_norm:

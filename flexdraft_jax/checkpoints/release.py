@@ -183,7 +183,10 @@ def load_release(path: str, cfg: ModelConfig, dtype=np.float32) -> tuple[DraftCo
             elif p != "o_proj":
                 _reject_if_nonzero(t, pre + f"{p}.bias", (out_dim[p],), "attention_bias=False")
             attn[p] = entry
-        _reject_if_nonzero(t, pre + "o_proj.bias", (h,), "our o_proj has no bias")
+        if cfg.o_proj_bias:
+            attn["o_proj"]["bias"] = t.get(pre + "o_proj.bias", (h,), dtype)
+        else:
+            _reject_if_nonzero(t, pre + "o_proj.bias", (h,), "the target's o_proj has no bias")
         if cfg.qk_norm:
             for n in ("q_norm", "k_norm"):
                 attn[n] = {"scale": t.get(pre + f"{n}.weight", (hd,), dtype)}
@@ -242,7 +245,9 @@ def release_tensors(cfg: ModelConfig, dcfg: DraftConfig, draft: dict, dtype=np.f
             out[pre + f"{p}.weight"] = cast(np.asarray(layers[p]["kernel"][i]).T)
             if p != "o_proj" and cfg.attention_bias:
                 out[pre + f"{p}.bias"] = cast(layers[p]["bias"][i])
-        if cfg.attention_bias:  # the release's attention gives o_proj a bias too: zeros
+        if cfg.o_proj_bias:
+            out[pre + "o_proj.bias"] = cast(layers["o_proj"]["bias"][i])
+        elif cfg.attention_bias:  # the release's attention gives o_proj a bias too: zeros
             out[pre + "o_proj.bias"] = cast(np.zeros((cfg.hidden_size,), np.float32))
         if cfg.qk_norm:
             for n in ("q_norm", "k_norm"):

@@ -120,12 +120,15 @@ class Decoder:
         state = self._prefill(st, prompts, max_new_tokens, seed)
         jax.block_until_ready(state.done)
         t_prefill = time.perf_counter() - t0
-        idxs = []
+        idxs, counts = [], []
         while not bool(np.asarray(state.done).all()):
-            state, idx = engine.step(st, self.target, self.draft, state, costs, force)
+            state, idx, count = engine.step(st, self.target, self.draft, state, costs, force)
             idxs.append(idx)
+            counts.append(count)
         elapsed = time.perf_counter() - t0
-        return self._result(st, state, [int(i) for i in idxs], elapsed, t_prefill, max_new_tokens)
+        gen = self._result(st, state, [int(i) for i in idxs], elapsed, t_prefill, max_new_tokens)
+        gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
+        return gen
 
     def _result(self, st, state, idxs, elapsed, t_prefill, max_new_tokens):
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)
@@ -206,12 +209,12 @@ class Decoder:
         times = {}
         for i, br in enumerate(st.branches):
             force = jnp.int32(i)
-            state, _ = engine.step(st, self.target, self.draft, state, costs, force)  # compile
+            state, _, _ = engine.step(st, self.target, self.draft, state, costs, force)  # compile
             samples = []
             for _ in range(repeats):
                 state = _rewind(state)
                 t0 = time.perf_counter()
-                state, _ = engine.step(st, self.target, self.draft, state, costs, force)
+                state, _, _ = engine.step(st, self.target, self.draft, state, costs, force)
                 jax.block_until_ready(state.cache.lengths)
                 samples.append(time.perf_counter() - t0)
             times[branch_name(br)] = float(np.median(samples))

@@ -399,9 +399,14 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("state",))
 def step(st: Static, target, draft, state: DecodeState, costs, force):
-    """One decoding step. force >= 0 runs that branch (profiling); else the mode's policy."""
+    """One decoding step -> (state, branch index, tokens committed per sequence int32[B]).
+
+    force >= 0 runs that branch (profiling, tests); otherwise the mode's policy chooses."""
     idx = jnp.where(force >= 0, force, choose_branch(st, state, costs)).astype(jnp.int32)
+    n_before = state.n_out
     fns = _branch_fns(st)
     if len(fns) == 1:
-        return fns[0](target, draft, state), idx
-    return jax.lax.switch(idx, fns, target, draft, state), idx
+        new = fns[0](target, draft, state)
+    else:
+        new = jax.lax.switch(idx, fns, target, draft, state)
+    return new, idx, new.n_out - n_before

@@ -47,6 +47,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2; optional on Llama)
+    o_proj_bias: bool = False  # output-projection bias (Llama/Mistral/Qwen3 with attention_bias)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
@@ -137,6 +138,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             attention_bias=True if arch == "qwen2" else bool(get("attention_bias", False)),
+            o_proj_bias=arch != "qwen2" and bool(get("attention_bias", False)),
             qk_norm=arch == "qwen3",
             max_position_embeddings=int(get("max_position_embeddings", 4096)),
             bos_token_id=get("bos_token_id"),

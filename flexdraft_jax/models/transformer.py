@@ -90,7 +90,7 @@ class AttnProj(nn.Module):
         self.q_proj = dense(c.num_heads * c.head_dim, c.attention_bias)
         self.k_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
         self.v_proj = dense(c.num_kv_heads * c.head_dim, c.attention_bias)
-        self.o_proj = dense(c.hidden_size, False)
+        self.o_proj = dense(c.hidden_size, c.o_proj_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.rms_norm_eps)
             self.k_norm = RMSNorm(c.rms_norm_eps)

@@ -1,0 +1,284 @@
+"""Flex decoding engine against its slow twin, plain AR decoding (issue: flex decoding engine).
+
+Greedy speculative decoding in every mode must reproduce AR greedy token for token; parallel and
+sequential must agree step for step; speculative sampling must reproduce the target's distribution
+(checked against the exact distribution by enumeration, with a wrong rule shown to fail); a decode
+compiles a fixed set of functions; the flex policy follows the cost profile.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexdraft_jax.decoding import ar, engine, verify
+from flexdraft_jax.decoding.decoder import CostProfile, Decoder
+from flexdraft_jax.decoding.sampling import SamplingParams
+from flexdraft_jax.models import layouts
+from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [2, 7]]
+
+
+def tiny(vocab=64, arch="llama", seed=0, peaky=50.0):
+    cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                      attention_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    target = tf.init_target(cfg, jax.random.PRNGKey(seed))
+    # A peaky embedding makes greedy continuations repetitive, so drafts are sometimes accepted
+    # and both the accept and the reject paths run.
+    target["embed"]["embedding"] = target["embed"]["embedding"] * peaky
+    return cfg, target
+
+
+def random_draft(cfg, target, block_size, depth=2, noise=0.01, seed=1):
+    dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=16)
+    draft = tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree.flatten(draft)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    leaves = [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return dcfg, jax.tree.unflatten(tree, leaves)
+
+
+def decoder(cfg, target, draft, dcfg, **kw):
+    cache_len = kw.pop("cache_len", 128)
+    return Decoder(cfg, target, draft, dcfg, engine.EngineConfig(**kw), cache_len=cache_len,
+                   eos_ids=(), profile_dir=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return tiny()
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+@pytest.mark.parametrize("threshold", [0.0, 0.01])
+def test_greedy_all_modes_equal_ar(tiny_llama, block_size, threshold):
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, block_size)
+    ref = ar.generate(cfg, target, PROMPTS, 24, eos_ids=())
+    accepted = 0
+    for mode in ("sequential", "parallel", "flex"):
+        gen = decoder(cfg, target, draft, dcfg, mode=mode, threshold=threshold).generate(PROMPTS, 24)
+        assert gen.tokens == ref.tokens, mode
+        accepted += sum(gen.stats["per_position_acceptance"])
+    assert accepted > 0  # the accept path ran, not only rejections
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_greedy_other_architectures(arch):
+    cfg, target = tiny(arch=arch, seed=3)
+    dcfg, draft = random_draft(cfg, target, 4)
+    ref = ar.generate(cfg, target, PROMPTS[:4], 16, eos_ids=())
+    gen = decoder(cfg, target, draft, dcfg, mode="flex", threshold=0.0).generate(PROMPTS[:4], 16)
+    assert gen.tokens == ref.tokens
+
+
+def test_parallel_and_sequential_agree_step_for_step(tiny_llama):
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 8, seed=5)
+    runs = [decoder(cfg, target, draft, dcfg, mode=m, threshold=0.01).generate(PROMPTS, 30)
+            for m in ("sequential", "parallel")]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].stats["committed_per_step"] == runs[1].stats["committed_per_step"]
+    assert runs[0].stats["per_position_acceptance"] == runs[1].stats["per_position_acceptance"]
+    assert max(max(c) for c in runs[0].stats["committed_per_step"]) > 1
+
+
+def test_eos_and_max_tokens_stop_each_sequence(tiny_llama):
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    ref = ar.generate(cfg, target, PROMPTS, 12, eos_ids=())
+    eos = ref.tokens[1][3]  # a token the second sequence emits early
+    want = ar.generate(cfg, target, PROMPTS, 12, eos_ids=(eos,))
+    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="parallel"), cache_len=128,
+                  eos_ids=(eos,), profile_dir=None)
+    gen = dec.generate(PROMPTS, 12)
+    assert gen.tokens == want.tokens
+    assert len(gen.tokens[1]) <= 4 and gen.tokens[1][-1] == eos
+    assert all(len(t) <= 12 for t in gen.tokens)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def exact_joint(cfg, target, prompt, n, sp):
+    """p(t1..tn | prompt) exactly, by running every continuation path (tiny vocabulary)."""
+    from flexdraft_jax.decoding.sampling import probs
+
+    paths = np.array(list(itertools.product(range(cfg.vocab_size), repeat=n)), np.int32)
+    toks = np.concatenate([np.tile(prompt, (len(paths), 1)), paths], axis=1)
+    lay = layouts.causal(jnp.zeros(len(toks), jnp.int32), toks.shape[1])
+    logits, _ = tf.apply(cfg, target, jnp.asarray(toks), lay.positions, None, lay.meta)
+    p = np.asarray(probs(logits[:, len(prompt) - 1 : len(prompt) - 1 + n], sp))  # [M, n, V]
+    pr = np.prod(p[np.arange(len(paths))[:, None], np.arange(n)[None], paths], axis=1)
+    return pr.reshape([cfg.vocab_size] * n) / pr.sum()
+
+
+def chi2_pvalue(counts, expected_p):
+    n = counts.sum()
+    exp = expected_p.ravel() * n
+    keep = exp >= 5  # pool rare cells into one
+    stat_cells = counts.ravel()[keep]
+    stat_exp = exp[keep]
+    rest_obs, rest_exp = counts.ravel()[~keep].sum(), exp[~keep].sum()
+    stat = np.sum((stat_cells - stat_exp) ** 2 / stat_exp)
+    df = keep.sum() - 1
+    if rest_exp > 0:
+        stat += (rest_obs - rest_exp) ** 2 / rest_exp
+        df += 1
+    return float(jax.scipy.special.gammaincc(df / 2.0, stat / 2.0)), stat, df
+
+
+def sample_counts(dec, prompt, n, samples, seed):
+    gen = dec.generate([prompt] * samples, n, seed=seed)
+    counts = np.zeros([dec.cfg.vocab_size] * n)
+    for t in gen.tokens:
+        counts[tuple(t[:n])] += 1
+    return counts, gen
+
+
+@pytest.fixture(scope="module")
+def sampling_setup():
+    cfg, target = tiny(vocab=5, seed=11, peaky=20.0)
+    dcfg, draft = random_draft(cfg, target, 4, noise=0.3, seed=12)
+    sp = SamplingParams(temperature=1.0)
+    prompt = [1, 3, 2]
+    return cfg, target, dcfg, draft, sp, prompt, exact_joint(cfg, target, prompt, 3, sp)
+
+
+@pytest.mark.parametrize("rule", ["speculative", "match"])
+def test_sampling_is_lossless(sampling_setup, rule):
+    cfg, target, dcfg, draft, sp, prompt, exact = sampling_setup
+    dec = decoder(cfg, target, draft, dcfg, mode="parallel", threshold=0.0, sampling=sp, rule=rule,
+                  cache_len=64)
+    counts, gen = sample_counts(dec, prompt, 3, 6000, seed=1)
+    p, stat, df = chi2_pvalue(counts, exact)
+    assert p > 1e-3, (p, stat, df)
+    assert gen.stats["tau"] > 1.2  # drafts were accepted: the speculative path was exercised
+    ar_dec = decoder(cfg, target, None, dcfg, mode="ar", sampling=sp, cache_len=64)
+    p_ar, _, _ = chi2_pvalue(sample_counts(ar_dec, prompt, 3, 6000, seed=2)[0], exact)
+    assert p_ar > 1e-3
+
+
+def test_wrong_acceptance_rule_is_detected(sampling_setup, monkeypatch):
+    """Accepting every draft (ignoring p/q) must fail the same test: the test has power."""
+    cfg, target, dcfg, draft, sp, prompt, exact = sampling_setup
+
+    def accept_all(key, logits, cand, q, v, sp):
+        acc = jnp.full((logits.shape[0],), v, jnp.int32)
+        p = jax.nn.softmax(logits.astype(jnp.float32) / sp.temperature, axis=-1)
+        p_acc = jnp.take_along_axis(p, acc[:, None, None], axis=1)[:, 0]
+        return acc, jax.random.categorical(key, jnp.log(p_acc)).astype(jnp.int32)
+
+    monkeypatch.setattr(verify, "speculative", accept_all)
+    jax.clear_caches()  # the jitted step must be retraced with the wrong rule
+    dec = decoder(cfg, target, draft, dcfg, mode="parallel", threshold=0.0, sampling=sp,
+                  cache_len=64)
+    counts, _ = sample_counts(dec, prompt, 3, 6000, seed=1)
+    p, _, _ = chi2_pvalue(counts, exact)
+    jax.clear_caches()
+    assert p < 1e-6
+
+
+# ----------------------------------------------------------------------------- compilation
+
+
+def test_fixed_number_of_compilations(tiny_llama):
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    _, other_draft = random_draft(cfg, target, 4, noise=0.5, seed=9)  # different acceptance
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
+    )
+    profile = {5: CostProfile(5, {"ar1": 1.0, "seq2": 1.1, "seq4": 1.3, "par2": 1.05,
+                                  "par4": 1.2}, 0.2)}
+    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="flex"), cache_len=128,
+                  eos_ids=(), profiles=profile, profile_dir=None)
+    dec.generate(PROMPTS, 8)
+    first = len(compiles)
+    assert first > 0
+    for n, d in [(3, draft), (20, other_draft), (31, draft)]:
+        dec.draft = d
+        gen = dec.generate([p[::-1] for p in PROMPTS], n)
+        assert all(len(t) == n for t in gen.tokens)
+    assert len(compiles) == first, compiles[first:]
+
+
+# ----------------------------------------------------------------------------- flex policy
+
+
+def test_flex_follows_cost_profile(tiny_llama):
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    b = len(PROMPTS)
+
+    def run(times, draft_pass=0.1, d=draft):
+        prof = {b: CostProfile(b, times, draft_pass)}
+        dec = Decoder(cfg, target, d, dcfg, engine.EngineConfig(mode="flex", threshold=0.0),
+                      cache_len=128, eos_ids=(), profiles=prof, profile_dir=None)
+        return dec.generate(PROMPTS, 30).stats
+
+    cheap_par = run({"ar1": 1.0, "seq2": 3.0, "seq4": 3.0, "par2": 3.0, "par4": 0.5})
+    assert set(cheap_par["branch_per_step"]) == {"par4"}
+    expensive_spec = run({"ar1": 1.0, "seq2": 9.0, "seq4": 9.0, "par2": 9.0, "par4": 9.0})
+    steps = expensive_spec["branch_per_step"]
+    assert steps.count("ar1") >= len(steps) - len(steps) // 16 - 1  # AR, apart from probes
+    # Low acceptance (a draft unrelated to the target): flex learns alpha and stops speculating.
+    _, bad = random_draft(cfg, target, 4, noise=2.0, seed=21)
+    low = run({"ar1": 1.0, "seq2": 1.4, "seq4": 1.8, "par2": 1.5, "par4": 1.9}, d=bad)
+    tail = low["branch_per_step"][5:]
+    assert tail.count("ar1") > len(tail) // 2, low["branch_per_step"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_errors(tiny_llama):
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 8)
+    with pytest.raises(ValueError, match="block_size 8 leaves no room"):
+        Decoder(cfg, target, draft, dcfg, cache_len=9)
+    dec = decoder(cfg, target, draft, dcfg, mode="parallel", cache_len=32)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        dec.generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="exceeds the KV cache capacity"):
+        dec.generate([[1] * 20], 10)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        engine.EngineConfig(mode="fast")
+    with pytest.raises(ValueError, match="outside"):
+        dec.generate([[1, 999]], 4)
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from flexdraft_jax import pipeline
+
+    return pipeline.load_target(None)
+
+
+@pytest.mark.parametrize("mode,block_size,threshold", [("flex", 8, 0.01), ("parallel", 4, 0.0)])
+def test_smollm2_untrained_draft_is_lossless(smollm2, mode, block_size, threshold):
+    from flexdraft_jax import pipeline
+
+    cfg, target, tok = smollm2
+    prompts = pipeline.encode(tok, ["What is 2+2?", "Write a Python function to add numbers.",
+                                    "Name three colors.", "Hi"], chat=True)
+    ref = ar.generate(cfg, target, prompts, 16, eos_ids=())
+    dcfg, draft = pipeline.load_draft(None, cfg, target, depth=6, block_size=block_size)
+    prof = {4: CostProfile(4, {f"{k}{r}": 1.0 + 0.1 * r for k in ("ar", "seq", "par")
+                               for r in (1, 2, 4, 8)}, 0.3)}
+    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode=mode, threshold=threshold),
+                  cache_len=256, eos_ids=(), profiles=prof, profile_dir=None)
+    assert dec.generate(prompts, 16).tokens == ref.tokens
