@@ -1,0 +1,456 @@
+"""The benchmark harness: every decoding mode side by side across batch sizes (DESIGN §5).
+
+`run_benchmark(cfg, target, tokenizer, draft, dcfg, prompts, ...)` decodes the same prompt batches
+with plain AR and each speculative mode through the same engine (`Decoder`), after a warm-up decode
+per mode that takes compilation out of the timing, and records per (mode, batch size, temperature):
+tau, per-position acceptance, tokens/s, speedup over AR, whether greedy outputs equal AR's, the flex
+branch counts and the measured step cost of each branch relative to an AR step. Optionally it times
+`transformers` `generate` on the same weights as a peer row (`hf_baseline`). Results go to
+`output_dir` (results.json, plots; the cost profiles too, so a run is self-contained).
+
+Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
+bonus-guided calibration) and `t=THETA` (confidence threshold; `t=0` verifies the whole block), e.g.
+`flex:nocalib` or `sequential:t=0`: the ablations are just more modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from flexdraft_jax.decoding import engine
+from flexdraft_jax.decoding.decoder import Decoder
+from flexdraft_jax.decoding.sampling import SamplingParams
+
+HF_MODE = "hf_transformers"
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- modes and batches
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+    """One benchmarked configuration: an engine mode plus ablation options."""
+
+    name: str  # the spec as written, used as the row's `mode`
+    mode: str
+    threshold: float
+    use_calibration: bool
+
+    def engine_config(self, temperature: float) -> engine.EngineConfig:
+        return engine.EngineConfig(
+            mode=self.mode,
+            threshold=self.threshold,
+            use_calibration=self.use_calibration,
+            sampling=SamplingParams(temperature),
+        )
+
+
+def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True) -> ModeSpec:
+    """`flex`, `flex:nocalib`, `sequential:t=0`, ... (defaults from the run's flags)."""
+    mode, *opts = spec.strip().split(":")
+    if mode not in engine.MODES:
+        raise ValueError(
+            f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(engine.MODES)}"
+        )
+    for opt in opts:
+        if opt == "nocalib":
+            use_calibration = False
+        elif opt.startswith("t="):
+            try:
+                threshold = float(opt[2:])
+            except ValueError:
+                raise ValueError(f"bad threshold {opt!r} in mode {spec!r}") from None
+        else:
+            raise ValueError(f"unknown option {opt!r} in mode {spec!r}; use nocalib or t=THETA")
+    return ModeSpec(spec.strip(), mode, threshold, use_calibration)
+
+
+def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None) -> list[list]:
+    """The first `num_prompts` prompts in batches of `batch_size`. A short last batch (or a set
+    smaller than one batch) is filled by repeating prompts from the start: every batch is full."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    prompts = list(prompts[:num_prompts] if num_prompts else prompts)
+    if not prompts:
+        raise ValueError("no prompts to benchmark")
+    n_batches = -(-len(prompts) // batch_size)
+    cyc = [prompts[i % len(prompts)] for i in range(n_batches * batch_size)]
+    return [cyc[i : i + batch_size] for i in range(0, len(cyc), batch_size)]
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+class _Acc:
+    """Sums the stats of one mode's decodes at one batch size."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self.seq_steps, self.committed, self.steps = 0, 0.0, 0, 0, 0
+        self.prefill_seconds = 0.0
+        self.acc_weighted, self.branch_counts, self.outputs = None, {}, []
+
+    def add(self, gen):
+        s = gen.stats
+        self.tokens += s["tokens"]
+        self.seconds += s["seconds"]
+        self.steps += s["steps"]
+        self.prefill_seconds += s.get("prefill_seconds", 0.0)
+        per_seq = np.asarray(s.get("committed_per_step") or [[]])
+        # An active sequence commits >= 1 token per step, so nonzero entries are its steps.
+        self.seq_steps += int((per_seq > 0).sum())
+        self.committed += int(per_seq.sum())
+        ppa = np.asarray(s.get("per_position_acceptance", []), np.float64)
+        if ppa.size:
+            w = max(s["steps"], 1)
+            self.acc_weighted = (
+                ppa * w if self.acc_weighted is None else self.acc_weighted + ppa * w
+            )
+        for k, v in s.get("branch_counts", {}).items():
+            self.branch_counts[k] = self.branch_counts.get(k, 0) + v
+        self.outputs.extend(gen.tokens)
+
+    def row(self) -> dict:
+        ppa = [] if self.acc_weighted is None else (self.acc_weighted / max(self.steps, 1)).tolist()
+        return {
+            "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
+            "per_position_acceptance": ppa,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "steps": self.steps,
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+            "seconds_per_token": self.seconds / max(self.tokens, 1),
+            "prefill_seconds": self.prefill_seconds,
+            # Mean decode step (prefill excluded), to hold against the profile's forced steps.
+            "step_seconds": (self.seconds - self.prefill_seconds) / max(self.steps, 1),
+            "branch_counts": self.branch_counts,
+        }
+
+
+def _branch_subset(rel: dict, mode: str) -> dict:
+    prefixes = {"ar": ("ar",), "sequential": ("seq",), "parallel": ("par",)}.get(mode)
+    if prefixes is None:  # flex / paper: every branch (paper uses one kind per batch size)
+        return dict(rel)
+    return {k: v for k, v in rel.items() if k.startswith(prefixes)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_benchmark(
+    cfg,
+    target,
+    tokenizer,
+    draft,
+    dcfg,
+    prompts: list[list[int]],
+    *,
+    batch_sizes=(1, 4, 16, 64),
+    modes=("ar", "sequential", "parallel", "flex"),
+    max_new_tokens: int = 64,
+    threshold: float = 0.01,
+    temperature: float = 0.0,
+    use_calibration: bool = True,
+    hf_baseline: bool = False,
+    hf_source: str | None = None,
+    output_dir: str,
+    num_prompts: int | None = None,
+    cache_len: int | None = None,
+    repeats: int = 1,
+    eos_ids=None,
+    seed: int = 0,
+    profile_repeats: int = 5,
+    meta: dict | None = None,
+    plots: bool = True,
+) -> dict:
+    """Benchmark `modes` (AR is always added as the baseline) at each batch size; returns the
+    results dict (also written to output_dir/results.json, with plots beside it).
+
+    prompts: token-id lists. `hf_source` is the target checkpoint (None = the embedded GGUF) for
+    the `transformers` peer row. `repeats` timed decodes per batch (tokens/s sums over them)."""
+    from flexdraft_jax.bench import report
+
+    del tokenizer  # prompts arrive encoded; kept in the signature for callers that decode outputs
+    specs = [parse_mode(m, threshold, use_calibration) for m in modes]
+    if not any(s.mode == "ar" for s in specs):
+        specs.insert(0, parse_mode("ar", threshold, use_calibration))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate modes in {names}")
+    ar_name = next(s.name for s in specs if s.mode == "ar")
+    if draft is None and any(s.mode != "ar" for s in specs):
+        raise ValueError("speculative modes need a draft; pass one or benchmark modes=('ar',)")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    prompts = list(prompts[:num_prompts] if num_prompts else prompts)
+    longest = max(len(p) for p in prompts)
+    if cache_len is None:
+        cache_len = _round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+    os.makedirs(output_dir, exist_ok=True)
+    profile_dir = os.path.join(output_dir, "profiles")
+    greedy = temperature == 0.0
+    results = {
+        "config": {
+            "model": repr(cfg),
+            "draft": {"depth": dcfg.depth, "block_size": dcfg.block_size},
+            "batch_sizes": list(batch_sizes),
+            "modes": names,
+            "max_new_tokens": max_new_tokens,
+            "threshold": threshold,
+            "temperature": temperature,
+            "use_calibration": use_calibration,
+            "num_prompts": len(prompts),
+            "cache_len": cache_len,
+            "repeats": repeats,
+            "devices": _devices(),
+            **(meta or {}),
+        },
+        "rows": [],
+        "step_costs": {},
+    }
+    t_run = time.perf_counter()
+    for bs in batch_sizes:
+        batches = make_batches(prompts, bs)
+        decoders = {
+            s.name: Decoder(
+                cfg,
+                target,
+                draft if s.mode != "ar" else None,
+                dcfg,
+                s.engine_config(temperature),
+                cache_len=cache_len,
+                eos_ids=eos_ids,
+                profile_dir=profile_dir,
+            )
+            for s in specs
+        }
+        # Step costs first (a flex decode reads its profile): every branch forced on a warm state;
+        # the flex engine holds all of them. Measured once per batch size, cached in output_dir.
+        prof = None
+        if draft is not None:
+            prof_dec = next((d for d in decoders.values() if d.ecfg.mode == "flex"), None)
+            if prof_dec is None:
+                ecfg = dataclasses.replace(specs[0].engine_config(temperature), mode="flex")
+                prof_dec = Decoder(
+                    cfg, target, draft, dcfg, ecfg, cache_len=cache_len, eos_ids=eos_ids,
+                    profile_dir=profile_dir,
+                )  # fmt: skip
+            log.info("batch %d: profiling the step cost of each branch", bs)
+            prof = prof_dec.profile(bs, repeats=profile_repeats)
+        # Warm-up: compile the step and each prompt-width bucket's prefill (a short decode per
+        # bucket; max_new_tokens is traced, so the timed decodes reuse these compilations).
+        widths = {}
+        for b in batches:
+            widths.setdefault(_width_bucket(b), b)
+        for name in tqdm(names, desc=f"batch {bs}: warm-up", leave=False):
+            for b in widths.values():
+                decoders[name].generate(b, min(4, max_new_tokens), seed=seed)
+        rel = prof.relative() if prof else {"ar1": 1.0}
+        if prof:
+            results["step_costs"][str(bs)] = {
+                "relative": rel,
+                "seconds": prof.branches,
+                "draft_pass_seconds": prof.draft_pass,
+                "rows": {k: list(v) for k, v in prof.rows.items()},
+            }
+        # Timed decodes, modes interleaved batch by batch so machine load drifts hit all alike.
+        accs = {n: _Acc() for n in names}
+        total = len(batches) * repeats * len(names)
+        with tqdm(total=total, desc=f"batch {bs}: timed", leave=False) as bar:
+            for r in range(repeats):
+                for b in batches:
+                    for name in names:
+                        accs[name].add(decoders[name].generate(b, max_new_tokens, seed=seed + r))
+                        bar.update()
+        ar_row = accs[ar_name].row()
+        if prof:
+            # The AR engine's own step against the flex engine's forced ar1 branch: the overhead
+            # of carrying every branch in one lax.switch (1.0 = none).
+            results["step_costs"][str(bs)]["ar_mode_step_seconds"] = ar_row["step_seconds"]
+            results["step_costs"][str(bs)]["flex_ar1_over_ar_mode"] = prof.branches.get(
+                "ar1", float("nan")
+            ) / max(ar_row["step_seconds"], 1e-12)
+        for spec in specs:
+            row = accs[spec.name].row()
+            row.update(
+                mode=spec.name,
+                engine_mode=spec.mode,
+                threshold=spec.threshold,
+                use_calibration=spec.use_calibration,
+                batch_size=bs,
+                temperature=temperature,
+                num_batches=len(batches),
+                speedup_vs_ar=ar_row["seconds_per_token"] / max(row["seconds_per_token"], 1e-12),
+                outputs_match_ar=(accs[spec.name].outputs == accs[ar_name].outputs)
+                if greedy
+                else None,
+                step_cost=_branch_subset(rel, spec.mode),
+                rows_per_branch={
+                    k: list(v) for k, v in _branch_subset(prof.rows, spec.mode).items()
+                }
+                if prof
+                else {"ar1": [1, 1]},
+            )
+            results["rows"].append(row)
+        if hf_baseline:
+            results["rows"].append(
+                hf_row(
+                    hf_source,
+                    batches,
+                    max_new_tokens,
+                    cfg,
+                    eos_ids,
+                    ar_row,
+                    accs[ar_name].outputs if greedy else None,
+                    repeats,
+                    temperature,
+                )
+            )
+        _log_batch(results["rows"], bs)
+    results["config"]["wall_seconds"] = time.perf_counter() - t_run
+    report.write_results(results, output_dir)
+    if plots:
+        results["plots"] = report.plot_all(results, output_dir)
+        report.write_results(results, output_dir)
+    return results
+
+
+def _log_batch(rows, bs):
+    for r in rows:
+        if r["batch_size"] == bs:
+            log.info(
+                "batch %d %-16s tau %.2f  %.1f tok/s  speedup %.2fx  match %s",
+                bs,
+                r["mode"],
+                r["tau"],
+                r["tokens_per_s"],
+                r["speedup_vs_ar"],
+                r["outputs_match_ar"],
+            )
+
+
+def _width_bucket(batch) -> int:
+    from flexdraft_jax.decoding.ar import bucket
+
+    return bucket(max(len(p) for p in batch))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _devices() -> str:
+    import jax
+
+    d = jax.devices()
+    return f"{len(d)}x {d[0].device_kind} ({os.cpu_count()} host cores)"
+
+
+# ----------------------------------------------------------------------------- transformers peer
+
+
+def load_hf_model(source: str | None):
+    """The same target in `transformers` (torch, float32): HF directory, .gguf file or embedded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if source is None:
+        from flexdraft_jax.checkpoints.default import default_gguf_path
+
+        source = default_gguf_path()
+    if os.path.isdir(source):
+        model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    elif source.endswith(".gguf"):
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(source) or ".",
+            gguf_file=os.path.basename(source),
+            torch_dtype=torch.float32,
+        )
+    else:
+        raise ValueError(
+            f"hf baseline: expected a Hugging Face directory or a .gguf file: {source}"
+        )
+    return model.eval()
+
+
+_HF_CACHE: dict = {}
+
+
+def hf_generate(model, batch, max_new_tokens: int, eos_ids, pad_id: int = 0):
+    """Greedy `generate` on a left-padded batch -> (tokens per prompt up to its EOS, seconds)."""
+    import torch
+
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    eos = list(eos_ids)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos or None,
+            pad_token_id=pad_id,
+        )
+    secs = time.perf_counter() - t0
+    tokens = []
+    for row in out[:, width:].tolist():
+        cut = len(row)
+        for j, t in enumerate(row):
+            if t in eos:
+                cut = j + 1
+                break
+        tokens.append(row[:cut])
+    return tokens, secs
+
+
+def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, repeats, temp):
+    """The `transformers` peer row at one batch size (greedy; warm-up decode excluded)."""
+    if temp != 0.0:
+        log.warning("hf baseline is greedy only; temperature %s ignored for it", temp)
+    key = source or "<embedded>"
+    if key not in _HF_CACHE:
+        _HF_CACHE.clear()
+        _HF_CACHE[key] = load_hf_model(source)
+    model = _HF_CACHE[key]
+    eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    hf_generate(model, batches[0], min(4, max_new_tokens), eos)  # warm-up
+    outputs, tokens, seconds = [], 0, 0.0
+    for _ in tqdm(range(repeats), desc="transformers generate", leave=False):
+        outputs = []
+        for b in batches:
+            toks, secs = hf_generate(model, b, max_new_tokens, eos)
+            outputs.extend(toks)
+            tokens += sum(len(t) for t in toks)
+            seconds += secs
+    spt = seconds / max(tokens, 1)
+    return {
+        "mode": HF_MODE,
+        "engine_mode": HF_MODE,
+        "batch_size": len(batches[0]),
+        "temperature": 0.0,
+        "num_batches": len(batches),
+        "tau": 1.0,
+        "per_position_acceptance": [],
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "seconds_per_token": spt,
+        "speedup_vs_ar": ar_row["seconds_per_token"] / max(spt, 1e-12),
+        "outputs_match_ar": (outputs == ar_outputs) if ar_outputs is not None else None,
+        "branch_counts": {},
+        "step_cost": {},
+        "rows_per_branch": {},
+    }

@@ -1,0 +1,106 @@
+"""Benchmark AR, sequential, parallel and flex decoding side by side across batch sizes.
+
+  python launch/benchmark.py --output_dir=/tmp/bench
+  python launch/benchmark.py --prompts_file=mt_bench.jsonl --chat --batch_sizes=1,8 \
+      --modes=ar,flex,flex:nocalib,paper --hf_baseline --output_dir=/tmp/bench
+
+Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipped in drafts/
+(embedded target only), else untrained copies of the target's projectors. Default prompts: HumanEval
+(code completions, no chat template). Mode specs take ablation options: `flex:nocalib`, `flex:t=0`.
+Writes results.json, speedup.png, acceptance.png and step_cost.png to --output_dir.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flexdraft_jax import pipeline  # noqa: E402
+from flexdraft_jax.bench import harness, report  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")
+flags.DEFINE_string("draft_checkpoint", None, "Release-format dir/.safetensors or orbax workdir.")
+flags.DEFINE_string("prompts_file", None, 'JSONL of {"prompt": ...} or {"turns": [...]} lines.')
+flags.DEFINE_bool(
+    "chat",
+    None,
+    "Apply the chat template (default: on for --prompts_file, off "
+    "for the HumanEval code-completion prompts).",
+)
+flags.DEFINE_integer(
+    "num_prompts", 16, "Prompts to use (repeated to fill a larger batch).", lower_bound=1
+)
+flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Batch sizes to sweep.")
+flags.DEFINE_list(
+    "modes",
+    ["ar", "sequential", "parallel", "flex"],
+    "Modes (ar is always added); options: MODE:nocalib, MODE:t=THETA.",
+)
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens per prompt.", lower_bound=1)
+flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
+flags.DEFINE_integer("draft_depth", 6, "Layers with draft projectors (untrained draft only).")
+flags.DEFINE_float("threshold", 0.01, "Confidence threshold (0 = verify the whole block).")
+flags.DEFINE_float(
+    "temperature", 0.0, "0 = greedy (outputs are checked against AR).", lower_bound=0.0
+)
+flags.DEFINE_bool("no_calibration", False, "Ablation: decode without the calibration MLP.")
+flags.DEFINE_bool("hf_baseline", False, "Also time transformers generate on the same weights.")
+flags.DEFINE_integer("repeats", 1, "Timed decodes per batch.", lower_bound=1)
+flags.DEFINE_integer("cache_len", None, "KV cache slots (default: fits prompt + output).")
+flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, cost profiles.")
+
+
+def main(_):
+    batch_sizes = [int(b) for b in F.batch_sizes]
+    if F.prompts_file:
+        texts = pipeline.read_prompts((), F.prompts_file)
+        chat = True if F.chat is None else F.chat
+    else:
+        texts = pipeline.humaneval_prompts()
+        chat = bool(F.chat)
+    texts = texts[: F.num_prompts]
+    cfg, target, tok = pipeline.load_target(F.checkpoint)
+    draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
+    if draft_path is None:
+        logging.warning("no trained draft: using UNTRAINED draft projectors (tau ~1, no speedup)")
+    dcfg, draft = pipeline.load_draft(
+        draft_path, cfg, target, depth=F.draft_depth, block_size=F.block_size or 8
+    )
+    if F.block_size and F.block_size != dcfg.block_size:
+        dcfg = dcfg.__class__(dcfg.depth, F.block_size, dcfg.calib_rank, dcfg.use_calibration)
+    ids = pipeline.encode(tok, texts, chat)
+    logging.info(
+        "target %s, draft %s, %d prompts, chat=%s",
+        F.checkpoint or "embedded SmolLM2",
+        draft_path or "untrained",
+        len(ids),
+        chat,
+    )
+    results = harness.run_benchmark(
+        cfg, target, tok, draft, dcfg, ids,
+        batch_sizes=batch_sizes,
+        modes=F.modes,
+        max_new_tokens=F.max_new_tokens,
+        threshold=F.threshold,
+        temperature=F.temperature,
+        use_calibration=not F.no_calibration,
+        hf_baseline=F.hf_baseline,
+        hf_source=F.checkpoint,
+        output_dir=F.output_dir,
+        cache_len=F.cache_len,
+        repeats=F.repeats,
+        meta={"checkpoint": F.checkpoint or "embedded", "draft": draft_path or "untrained",
+              "prompts": F.prompts_file or "humaneval", "chat": chat},
+    )  # fmt: skip
+    print(report.format_table(results))
+    print(report.format_step_costs(results))
+    print(f"results: {os.path.join(F.output_dir, report.RESULTS_FILE)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

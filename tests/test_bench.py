@@ -1,0 +1,179 @@
+"""Benchmark harness, report and launch script (issue: one-command demo and benchmark).
+
+On a tiny random model: run_benchmark writes results.json with every required field per (mode,
+batch size), greedy speculative outputs equal AR's, plots exist; prompt batching and mode specs;
+JSONL "turns" prompts; one subprocess run of launch/benchmark.py on the embedded SmolLM2; and the
+`transformers` peer row (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from flexdraft_jax import pipeline
+from flexdraft_jax.bench import harness, report
+from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [2, 7]]
+ROW_FIELDS = (
+    "mode", "batch_size", "temperature", "tau", "per_position_acceptance", "tokens_per_s",
+    "speedup_vs_ar", "outputs_match_ar", "branch_counts", "step_cost", "rows_per_branch",
+)  # fmt: skip
+
+
+def tiny(vocab=64, seed=0, peaky=50.0):
+    cfg = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
+    target = tf.init_target(cfg, jax.random.PRNGKey(seed))
+    # Peaky embeddings make greedy continuations repetitive, so some drafts get accepted.
+    target["embed"]["embedding"] = target["embed"]["embedding"] * peaky
+    dcfg = DraftConfig(depth=2, block_size=4, calib_rank=16)
+    draft = tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed + 1))
+    return cfg, target, dcfg, draft
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cfg, target, dcfg, draft = tiny()
+    out = str(tmp_path_factory.mktemp("bench"))
+    modes = ("sequential", "flex", "flex:nocalib")
+    res = harness.run_benchmark(
+        cfg, target, None, draft, dcfg, PROMPTS, batch_sizes=(1, 3), modes=modes,
+        max_new_tokens=12, output_dir=out, eos_ids=(), profile_repeats=1,
+    )  # fmt: skip
+    return res, out, modes
+
+
+def test_results_json_fields(tiny_run):
+    res, out, modes = tiny_run
+    with open(os.path.join(out, report.RESULTS_FILE)) as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))
+    got = {(r["mode"], r["batch_size"]) for r in saved["rows"]}
+    assert got == {(m, b) for m in ("ar", *modes) for b in (1, 3)}  # AR added as the baseline
+    for r in saved["rows"]:
+        missing = [k for k in ROW_FIELDS if k not in r]
+        assert not missing, (r["mode"], missing)
+        assert r["tokens_per_s"] > 0 and r["speedup_vs_ar"] > 0
+        assert r["tau"] >= 1.0
+    ar = [r for r in saved["rows"] if r["mode"] == "ar"]
+    assert all(r["speedup_vs_ar"] == pytest.approx(1.0) for r in ar)
+    flex = next(r for r in saved["rows"] if r["mode"] == "flex" and r["batch_size"] == 1)
+    assert set(flex["step_cost"]) == {"ar1", "seq2", "seq4", "par2", "par4"}
+    assert flex["step_cost"]["ar1"] == pytest.approx(1.0)
+    assert flex["rows_per_branch"]["par4"] == [4, 4 + 4 * 4]
+    assert sum(flex["branch_counts"].values()) == flex["steps"]
+    assert saved["step_costs"]["1"]["ar_mode_step_seconds"] > 0
+    seq = next(r for r in saved["rows"] if r["mode"] == "sequential")
+    assert set(seq["step_cost"]) == {"seq2", "seq4"}
+    assert set(saved["step_costs"]) == {"1", "3"}
+    # Profiles live inside the output directory, so a run is self-contained.
+    assert os.listdir(os.path.join(out, "profiles"))
+
+
+def test_greedy_outputs_match_ar(tiny_run):
+    res, _, _ = tiny_run
+    assert all(r["outputs_match_ar"] is True for r in res["rows"])
+    assert any(r["tau"] > 1.0 for r in res["rows"])  # the accept path ran
+
+
+def test_plots_and_table(tiny_run):
+    res, out, _ = tiny_run
+    for name in ("speedup.png", "acceptance.png", "step_cost.png"):
+        path = os.path.join(out, name)
+        assert os.path.getsize(path) > 1000
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = report.format_table(res)
+    assert "flex:nocalib" in table and "speedup" in table
+    assert "seq2" in report.format_step_costs(res)
+
+
+def test_make_batches_fills_and_repeats():
+    assert harness.make_batches([[1], [2], [3]], 4) == [[[1], [2], [3], [1]]]
+    assert harness.make_batches([[1], [2], [3]], 2) == [[[1], [2]], [[3], [1]]]
+    assert harness.make_batches([[1], [2], [3]], 1, num_prompts=2) == [[[1]], [[2]]]
+    with pytest.raises(ValueError, match="batch size"):
+        harness.make_batches([[1]], 0)
+
+
+def test_parse_mode():
+    s = harness.parse_mode("flex:nocalib:t=0")
+    assert (s.mode, s.use_calibration, s.threshold) == ("flex", False, 0.0)
+    assert harness.parse_mode("paper", threshold=0.1).threshold == 0.1
+    with pytest.raises(ValueError, match="unknown mode"):
+        harness.parse_mode("turbo")
+    with pytest.raises(ValueError, match="unknown option"):
+        harness.parse_mode("flex:fast")
+
+
+def test_turns_prompts_through_harness(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [{"turns": ["first question", "a follow-up"]}, {"prompt": "plain"}, {"turns": ["q3"]}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    texts = pipeline.read_prompts((), str(path))
+    assert texts == ["first question", "plain", "q3"]
+    cfg, target, dcfg, draft = tiny()
+    ids = [[1 + (ord(c) % 60) for c in t] for t in texts]  # a stand-in tokenizer
+    res = harness.run_benchmark(
+        cfg, target, None, draft, dcfg, ids, batch_sizes=(2,), modes=("paper:t=0",),
+        max_new_tokens=6, output_dir=str(tmp_path / "out"), eos_ids=(), profile_repeats=1,
+        plots=False,
+    )  # fmt: skip
+    assert [r["mode"] for r in res["rows"]] == ["ar", "paper:t=0"]
+    assert res["rows"][1]["threshold"] == 0.0 and "par2" in res["step_costs"]["2"]["relative"]
+    assert res["rows"][1]["num_batches"] == 2 and res["rows"][1]["outputs_match_ar"]
+
+
+def test_bad_input(tmp_path):
+    cfg, target, dcfg, draft = tiny()
+    with pytest.raises(ValueError, match="need a draft"):
+        harness.run_benchmark(cfg, target, None, None, dcfg, PROMPTS, modes=("flex",),
+                              output_dir=str(tmp_path))  # fmt: skip
+    with pytest.raises(ValueError, match="duplicate"):
+        harness.run_benchmark(cfg, target, None, draft, dcfg, PROMPTS, modes=("flex", "flex"),
+                              output_dir=str(tmp_path))  # fmt: skip
+
+
+def _run_launch(tmp_path, *extra):
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, os.path.join(REPO, "launch", "benchmark.py"), "--num_prompts=2",
+        "--batch_sizes=1", "--max_new_tokens=8", "--modes=ar,flex", f"--output_dir={out}", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / report.RESULTS_FILE) as f:
+        return proc.stdout, json.load(f)
+
+
+@pytest.mark.slow
+def test_launch_benchmark_embedded(tmp_path):
+    stdout, res = _run_launch(tmp_path)
+    assert "speedup" in stdout and "step cost" in stdout
+    assert {r["mode"] for r in res["rows"]} == {"ar", "flex"}
+    assert all(r["outputs_match_ar"] for r in res["rows"])
+
+
+@pytest.mark.slow
+def test_launch_benchmark_turns_file_and_hf_baseline(tmp_path):
+    path = tmp_path / "turns.jsonl"
+    path.write_text(
+        json.dumps({"turns": ["Write a Python function that adds two numbers.", "Now test it."]})
+        + "\n"
+        + json.dumps({"turns": ["Name three prime numbers."]})
+        + "\n"
+    )
+    stdout, res = _run_launch(tmp_path, f"--prompts_file={path}", "--hf_baseline")
+    assert res["config"]["chat"] is True
+    hf = next(r for r in res["rows"] if r["mode"] == harness.HF_MODE)
+    assert hf["tokens_per_s"] > 0 and hf["speedup_vs_ar"] > 0
+    assert "hf_transformers" in stdout
