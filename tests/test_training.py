@@ -103,6 +103,19 @@ def test_dataset_batches_are_a_function_of_step_and_split_by_process():
     assert sorted(epoch0) == list(range(12))
 
 
+def test_length_buckets_crop_batches_and_cover_the_epoch():
+    rng = np.random.default_rng(2)
+    ex = [([1, 2], rng.integers(1, 50, int(n)).tolist()) for n in rng.integers(5, 60, 40)]
+    ds = data.Dataset(data.pack(ex, 64), 4, 3, seed=1, length_bucket=16, sort_window=3)
+    seen = []
+    for step in range(ds.steps_per_epoch):
+        b = ds.batch(step)
+        width = b["tokens"].shape[1]
+        assert width % 16 == 0 and b["lengths"].max() <= width < b["lengths"].max() + 16
+        seen += list(ds.global_indices(step))
+    assert sorted(seen) == list(range(40))
+
+
 def test_python_docs_prompts_are_offline_and_deterministic():
     p = data.python_docs_prompts(50, seed=3)
     assert len(p) == 50 and p == data.python_docs_prompts(50, seed=3)

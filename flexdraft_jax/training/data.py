@@ -326,9 +326,24 @@ def sample_anchors(loss_mask, lengths, num_anchors: int, rng: np.random.Generato
 
 
 class Dataset:
-    """Packed sequences served as deterministic global batches, split across processes."""
+    """Packed sequences served as deterministic global batches, split across processes.
 
-    def __init__(self, packed: Packed, batch_size: int, num_anchors: int, seed: int = 0):
+    With `length_bucket` > 0, each epoch's shuffled order is cut into windows of `sort_window`
+    batches, sorted by length inside each window, cut into batches, and the batches shuffled
+    again; every batch is then cropped to its longest sequence rounded up to `length_bucket`
+    (a few static shapes). The clean forward is most of a step's cost, so padding is waste.
+    """
+
+    def __init__(
+        self,
+        packed: Packed,
+        batch_size: int,
+        num_anchors: int,
+        seed: int = 0,
+        *,
+        length_bucket: int = 0,
+        sort_window: int = 16,
+    ):
         n = packed.tokens.shape[0]
         if batch_size > n:
             raise ValueError(f"batch_size {batch_size} exceeds the {n} training sequences")
@@ -338,16 +353,39 @@ class Dataset:
             num_anchors,
             seed,
         )
+        self.length_bucket, self.sort_window = length_bucket, max(1, sort_window)
         self.steps_per_epoch = n // batch_size
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
 
     @property
     def seq_len(self) -> int:
         return self.packed.tokens.shape[1]
 
+    def _epoch_batches(self, epoch: int) -> np.ndarray:
+        """int[steps_per_epoch, batch_size]: the epoch's batches of sequence indices."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        n_used = self.steps_per_epoch * self.batch_size
+        order = rng.permutation(self.packed.tokens.shape[0])[:n_used]
+        if self.length_bucket:
+            win = self.sort_window * self.batch_size
+            lengths = self.packed.lengths
+            order = np.concatenate(
+                [
+                    c[np.argsort(lengths[c], kind="stable")]
+                    for c in np.split(order, range(win, n_used, win))
+                ]
+            )
+        batches = order.reshape(self.steps_per_epoch, self.batch_size)
+        if self.length_bucket:
+            batches = batches[rng.permutation(self.steps_per_epoch)]
+        self._epoch_cache = (epoch, batches)
+        return batches
+
     def global_indices(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.packed.tokens.shape[0])
-        return order[k * self.batch_size : (k + 1) * self.batch_size]
+        return self._epoch_batches(epoch)[k]
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """This process's rows of the global batch at `step`: numpy, a function of (seed, step)."""
@@ -358,11 +396,15 @@ class Dataset:
         idx = self.global_indices(step)
         rng = np.random.default_rng([self.seed, step, 1])
         p = self.packed
+        width = self.seq_len
+        if self.length_bucket:
+            longest = int(p.lengths[idx].max())
+            width = min(self.seq_len, -(-longest // self.length_bucket) * self.length_bucket)
         anchors, valid = sample_anchors(p.loss_mask[idx], p.lengths[idx], self.num_anchors, rng)
         full = {
-            "tokens": p.tokens[idx],
+            "tokens": p.tokens[idx, :width],
             "lengths": p.lengths[idx],
-            "loss_mask": p.loss_mask[idx],
+            "loss_mask": p.loss_mask[idx, :width],
             "anchors": anchors,
             "anchor_valid": valid,
         }

@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.gen_batch_size = 32
     c.data.seq_len = 512  # T: prompt + response, responses cropped to fit
     c.data.anchors_per_seq = 16  # A
+    c.data.length_bucket = 64  # crop each batch to its longest sequence, rounded up (0 = off)
+    c.data.sort_window = 16  # batches per length-sorting window (length_bucket > 0)
     c.data.chat_template = True
     c.data.cache_dir = ""  # self-distillation cache; "" -> ~/.cache/flexdraft_jax/distill
 

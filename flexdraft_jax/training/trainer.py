@@ -127,7 +127,14 @@ def build_dataset(config, cfg, target, tokenizer, model_id) -> data_lib.Dataset:
     packed = data_lib.pack(examples, dc.seq_len)
     n_resp = int(packed.loss_mask.sum())
     log.info("training data: %d sequences, %d response tokens", len(packed.lengths), n_resp)
-    return data_lib.Dataset(packed, tc.batch_size, dc.anchors_per_seq, config.seed)
+    return data_lib.Dataset(
+        packed,
+        tc.batch_size,
+        dc.anchors_per_seq,
+        config.seed,
+        length_bucket=dc.length_bucket,
+        sort_window=dc.sort_window,
+    )
 
 
 def _to_host(x):
@@ -235,7 +242,7 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state["step"])
         new_state = {
             "step": state["step"] + 1,
@@ -419,24 +426,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     history = []
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     bar = tqdm(total=stop, initial=start_step, desc=f"train {tc.stage}", disable=not is_main)
-    pending, t_last, n_last = [], time.perf_counter(), start_step
-    tokens_per_step = tc.batch_size * dataset.seq_len
+    pending, t_last, n_tokens = [], time.perf_counter(), 0
+    compiled = {}  # one executable per batch width (length buckets)
     for step in range(start_step, stop):
         batch = global_batch(dataset.batch(step, pi, pc), mesh, tc.batch_size)
-        if step == start_step:
-            compiled = step_fn.lower(state, target, batch).compile()
-            mem = compiled.memory_analysis()
-            if mem is not None and is_main:
-                log.info("step memory: %s", mem)
-            t_last = time.perf_counter()
-        state, metrics = compiled(state, target, batch)
+        width = batch["tokens"].shape[1]
+        if width not in compiled:
+            t0 = time.perf_counter()
+            compiled[width] = step_fn.lower(state, target, batch).compile()
+            mem = compiled[width].memory_analysis()
+            log.info(
+                "compiled the step for width %d in %.1fs; memory %s",
+                width,
+                time.perf_counter() - t0,
+                mem,
+            )
+            t_last += time.perf_counter() - t0  # compile time is not step time
+        state, metrics = compiled[width](state, target, batch)
         pending.append(metrics)
+        n_tokens += tc.batch_size * width
         done = step + 1
         if done % tc.log_every == 0 or done == stop:
             host = jax.device_get(pending)
             now = time.perf_counter()
-            rec = _summarise(host, done, now - t_last, (done - n_last) * tokens_per_step)
-            t_last, n_last, pending = now, done, []
+            rec = _summarise(host, done, now - t_last, n_tokens)
+            t_last, n_tokens, pending = now, 0, []
             history.append(rec)
             if is_main:
                 with open(metrics_path, "a") as f:
