@@ -14,6 +14,10 @@ no clean rows, q_limit = anchor). The clean pass does not depend on the draft, s
 never computed, and gradients reach exactly the trainable subset of the draft (the target is an
 argument that is never written; tests check it is bit-identical after training).
 
+Cost (SmolLM2-135M, 2 CPU cores): the clean pass is ~90% of a step, so batches are cropped to
+their longest sequence (length buckets, one executable per width) and anchors are dense. Caching
+the clean pass across epochs (DESIGN §2.5) is the next lever.
+
 Writes to `workdir`: checkpoints/ (orbax: step, draft, optimizer state; the data order and anchors
 are functions of (seed, step), so resuming is exact), metrics.jsonl, and draft_release/ (the final
 draft in the public release's safetensors layout, readable by `checkpoints.release.load_release`).
@@ -74,7 +78,7 @@ def load_target(mc: ml_collections.ConfigDict, seed: int):
     from flexdraft_jax.checkpoints.load import load_checkpoint
 
     path = None if mc.source == "default" else mc.source
-    cfg, params, tokenizer = load_checkpoint(path)
+    cfg, params, tokenizer = load_checkpoint(path, dtype=jnp.dtype(mc.dtype))  # bf16: half the RAM
     return cfg, params, tokenizer, None
 
 
