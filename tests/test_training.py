@@ -188,6 +188,45 @@ def test_tiny_model_learns_and_target_is_untouched(tmp_path):
     assert out2["history"][-1]["loss"] < out2["history"][0]["loss"]
 
 
+def test_cached_clean_pass_equals_the_full_step(tmp_path):
+    """train.cache_clean (deep-layer K/V computed once) trains exactly like the per-step clean
+    pass: same losses and the same draft after a few steps (float32 cache)."""
+    cfg = None
+    outs = []
+    for cached in (False, True):
+        config = tiny_config(
+            tmp_path,
+            steps=6,
+            log_every=1,
+            ckpt_every=1000,
+            cache_clean=cached,
+            cache_clean_dtype="float32",
+        )
+        cfg = cfg or ModelConfig(**dict(config.model.tiny))
+        outs.append(
+            trainer.train(
+                config, str(tmp_path / f"wd{cached}"), target=(cfg, sharp_target(cfg), None)
+            )
+        )
+    plain, cached = outs
+    np.testing.assert_allclose(
+        [h["loss"] for h in plain["history"]], [h["loss"] for h in cached["history"]], atol=1e-5
+    )
+    for a, b in zip(
+        jax.tree.leaves(plain["state"]["draft"]), jax.tree.leaves(cached["state"]["draft"])
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert os.listdir(tmp_path / "wdTrue" / "clean_cache")  # written for the next run to reuse
+    with pytest.raises(ValueError, match="cache_clean keeps only deep-layer"):
+        trainer.make_train_step(
+            cfg,
+            plain["dcfg"],
+            tiny_config(tmp_path, cache_clean=True, kl_weight=1.0).train,
+            None,
+            None,
+        )
+
+
 def test_stage_names_are_checked():
     with pytest.raises(ValueError, match="unknown stage"):
         trainer.trainable_keys("everything")

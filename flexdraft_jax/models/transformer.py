@@ -243,14 +243,21 @@ def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots):
 
 
 def _run_layers(cfg, target, draft, lo, hi, x, n_clean, positions, meta, cache, write_slots):
-    """Layers lo..hi-1 in a fori_loop. Draft projectors (if any) are indexed from layer `lo`."""
+    """Layers lo..hi-1 in a fori_loop. Draft projectors (if any) are indexed from layer `lo`.
+
+    A cache may cover only the last layers (k.shape[0] < L, e.g. precomputed deep-layer K/V for
+    training); it is then indexed from layer L - k.shape[0].
+    """
     has_cache = cache is not None
+    offset = cfg.num_layers - cache.k.shape[0] if has_cache else 0
+    if offset > lo:
+        raise ValueError(f"the cache covers layers {offset}.. but layer {lo} needs it")
 
     def body(i, carry):
         x, ck, cv = carry
         lp = _index(target["layers"], i)
         dp = _index(draft["layers"], i - lo) if draft is not None else None
-        kv = (ck, cv, i) if has_cache else None
+        kv = (ck, cv, i - offset) if has_cache else None
         x, new_kv = _layer(cfg, lp, dp, x, n_clean, positions, meta, kv, write_slots)
         if has_cache:
             ck, cv = new_kv

@@ -354,6 +354,7 @@ class Dataset:
             seed,
         )
         self.length_bucket, self.sort_window = length_bucket, max(1, sort_window)
+        self.clean_kv = None  # optional (k, v) [N, D, T, K, Dh] from training.clean_cache
         self.steps_per_epoch = n // batch_size
         self._epoch_cache: tuple[int, np.ndarray] | None = None
 
@@ -408,6 +409,12 @@ class Dataset:
             "anchors": anchors,
             "anchor_valid": valid,
         }
+        if self.clean_kv is not None:
+            order = np.argsort(idx)  # memory-mapped rows: read them in file order
+            for name, arr in zip(("clean_k", "clean_v"), self.clean_kv):
+                rows = np.empty((len(idx), *arr.shape[1:2], width, *arr.shape[3:]), arr.dtype)
+                rows[order] = arr[np.sort(idx), :, :width]
+                full[name] = rows
         per = self.batch_size // process_count
         return {k: v[process_index * per : (process_index + 1) * per] for k, v in full.items()}
 

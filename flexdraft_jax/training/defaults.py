@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.kl_weight = 0.0
     c.train.gamma = 0.0  # position decay exp(-(j-1)/gamma); 0 = uniform
     c.train.bonus = "data"  # calibration bonus: token at p ("data") or target argmax at p-1
+    c.train.cache_clean = False  # precompute deep-layer clean K/V once (needs kl 0, bonus "data")
+    c.train.cache_clean_dtype = "bfloat16"
     c.train.init_from = ""  # a release-format draft dir or a previous stage's workdir
     c.train.log_every = 10
     c.train.ckpt_every = 250

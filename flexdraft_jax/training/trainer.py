@@ -149,10 +149,10 @@ def _to_host(x):
     return np.asarray(x)
 
 
-def global_batch(local: dict, mesh, global_batch_size: int) -> dict:
+def global_batch(local: dict, mesh, global_batch_size: int, keys=BATCH_KEYS) -> dict:
     """Process-local rows -> global arrays sharded over ("data", "fsdp")."""
     out = {}
-    for k in BATCH_KEYS:
+    for k in keys:
         x = local[k]
         sh = NamedSharding(mesh, shd.batch_spec(x.ndim))
         out[k] = jax.make_array_from_process_local_data(sh, x, (global_batch_size, *x.shape[1:]))
@@ -186,18 +186,28 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
     if tc.bonus not in ("data", "target"):
         raise ValueError(f"train.bonus must be 'data' or 'target', got {tc.bonus!r}")
     need_target_rows = tc.kl_weight > 0 or (use_calibration and tc.bonus == "target")
+    if tc.get("cache_clean") and need_target_rows:
+        raise ValueError(
+            "train.cache_clean keeps only deep-layer K/V: it needs train.kl_weight == 0 and "
+            f"train.bonus == 'data' (got kl_weight={tc.kl_weight}, bonus={tc.bonus!r})"
+        )
 
     def step(state, target, batch):
         tokens, anchors = batch["tokens"], batch["anchors"]
         b, t = tokens.shape
         a = anchors.shape[1]
         zeros = jnp.zeros((b,), jnp.int32)
-        # Clean pass: frozen target, causal, K/V of every layer into a cache of capacity T.
-        lay = layouts.causal(zeros, t)
-        cache = tf.init_cache(cfg, b, t, dtype=target["embed"]["embedding"].dtype)
-        h_clean, _, cache = tf.forward(
-            cfg, target, tokens, lay.positions, lay.meta, cache, zeros, return_hidden=True
-        )
+        if "clean_k" in batch:  # precomputed deep-layer K/V (training.clean_cache)
+            dt = target["embed"]["embedding"].dtype
+            kv = [jnp.moveaxis(batch[n], 1, 0).astype(dt) for n in ("clean_k", "clean_v")]
+            cache, h_clean = tf.KVCache(kv[0], kv[1], batch["lengths"]), None
+        else:
+            # Clean pass: frozen target, causal, K/V of every layer into a cache of capacity T.
+            lay = layouts.causal(zeros, t)
+            cache = tf.init_cache(cfg, b, t, dtype=target["embed"]["embedding"].dtype)
+            h_clean, _, cache = tf.forward(
+                cfg, target, tokens, lay.positions, lay.meta, cache, zeros, return_hidden=True
+            )
         labels, valid = losses.slot_targets(
             tokens, batch["lengths"], batch["loss_mask"], anchors, batch["anchor_valid"], w
         )
@@ -362,6 +372,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
 
     # ---------------------------------------------------------------- data
     dataset = build_dataset(config, cfg, target, tokenizer, model_id)
+    batch_keys = BATCH_KEYS
+    if tc.get("cache_clean"):
+        if pc > 1:
+            raise ValueError("train.cache_clean is single-process for now")
+        from flexdraft_jax.training import clean_cache
+
+        p = dataset.packed
+        ident = model_id or data_lib.params_fingerprint(cfg, jax.tree.map(_to_host, target))
+        key = clean_cache.cache_key(ident, p.tokens, dcfg.depth, tc.cache_clean_dtype)
+        dataset.clean_kv = clean_cache.precompute(
+            cfg, dcfg.depth, target, p.tokens, p.lengths, batch_size=tc.batch_size,
+            dtype=tc.cache_clean_dtype, path=os.path.join(workdir, "clean_cache", key),
+        )
+        batch_keys = BATCH_KEYS + ("clean_k", "clean_v")
     log.info("%d steps per epoch of %d sequences", dataset.steps_per_epoch, tc.batch_size)
 
     # ---------------------------------------------------------------- shapes
@@ -380,6 +404,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     target_sh = jax.tree.map(lambda x: x.sharding, target)
     batch_sh = {k: NamedSharding(mesh, shd.batch_spec(2)) for k in BATCH_KEYS}
     batch_sh["lengths"] = NamedSharding(mesh, shd.batch_spec(1))
+    for k in batch_keys[len(BATCH_KEYS):]:
+        batch_sh[k] = NamedSharding(mesh, shd.batch_spec(5))
 
     # ---------------------------------------------------------------- sharded init
     def init_state(target, key, draft=None):
@@ -433,7 +459,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     pending, t_last, n_tokens = [], time.perf_counter(), 0
     compiled = {}  # one executable per batch width (length buckets)
     for step in range(start_step, stop):
-        batch = global_batch(dataset.batch(step, pi, pc), mesh, tc.batch_size)
+        batch = global_batch(dataset.batch(step, pi, pc), mesh, tc.batch_size, batch_keys)
         width = batch["tokens"].shape[1]
         if width not in compiled:
             t0 = time.perf_counter()
