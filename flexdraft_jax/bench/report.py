@@ -72,19 +72,24 @@ def format_step_costs(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict, output_dir: str) -> str:
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, RESULTS_FILE)
-    fd, tmp = tempfile.mkstemp(dir=output_dir, suffix=".tmp")
+def write_json(obj, path: str) -> str:
+    """Write JSON atomically (a temporary file in the same directory, then a rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(obj, f, indent=1)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def write_results(results: dict, output_dir: str) -> str:
+    return write_json(results, os.path.join(output_dir, RESULTS_FILE))
 
 
 # ----------------------------------------------------------------------------- plots

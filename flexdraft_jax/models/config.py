@@ -148,7 +148,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
-    """FlexDraft additions: draft projectors in the last `depth` layers, mask blocks of `block_size`."""
+    """FlexDraft additions: draft projectors in the last `depth` layers, blocks of `block_size`."""
 
     depth: int = 4
     block_size: int = 8

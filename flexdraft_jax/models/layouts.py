@@ -1,4 +1,4 @@
-"""Row layouts: per-row positions and `RowMeta` for every kind of FlexDraft forward (DESIGN §2.1, §2.3).
+"""Row layouts: per-row positions and `RowMeta` for every FlexDraft forward (DESIGN §2.1, §2.3).
 
 Each function returns a `Layout`: clean-row positions [B, Tc], mask-row positions [B, Tm] and the
 `RowMeta` over the Tc + Tm query rows. Positions equal cache slots (sequences start at slot 0, no
@@ -41,7 +41,7 @@ def _clean_rows(start, num_rows):
 
 
 def _mask_groups(anchors, block_size):
-    """Blocks anchored at anchors [B, G]: slot j of group g at anchor + j, sees clean keys < anchor."""
+    """Blocks anchored at anchors [B, G]: slot j of group g at anchor + j sees clean keys < anchor."""
     anchors = _i32(anchors)
     b, g = anchors.shape
     j = jnp.arange(block_size, dtype=jnp.int32)
@@ -95,7 +95,7 @@ def draft_pass(anchor, block_size: int) -> Layout:
 
 
 def training(seq_len: int, anchors, block_size: int) -> Layout:
-    """A sequence's clean rows 0..seq_len-1 (keys are these rows, no cache) + blocks at anchors [B, A]."""
+    """A sequence's clean rows 0..seq_len-1 (keys are these rows, no cache) + blocks at anchors."""
     anchors = _i32(anchors)
     clean = _clean_rows(jnp.zeros((anchors.shape[0],), jnp.int32), seq_len)
     return _join(clean, _mask_groups(anchors, block_size))
