@@ -177,3 +177,31 @@ def test_launch_benchmark_turns_file_and_hf_baseline(tmp_path):
     hf = next(r for r in res["rows"] if r["mode"] == harness.HF_MODE)
     assert hf["tokens_per_s"] > 0 and hf["speedup_vs_ar"] > 0
     assert "hf_transformers" in stdout
+
+
+def test_demo_stages_skip_finished_work(tmp_path):
+    from flexdraft_jax.bench import demo
+
+    stages = demo.Stages(str(tmp_path))
+    calls = []
+    first = stages.run("distil", lambda: calls.append(1) or {"n": 3})
+    again = demo.Stages(str(tmp_path)).run("distil", lambda: calls.append(2) or {"n": 4})
+    assert calls == [1] and first["n"] == again["n"] == 3 and "stage_seconds" in again
+    assert stages.done("attention") is None
+
+
+def test_demo_plan_retrain_fits_budget():
+    from flexdraft_jax.bench import demo
+
+    config = demo._load_config("configs/smollm2_135m.py")
+    minutes = demo.plan_retrain(config, 40.0)
+    assert sum(minutes.values()) == pytest.approx(40.0 - demo.BENCH_MINUTES)
+    assert config.train.steps * demo.TRAIN_SECONDS_PER_STEP <= 60 * minutes["attention"] + 1e-6
+    assert config.data.num_prompts * config.data.max_new_tokens <= (
+        60 * minutes["distil"] * demo.DISTILL_TOKENS_PER_S + config.data.max_new_tokens
+    )
+    small = demo._load_config("configs/smollm2_135m.py:runlocal")
+    demo.plan_retrain(small, 40.0)
+    assert (small.train.steps, small.data.num_prompts) == (3, 16)  # never grows a config
+    with pytest.raises(ValueError, match="budget_minutes"):
+        demo.plan_retrain(demo._load_config("configs/smollm2_135m.py"), 5.0)

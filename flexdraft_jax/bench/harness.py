@@ -250,7 +250,7 @@ def run_benchmark(
             widths.setdefault(_width_bucket(b), b)
         for name in tqdm(names, desc=f"batch {bs}: warm-up", leave=False):
             for b in widths.values():
-                decoders[name].generate(b, min(4, max_new_tokens), seed=seed)
+                decoders[name].generate(b, min(2, max_new_tokens), seed=seed)
         rel = prof.relative() if prof else {"ar1": 1.0}
         if prof:
             results["step_costs"][str(bs)] = {
@@ -426,7 +426,7 @@ def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, re
         _HF_CACHE[key] = load_hf_model(source)
     model = _HF_CACHE[key]
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    hf_generate(model, batches[0], min(4, max_new_tokens), eos)  # warm-up
+    hf_generate(model, batches[0], min(2, max_new_tokens), eos)  # warm-up
     outputs, tokens, seconds = [], 0, 0.0
     for _ in tqdm(range(repeats), desc="transformers generate", leave=False):
         outputs = []

@@ -1,0 +1,218 @@
+"""The one-command story: target -> (optionally) a freshly trained drafter -> the benchmark.
+
+  run_demo(workdir, retrain=False, ...)   embedded SmolLM2-135M-Instruct, the shipped draft (or an
+                                          untrained one, loudly), the benchmark on HumanEval prompts
+  run_demo(workdir, retrain=True, budget_minutes=40)
+        distil   training prompts from Python's own documentation, greedy self-distillation
+        attention  attention tuning (mask embedding + draft projectors)
+        calibration  the bonus-guided calibration MLP, everything else frozen
+        benchmark  as above, with the new draft
+
+Each stage writes `workdir/stages/NAME.json` when it finishes, so a rerun skips finished work;
+training stages also resume from their own orbax checkpoints when interrupted. The training library
+(flexdraft_jax.training) is imported only on the retrain path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from flexdraft_jax import pipeline
+from flexdraft_jax.bench import harness, report
+
+log = logging.getLogger(__name__)
+
+# The benchmark a demo runs (sized to ~10 minutes on a shared 2-core CPU; see the report).
+DEMO_BENCH = dict(
+    num_prompts=4,
+    batch_sizes=(1, 4, 16, 64),
+    modes=("ar", "sequential", "parallel", "flex"),
+    max_new_tokens=16,
+    profile_repeats=2,
+)
+# Rough rates on a 2-core CPU used to size the retrain stages to the budget; each stage records the
+# rates it achieved in its marker file, so they can be corrected from a real run.
+DISTILL_TOKENS_PER_S = 120.0
+TRAIN_SECONDS_PER_STEP = 6.0
+BENCH_MINUTES = 10.0
+
+
+class Stages:
+    """Marker files for finished stages: `workdir/stages/NAME.json` holds the stage's summary."""
+
+    def __init__(self, workdir: str):
+        self.dir = os.path.join(workdir, "stages")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.json")
+
+    def done(self, name: str) -> dict | None:
+        p = self.path(name)
+        if not os.path.exists(p):
+            return None
+        with open(p) as f:
+            return json.load(f)
+
+    def run(self, name: str, fn, *args, **kw) -> dict:
+        """fn(...) -> summary dict, unless the stage already finished (then its saved summary)."""
+        prev = self.done(name)
+        if prev is not None:
+            log.info("stage %s: already done (%s), skipping", name, self.path(name))
+            return prev
+        log.info("stage %s: starting", name)
+        t0 = time.perf_counter()
+        summary = dict(fn(*args, **kw) or {})
+        summary["stage_seconds"] = time.perf_counter() - t0
+        report.write_json(summary, self.path(name))
+        log.info("stage %s: done in %.0fs", name, summary["stage_seconds"])
+        return summary
+
+
+# ----------------------------------------------------------------------------- retrain
+
+
+def plan_retrain(config, budget_minutes: float) -> dict:
+    """Shrink the training config to fit `budget_minutes` (the benchmark keeps BENCH_MINUTES).
+
+    Returns the per-stage minutes; edits `config` in place (never grows what it asks for)."""
+    train_min = budget_minutes - BENCH_MINUTES
+    if train_min <= 2:
+        raise ValueError(
+            f"--budget_minutes={budget_minutes} leaves no time to train: the benchmark alone "
+            f"takes about {BENCH_MINUTES:.0f} minutes"
+        )
+    minutes = {"distil": 0.3 * train_min, "attention": 0.55 * train_min}
+    minutes["calibration"] = train_min - minutes["distil"] - minutes["attention"]
+    dc, tc = config.data, config.train
+    tokens = minutes["distil"] * 60 * DISTILL_TOKENS_PER_S
+    n_prompts = max(int(tokens / dc.max_new_tokens), dc.gen_batch_size)
+    dc.num_prompts = min(dc.num_prompts or n_prompts, n_prompts)
+    tc.steps = min(tc.steps, max(int(minutes["attention"] * 60 / TRAIN_SECONDS_PER_STEP), 1))
+    tc.warmup_steps = min(tc.warmup_steps, max(tc.steps // 10, 1))
+    tc.ckpt_every = min(tc.ckpt_every, max(tc.steps // 4, 1))
+    return minutes
+
+
+def _calibration_config(config, attention_workdir: str, minutes: float):
+    c = config.copy_and_resolve_references()
+    c.train.stage = "calibration"
+    c.train.init_from = attention_workdir
+    c.train.steps = min(
+        config.train.steps, max(int(minutes * 60 / (0.5 * TRAIN_SECONDS_PER_STEP)), 1)
+    )
+    c.train.warmup_steps = min(c.train.warmup_steps, max(c.train.steps // 10, 1))
+    return c
+
+
+def retrain(workdir: str, stages: Stages, target, config_path: str, budget_minutes: float) -> str:
+    """Distil, attention-tune and calibrate a draft for the embedded target; its release dir."""
+    from flexdraft_jax.training import trainer
+
+    config = _load_config(config_path)
+    minutes = plan_retrain(config, budget_minutes)
+    config.data.cache_dir = os.path.join(workdir, "distil")
+    log.info(
+        "retrain plan (minutes): %s; %d prompts x %d tokens, %d attention steps",
+        {k: round(v, 1) for k, v in minutes.items()},
+        config.data.num_prompts,
+        config.data.max_new_tokens,
+        config.train.steps,
+    )
+    cfg, params, tok = target
+
+    def distil():
+        ds = trainer.build_dataset(config, cfg, params, tok, None)
+        n = int(ds.packed.loss_mask.sum())
+        return {"sequences": int(len(ds.packed.lengths)), "response_tokens": n,
+                "num_prompts": config.data.num_prompts}  # fmt: skip
+
+    def train(cfg_stage, sub):
+        out = trainer.train(cfg_stage, os.path.join(workdir, sub), target=target)
+        last = out["history"][-1] if out["history"] else {}
+        return {"steps": int(cfg_stage.train.steps), "last_metrics": last,
+                "release": os.path.join(workdir, sub, "draft_release")}  # fmt: skip
+
+    stages.run("distil", distil)
+    stages.run("attention", train, config, "attention")
+    calib = _calibration_config(config, os.path.join(workdir, "attention"), minutes["calibration"])
+    done = stages.run("calibration", train, calib, "calibration")
+    return done["release"]
+
+
+def _load_config(config_path: str):
+    """A config file `path.py[:arg]` (ml_collections style: `get_config(arg)`)."""
+    import importlib.util
+
+    path, _, arg = config_path.partition(":")
+    if not os.path.isabs(path):
+        path = os.path.join(pipeline.REPO_ROOT, path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location("demo_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+# ----------------------------------------------------------------------------- the story
+
+
+def run_demo(
+    workdir: str,
+    *,
+    retrain_draft: bool = False,
+    budget_minutes: float = 40.0,
+    config_path: str = "configs/smollm2_135m.py",
+    bench_overrides: dict | None = None,
+    hf_baseline: bool = False,
+) -> dict:
+    """Load the embedded target, get a draft, benchmark; returns the benchmark results."""
+    t0 = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    stages = Stages(workdir)
+    log.info("loading the embedded SmolLM2-135M-Instruct")
+    cfg, target, tok = pipeline.load_target(None)
+    if retrain_draft:
+        draft_path = retrain(workdir, stages, (cfg, target, tok), config_path, budget_minutes)
+    else:
+        draft_path = pipeline.shipped_draft(None)
+        if draft_path is None:
+            log.warning(
+                "\n%s\nNO SHIPPED DRAFT at %s: benchmarking an UNTRAINED draft (tau ~1, "
+                "speculation cannot pay). Run with --retrain to train one.\n%s",
+                "!" * 78, pipeline.SHIPPED_DRAFT, "!" * 78,
+            )  # fmt: skip
+    dcfg, draft = pipeline.load_draft(draft_path, cfg, target)
+    bench = {**DEMO_BENCH, **(bench_overrides or {})}
+    n = bench.pop("num_prompts")
+    ids = pipeline.encode(tok, pipeline.humaneval_prompts(n), chat=False)
+    out_dir = os.path.join(workdir, "benchmark")
+    key = {k: list(v) if isinstance(v, tuple) else v for k, v in bench.items()}
+    key.update(draft=draft_path or "untrained", num_prompts=n, hf_baseline=hf_baseline)
+    prev = stages.done("benchmark")
+    if prev is not None and prev.get("key") == key:
+        log.info("stage benchmark: already done, reading %s", out_dir)
+        with open(os.path.join(out_dir, report.RESULTS_FILE)) as f:
+            results = json.load(f)
+    else:
+        if prev is not None:
+            os.remove(stages.path("benchmark"))  # settings changed: measure again
+
+        def bench_stage():
+            res = harness.run_benchmark(
+                cfg, target, tok, draft, dcfg, ids, output_dir=out_dir, hf_baseline=hf_baseline,
+                meta={"draft": draft_path or "untrained", "prompts": "humaneval", "chat": False},
+                **bench,
+            )  # fmt: skip
+            return {"key": key, "results": os.path.join(out_dir, report.RESULTS_FILE),
+                    "wall_seconds": res["config"]["wall_seconds"]}  # fmt: skip
+
+        stages.run("benchmark", bench_stage)
+        with open(os.path.join(out_dir, report.RESULTS_FILE)) as f:
+            results = json.load(f)
+    results["demo_seconds"] = time.perf_counter() - t0
+    return results
