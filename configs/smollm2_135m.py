@@ -45,6 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.ckpt_every = 50
     c.train.keep_checkpoints = 2
 
+    c.eval.every = 100  # held-out HumanEval teacher-forced tau -> metrics.jsonl, tau_vs_minutes.png
+    c.eval.num_prompts = 24
+    c.eval.max_new_tokens = 96
+
     c.mesh.shape = (1, -1, 1)
 
     if arg == "runlocal":

@@ -64,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.export_release = True  # workdir/draft_release at the end
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # > 0: held-out teacher-forced tau every N steps (and at the end)
+    c.eval.num_prompts = 24  # HumanEval prompts (chat template), greedy target responses
+    c.eval.max_new_tokens = 96
+    c.eval.seq_len = 512
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)
     c.mesh.expected_devices = 0  # pod configs: device count for the abstract sharding check

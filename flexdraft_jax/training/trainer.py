@@ -451,10 +451,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         log.info("resumed from step %d", latest)
     start_step = int(jax.device_get(state["step"]))
 
+    # ---------------------------------------------------------------- held-out tau
+    ec = config.get("eval", None)
+    heldout = None
+    if ec is not None and ec.every > 0 and is_main and tokenizer is not None:
+        from flexdraft_jax.training import evaluate
+
+        heldout = evaluate.heldout_set(
+            cfg, dcfg, target, tokenizer, num_prompts=ec.num_prompts,
+            max_new_tokens=ec.max_new_tokens, seq_len=ec.seq_len, workdir=workdir,
+            cache_dir=config.data.cache_dir or os.path.expanduser("~/.cache/flexdraft_jax/distill"),
+            model_id=model_id,
+        )
+
+    def eval_record(done, minutes):
+        res = evaluate.teacher_forced_tau(cfg, dcfg, target, state["draft"], heldout,
+                                          use_calibration="calibration" in keys)
+        log.info("step %d: held-out tau %.3f (%d anchors)", done, res["tau"], res["anchors"])
+        return {"step": done, "train_minutes": minutes, "heldout_tau": res["tau"],
+                "heldout_acceptance": res["per_position_acceptance"]}
+
     # ---------------------------------------------------------------- loop
     stop = tc.steps if not tc.get("stop_at") else min(tc.stop_at, tc.steps)
     history = []
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    progress_path = os.path.join(workdir, "progress.json")
+    minutes = 0.0  # training wall time so far, across resumed runs (compile and eval excluded)
+    if os.path.exists(progress_path):
+        with open(progress_path) as f:
+            minutes = json.load(f).get("train_minutes", 0.0)
     bar = tqdm(total=stop, initial=start_step, desc=f"train {tc.stage}", disable=not is_main)
     pending, t_last, n_tokens = [], time.perf_counter(), 0
     compiled = {}  # one executable per batch width (length buckets)
@@ -480,11 +505,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             host = jax.device_get(pending)
             now = time.perf_counter()
             rec = _summarise(host, done, now - t_last, n_tokens)
+            minutes += (now - t_last) / 60
+            rec["train_minutes"] = minutes
             t_last, n_tokens, pending = now, 0, []
             history.append(rec)
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                data_lib._atomic_write_json(progress_path, {"step": done, "train_minutes": minutes})
+        if heldout is not None and (done % ec.every == 0 or done == stop):
+            jax.block_until_ready(state)
+            t_eval = time.perf_counter()
+            rec = eval_record(done, minutes)
+            history.append(rec)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            evaluate.tau_curve_plot(metrics_path, os.path.join(workdir, "tau_vs_minutes.png"))
+            t_last += time.perf_counter() - t_eval  # evaluation is not training time
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['acc_per_slot'][1]:.3f}")
         mngr.save(
             done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=done == stop

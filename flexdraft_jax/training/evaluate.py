@@ -1,0 +1,192 @@
+"""Held-out acceptance while training: teacher-forced tau on the target's own greedy outputs.
+
+For greedy decoding with threshold 0, a decoding step whose bonus sits at position p drafts the
+block anchored at p against exactly the clean context [0, p) and accepts the leading run of slots
+j = 1..W-1 whose argmax equals the target's greedy token at p + j. On a sequence the target itself
+generated greedily, every response position p is such a bonus position, so
+
+    tau_p = 1 + (leading run of correct slots at anchor p)
+
+computed for all p at once (one mask-only forward against precomputed clean K/V) estimates the
+decoded tau without running the decoder. `heldout_set` builds the sequences from HumanEval prompts
+(evaluation only: never a training source) and `tau_curve_plot` draws tau against training minutes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexdraft_jax.models import layouts
+from flexdraft_jax.models import transformer as tf
+
+log = logging.getLogger(__name__)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "use_calibration"))
+def _block_hits(
+    cfg, dcfg, target, draft, tokens, lengths, anchors, valid, clean_k, clean_v, use_calibration
+):
+    """bool[B, A, W-1]: slot j of the block at each anchor predicts token[p + j]."""
+    b, t = tokens.shape
+    a = anchors.shape[1]
+    w = dcfg.block_size
+    dt = target["embed"]["embedding"].dtype
+    cache = tf.KVCache(
+        jnp.moveaxis(clean_k, 1, 0).astype(dt), jnp.moveaxis(clean_v, 1, 0).astype(dt), lengths
+    )
+    lay = layouts.training(0, anchors, w)
+    _, hm, _ = tf.forward(
+        cfg,
+        target,
+        tokens[:, :0],
+        lay.positions,
+        lay.meta,
+        cache,
+        jnp.zeros((b,), jnp.int32),
+        draft=draft,
+        dcfg=dcfg,
+        mask_positions=lay.mask_positions,
+    )
+    hm = hm.reshape(b * a, w, -1)[:, 1:]
+    bonus = jnp.take_along_axis(tokens, anchors, axis=1).reshape(b * a)
+    pred = jnp.argmax(tf.draft_logits(cfg, target, draft, hm, bonus, use_calibration), -1)
+    pos = anchors[:, :, None] + jnp.arange(1, w)
+    label = jnp.take_along_axis(tokens, jnp.minimum(pos, t - 1).reshape(b, -1), 1)
+    ok = pred.reshape(b, a, w - 1) == label.reshape(b, a, w - 1)
+    return ok & (pos < lengths[:, None, None]) & valid[:, :, None]
+
+
+def teacher_forced_tau(
+    cfg, dcfg, target, draft, heldout, *, use_calibration: bool, batch_size: int = 4
+) -> dict:
+    """Mean tau over every response position of the held-out sequences, and per-slot acceptance.
+
+    heldout: dict with tokens [N, T], lengths [N], loss_mask [N, T], clean_k/clean_v [N, D, T, K, Dh].
+    """
+    tokens, lengths, mask = heldout["tokens"], heldout["lengths"], heldout["loss_mask"]
+    n, t = tokens.shape
+    w = dcfg.block_size
+    # Anchors: response positions p with p + 1 < length (a next token exists to draft).
+    cand = mask & (np.arange(t)[None, :] + 1 < lengths[:, None])
+    a = int(cand.sum(1).max())
+    anchors = np.zeros((n, a), np.int32)
+    valid = np.zeros((n, a), bool)
+    for i in range(n):
+        p = np.nonzero(cand[i])[0]
+        anchors[i, : len(p)], valid[i, : len(p)] = p, True
+    runs, tried, hit = [], np.zeros(w - 1), np.zeros(w - 1)
+    for s in range(0, n, batch_size):
+        sl = slice(s, s + batch_size)
+        ok = np.asarray(
+            _block_hits(
+                cfg,
+                dcfg,
+                target,
+                draft,
+                jnp.asarray(tokens[sl]),
+                jnp.asarray(lengths[sl]),
+                jnp.asarray(anchors[sl]),
+                jnp.asarray(valid[sl]),
+                jnp.asarray(heldout["clean_k"][sl]),
+                jnp.asarray(heldout["clean_v"][sl]),
+                use_calibration,
+            )
+        )
+        lead = np.cumprod(ok, axis=-1)  # [b, A, W-1]
+        v = valid[sl]
+        runs.append(lead.sum(-1)[v])
+        prev = np.concatenate([np.ones_like(lead[..., :1]), lead[..., :-1]], axis=-1)
+        tried += (prev * v[..., None]).sum((0, 1))
+        hit += (lead * v[..., None]).sum((0, 1))
+    runs = np.concatenate(runs)
+    return {
+        "tau": float(1.0 + runs.mean()),
+        "per_position_acceptance": (hit / np.maximum(tried, 1)).tolist(),
+        "anchors": int(runs.size),
+    }
+
+
+def heldout_set(
+    cfg,
+    dcfg,
+    target,
+    tokenizer,
+    *,
+    num_prompts: int,
+    max_new_tokens: int,
+    seq_len: int,
+    cache_dir: str,
+    workdir: str,
+    model_id=None,
+) -> dict:
+    """Greedy target responses to HumanEval prompts (chat template), packed, with clean K/V."""
+    from flexdraft_jax.pipeline import humaneval_prompts
+    from flexdraft_jax.training import clean_cache
+    from flexdraft_jax.training import data as data_lib
+
+    prompts = [data_lib.encode_prompt(tokenizer, p, True) for p in humaneval_prompts(num_prompts)]
+    prompts = [p for p in prompts if len(p) + 8 < seq_len]
+    host = jax.tree.map(np.asarray, target)
+    responses = data_lib.distill(
+        cfg,
+        host,
+        prompts,
+        max_new_tokens,
+        batch_size=len(prompts),
+        cache_dir=cache_dir,
+        model_id=model_id,
+    )
+    packed = data_lib.pack(list(zip(prompts, responses)), seq_len)
+    ident = model_id or data_lib.params_fingerprint(cfg, host)
+    key = clean_cache.cache_key(ident, packed.tokens, dcfg.depth, "float32")
+    k, v = clean_cache.precompute(
+        cfg,
+        dcfg.depth,
+        target,
+        packed.tokens,
+        packed.lengths,
+        dtype="float32",
+        path=os.path.join(workdir, "clean_cache", "heldout-" + key),
+    )
+    return {
+        "tokens": packed.tokens,
+        "lengths": packed.lengths,
+        "loss_mask": packed.loss_mask,
+        "clean_k": k,
+        "clean_v": v,
+    }
+
+
+def tau_curve_plot(metrics_path: str, out_png: str) -> None:
+    """Held-out tau against cumulative training minutes, from the workdir's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = []
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "heldout_tau" in rec:
+                pts.append((rec["train_minutes"], rec["heldout_tau"]))
+    if not pts:
+        return
+    x, y = zip(*pts)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(x, y, marker="o")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("held-out tau (teacher-forced, greedy)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_png + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
