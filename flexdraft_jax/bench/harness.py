@@ -8,6 +8,11 @@ branch counts and the measured step cost of each branch relative to an AR step. 
 `transformers` `generate` on the same weights as a peer row (`hf_baseline`). Results go to
 `output_dir` (results.json, plots; the cost profiles too, so a run is self-contained).
 
+Speed is measured on the decode phase: `tokens_per_s` and `speedup_vs_ar` exclude the prefill and
+the first token it yields (identical work in every mode, and with short outputs it would swamp the
+comparison); `e2e_tokens_per_s` and `e2e_speedup_vs_ar` include it. `step_seconds_vs_ar` is a mode's
+mean decode step over AR's, measured in the run, to hold against the profiled `step_cost`.
+
 Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
 bonus-guided calibration) and `t=THETA` (confidence threshold; `t=0` verifies the whole block), e.g.
 `flex:nocalib` or `sequential:t=0`: the ablations are just more modes.
@@ -93,7 +98,7 @@ class _Acc:
 
     def __init__(self):
         self.tokens, self.seconds, self.seq_steps, self.committed, self.steps = 0, 0.0, 0, 0, 0
-        self.prefill_seconds = 0.0
+        self.prefill_seconds, self.sequences = 0.0, 0
         self.acc_weighted, self.branch_counts, self.outputs = None, {}, []
 
     def add(self, gen):
@@ -102,6 +107,7 @@ class _Acc:
         self.seconds += s["seconds"]
         self.steps += s["steps"]
         self.prefill_seconds += s.get("prefill_seconds", 0.0)
+        self.sequences += len(gen.tokens)
         per_seq = np.asarray(s.get("committed_per_step") or [[]])
         # An active sequence commits >= 1 token per step, so nonzero entries are its steps.
         self.seq_steps += int((per_seq > 0).sum())
@@ -123,14 +129,32 @@ class _Acc:
             "per_position_acceptance": ppa,
             "tokens": self.tokens,
             "seconds": self.seconds,
-            "steps": self.steps,
-            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
-            "seconds_per_token": self.seconds / max(self.tokens, 1),
             "prefill_seconds": self.prefill_seconds,
-            # Mean decode step (prefill excluded), to hold against the profile's forced steps.
-            "step_seconds": (self.seconds - self.prefill_seconds) / max(self.steps, 1),
+            "steps": self.steps,
             "branch_counts": self.branch_counts,
+            **speed_fields(self.tokens, self.seconds, self.prefill_seconds, self.sequences),
+            # Mean decode step, to hold against the profile's forced steps.
+            "step_seconds": (self.seconds - self.prefill_seconds) / max(self.steps, 1),
         }
+
+
+def speed_fields(tokens: int, seconds: float, prefill_seconds: float, sequences: int) -> dict:
+    """Decode speed (the prefill and the first token it yields excluded) and end to end."""
+    dec_tok, dec_s = max(tokens - sequences, 0), max(seconds - prefill_seconds, 0.0)
+    return {
+        "tokens_per_s": dec_tok / dec_s if dec_s > 0 else 0.0,
+        "seconds_per_token": dec_s / max(dec_tok, 1),
+        "e2e_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "e2e_seconds_per_token": seconds / max(tokens, 1),
+    }
+
+
+def _speedups(row: dict, ar_row: dict) -> dict:
+    return {
+        "speedup_vs_ar": ar_row["seconds_per_token"] / max(row["seconds_per_token"], 1e-12),
+        "e2e_speedup_vs_ar": ar_row["e2e_seconds_per_token"]
+        / max(row["e2e_seconds_per_token"], 1e-12),
+    }
 
 
 def _branch_subset(rel: dict, mode: str) -> dict:
@@ -286,7 +310,8 @@ def run_benchmark(
                 batch_size=bs,
                 temperature=temperature,
                 num_batches=len(batches),
-                speedup_vs_ar=ar_row["seconds_per_token"] / max(row["seconds_per_token"], 1e-12),
+                **_speedups(row, ar_row),
+                step_seconds_vs_ar=row["step_seconds"] / max(ar_row["step_seconds"], 1e-12),
                 outputs_match_ar=(accs[spec.name].outputs == accs[ar_name].outputs)
                 if greedy
                 else None,
@@ -427,16 +452,17 @@ def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, re
     model = _HF_CACHE[key]
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     hf_generate(model, batches[0], min(2, max_new_tokens), eos)  # warm-up
-    outputs, tokens, seconds = [], 0, 0.0
+    outputs, tokens, seconds, prefill, seqs = [], 0, 0.0, 0.0, 0
     for _ in tqdm(range(repeats), desc="transformers generate", leave=False):
         outputs = []
         for b in batches:
+            prefill += hf_generate(model, b, 1, eos)[1]  # the prefill and its first token
             toks, secs = hf_generate(model, b, max_new_tokens, eos)
             outputs.extend(toks)
             tokens += sum(len(t) for t in toks)
             seconds += secs
-    spt = seconds / max(tokens, 1)
-    return {
+            seqs += len(b)
+    row = {
         "mode": HF_MODE,
         "engine_mode": HF_MODE,
         "batch_size": len(batches[0]),
@@ -446,11 +472,11 @@ def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, re
         "per_position_acceptance": [],
         "tokens": tokens,
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "seconds_per_token": spt,
-        "speedup_vs_ar": ar_row["seconds_per_token"] / max(spt, 1e-12),
+        "prefill_seconds": prefill,  # measured as a separate 1-token generate per batch
+        **speed_fields(tokens, seconds, prefill, seqs),
         "outputs_match_ar": (outputs == ar_outputs) if ar_outputs is not None else None,
         "branch_counts": {},
         "step_cost": {},
         "rows_per_branch": {},
     }
+    return {**row, **_speedups(row, ar_row)}
