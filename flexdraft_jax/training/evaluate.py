@@ -68,7 +68,7 @@ def teacher_forced_tau(
 ) -> dict:
     """Mean tau over every response position of the held-out sequences, and per-slot acceptance.
 
-    heldout: dict with tokens [N, T], lengths [N], loss_mask [N, T], clean_k/clean_v [N, D, T, K, Dh].
+    heldout: tokens [N, T], lengths [N], loss_mask [N, T], clean_k/clean_v [N, D, T, K, Dh].
     """
     tokens, lengths, mask = heldout["tokens"], heldout["lengths"], heldout["loss_mask"]
     n, t = tokens.shape

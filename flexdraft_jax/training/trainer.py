@@ -382,8 +382,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         ident = model_id or data_lib.params_fingerprint(cfg, jax.tree.map(_to_host, target))
         key = clean_cache.cache_key(ident, p.tokens, dcfg.depth, tc.cache_clean_dtype)
         dataset.clean_kv = clean_cache.precompute(
-            cfg, dcfg.depth, target, p.tokens, p.lengths, batch_size=tc.batch_size,
-            dtype=tc.cache_clean_dtype, path=os.path.join(workdir, "clean_cache", key),
+            cfg,
+            dcfg.depth,
+            target,
+            p.tokens,
+            p.lengths,
+            batch_size=tc.batch_size,
+            dtype=tc.cache_clean_dtype,
+            path=os.path.join(workdir, "clean_cache", key),
         )
         batch_keys = BATCH_KEYS + ("clean_k", "clean_v")
     log.info("%d steps per epoch of %d sequences", dataset.steps_per_epoch, tc.batch_size)
@@ -404,7 +410,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     target_sh = jax.tree.map(lambda x: x.sharding, target)
     batch_sh = {k: NamedSharding(mesh, shd.batch_spec(2)) for k in BATCH_KEYS}
     batch_sh["lengths"] = NamedSharding(mesh, shd.batch_spec(1))
-    for k in batch_keys[len(BATCH_KEYS):]:
+    for k in batch_keys[len(BATCH_KEYS) :]:
         batch_sh[k] = NamedSharding(mesh, shd.batch_spec(5))
 
     # ---------------------------------------------------------------- sharded init
@@ -458,18 +464,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         from flexdraft_jax.training import evaluate
 
         heldout = evaluate.heldout_set(
-            cfg, dcfg, target, tokenizer, num_prompts=ec.num_prompts,
-            max_new_tokens=ec.max_new_tokens, seq_len=ec.seq_len, workdir=workdir,
+            cfg,
+            dcfg,
+            target,
+            tokenizer,
+            num_prompts=ec.num_prompts,
+            max_new_tokens=ec.max_new_tokens,
+            seq_len=ec.seq_len,
+            workdir=workdir,
             cache_dir=config.data.cache_dir or os.path.expanduser("~/.cache/flexdraft_jax/distill"),
             model_id=model_id,
         )
 
     def eval_record(done, minutes):
-        res = evaluate.teacher_forced_tau(cfg, dcfg, target, state["draft"], heldout,
-                                          use_calibration="calibration" in keys)
+        res = evaluate.teacher_forced_tau(
+            cfg, dcfg, target, state["draft"], heldout, use_calibration="calibration" in keys
+        )
         log.info("step %d: held-out tau %.3f (%d anchors)", done, res["tau"], res["anchors"])
-        return {"step": done, "train_minutes": minutes, "heldout_tau": res["tau"],
-                "heldout_acceptance": res["per_position_acceptance"]}
+        return {
+            "step": done,
+            "train_minutes": minutes,
+            "heldout_tau": res["tau"],
+            "heldout_acceptance": res["per_position_acceptance"],
+        }
 
     # ---------------------------------------------------------------- loop
     stop = tc.steps if not tc.get("stop_at") else min(tc.stop_at, tc.steps)
@@ -513,6 +530,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 data_lib._atomic_write_json(progress_path, {"step": done, "train_minutes": minutes})
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['acc_per_slot'][1]:.3f}")
         if heldout is not None and (done % ec.every == 0 or done == stop):
             jax.block_until_ready(state)
             t_eval = time.perf_counter()
@@ -522,7 +540,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
                 f.write(json.dumps(rec) + "\n")
             evaluate.tau_curve_plot(metrics_path, os.path.join(workdir, "tau_vs_minutes.png"))
             t_last += time.perf_counter() - t_eval  # evaluation is not training time
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['acc_per_slot'][1]:.3f}")
         mngr.save(
             done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=done == stop
         )
