@@ -46,22 +46,24 @@ def load_draft(
     calib_rank: int = 256,
     seed: int = 0,
 ):
-    """A draft: release-format directory / .safetensors, an orbax training workdir, or (path None)
+    """A draft: release-format directory / .safetensors, a training workdir, or (path None)
     untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted)."""
     if path is None:
         dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=calib_rank)
         return dcfg, tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
     if not os.path.exists(path):
         raise FileNotFoundError(f"draft checkpoint {path} does not exist")
+    if os.path.isdir(os.path.join(path, "draft_release")):  # a training workdir
+        path = os.path.join(path, "draft_release")
     is_release = path.endswith(".safetensors") or os.path.exists(os.path.join(path, "config.json"))
-    if is_release:
-        from flexdraft_jax.checkpoints.release import load_release
+    if not is_release:
+        raise ValueError(
+            f"{path} is neither a release-format draft (config.json + *.safetensors) nor a "
+            "training workdir with draft_release/ (written when a training run finishes)"
+        )
+    from flexdraft_jax.checkpoints.release import load_release
 
-        dcfg, draft = load_release(path, cfg)
-    else:
-        from flexdraft_jax.training.trainer import load_draft_from_workdir
-
-        dcfg, draft = load_draft_from_workdir(path, cfg, target)
+    dcfg, draft = load_release(path, cfg)
     return dcfg, jax.tree.map(jnp.asarray, draft)
 
 
