@@ -548,7 +548,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     mngr.wait_until_finished()
     mngr.close()
 
-    if stop == tc.steps and tc.export_release:
+    if tc.export_release and stop > start_step:  # the draft as of the last step
         export_release(os.path.join(workdir, "draft_release"), cfg, dcfg, state["draft"])
     return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
 
