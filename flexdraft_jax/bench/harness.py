@@ -98,7 +98,7 @@ class _Acc:
 
     def __init__(self):
         self.tokens, self.seconds, self.seq_steps, self.committed, self.steps = 0, 0.0, 0, 0, 0
-        self.prefill_seconds, self.sequences = 0.0, 0
+        self.prefill_seconds, self.sequences, self.spec_steps = 0.0, 0, 0
         self.acc_weighted, self.branch_counts, self.outputs = None, {}, []
 
     def add(self, gen):
@@ -113,8 +113,10 @@ class _Acc:
         self.seq_steps += int((per_seq > 0).sum())
         self.committed += int(per_seq.sum())
         ppa = np.asarray(s.get("per_position_acceptance", []), np.float64)
-        if ppa.size:
-            w = max(s["steps"], 1)
+        # Weighted by speculative steps: an AR step verifies nothing (flex may take only those).
+        w = sum(v for k, v in s.get("branch_counts", {}).items() if not k.startswith("ar"))
+        self.spec_steps += w
+        if ppa.size and w:
             self.acc_weighted = (
                 ppa * w if self.acc_weighted is None else self.acc_weighted + ppa * w
             )
@@ -123,7 +125,7 @@ class _Acc:
         self.outputs.extend(gen.tokens)
 
     def row(self) -> dict:
-        ppa = [] if self.acc_weighted is None else (self.acc_weighted / max(self.steps, 1)).tolist()
+        ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
         return {
             "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
             "per_position_acceptance": ppa,
@@ -131,6 +133,7 @@ class _Acc:
             "seconds": self.seconds,
             "prefill_seconds": self.prefill_seconds,
             "steps": self.steps,
+            "speculative_steps": self.spec_steps,
             "branch_counts": self.branch_counts,
             **speed_fields(self.tokens, self.seconds, self.prefill_seconds, self.sequences),
             # Mean decode step, to hold against the profile's forced steps.

@@ -133,20 +133,23 @@ def plot_speedup(results: dict, path: str) -> str:
 
 
 def plot_acceptance(results: dict, path: str) -> str:
-    """Acceptance of each draft position given the ones before it, one line per (mode, batch)."""
+    """Acceptance of each draft position given the ones before it: one line per mode, averaged
+    over batch sizes by speculative steps (rows that never speculated are left out)."""
+    import numpy as np
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results["rows"]:
-        ppa = r.get("per_position_acceptance") or []
-        if not ppa or r.get("engine_mode") == "ar":
+    for mode in _modes(results["rows"]):
+        rows = [
+            r for r in results["rows"] if r["mode"] == mode and r.get("per_position_acceptance")
+        ]
+        w = np.array([r.get("speculative_steps", r.get("steps", 1)) for r in rows], float)
+        if not rows or w.sum() == 0:
             continue
-        ax.plot(
-            range(1, len(ppa) + 1),
-            ppa,
-            "o-",
-            ms=3,
-            label=f"{r['mode']} b={r['batch_size']} (tau {r['tau']:.2f})",
-        )
+        ppa = np.array([r["per_position_acceptance"] for r in rows])
+        mean = (ppa * w[:, None]).sum(0) / w.sum()
+        tau = sum(r["tau"] * wi for r, wi in zip(rows, w)) / w.sum()
+        ax.plot(range(1, len(mean) + 1), mean, "o-", ms=3, label=f"{mode} (tau {tau:.2f})")
     ax.set_xlabel("draft position")
     ax.set_ylabel("conditional acceptance")
     ax.set_ylim(0, 1)
