@@ -155,8 +155,7 @@ def _run_launch(tmp_path, *extra):
         return proc.stdout, json.load(f)
 
 
-@pytest.mark.slow
-def test_launch_benchmark_embedded(tmp_path):
+def test_launch_benchmark_embedded(tmp_path):  # ~40 s: the real target, end to end
     stdout, res = _run_launch(tmp_path)
     assert "speedup" in stdout and "step cost" in stdout
     assert {r["mode"] for r in res["rows"]} == {"ar", "flex"}
