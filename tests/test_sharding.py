@@ -65,7 +65,7 @@ def run_py(code: str, devices: int, env_extra=None, timeout=900):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
         **(env_extra or {}),
     }
     res = subprocess.run(
@@ -146,7 +146,10 @@ def test_two_processes_agree_with_one(tmp_path):
                 f"--process_id={pid}",
             ],
         )
-        e = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        e = {
+            **env,
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+        }
         procs.append(
             subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         )
@@ -157,7 +160,10 @@ def test_two_processes_agree_with_one(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n\n".join(e[-4000:] for e in errs)
     assert "over 8 devices, 2 processes" in errs[0], errs[0][-4000:]
     # The self-distillation was split across the processes and all-gathered.
-    single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    single_env = {
+        **env,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+    }
     res = subprocess.run(
         train_cmd(tmp_path / "single", tmp_path / "cache_single"),
         env=single_env, cwd=ROOT, capture_output=True, text=True, timeout=900,

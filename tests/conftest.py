@@ -1,0 +1,14 @@
+"""Test-wide settings: compile fast.
+
+Most of the suite's time is XLA compiling small programs on 2 CPU cores. Backend optimisation level
+0 and the classic CPU fusion emitters cut that about 7x. Every comparison in a test runs programs
+compiled with the same flags (AR vs speculative, kernel vs reference, sharded vs single device), so
+nothing is compared across settings. Speed is measured by launch/benchmark.py, never here.
+Subprocesses inherit XLA_FLAGS; tests that set their own device count append to it.
+"""
+
+import os
+
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
