@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import pkgutil
 import tempfile
 from collections.abc import Sequence
@@ -115,6 +116,9 @@ def python_docs_prompts(
             chunk = doc[start : start + max_doc_chars]
             template = _TOPIC_TEMPLATES[(i + j) % len(_TOPIC_TEMPLATES)]
             prompts.append(template.format(doc=chunk))
+    # Signatures can show default objects' addresses ("<object object at 0x7f...>"): drop them so
+    # the prompts, and the self-distillation cache keyed by them, are the same in every process.
+    prompts = [re.sub(r" at 0x[0-9a-fA-F]+", "", p) for p in prompts]
     order = np.random.default_rng(seed).permutation(len(prompts))
     prompts = [prompts[i] for i in order]
     return prompts if num_prompts is None else prompts[:num_prompts]
