@@ -59,7 +59,10 @@ def precompute(
         raise ValueError(f"clean cache dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if path and os.path.exists(path + ".k.npy") and os.path.exists(path + ".v.npy"):
         log.info("clean pass: reusing %s", path)
-        return np.load(path + ".k.npy", mmap_mode="r"), np.load(path + ".v.npy", mmap_mode="r")
+        # .npy has no bfloat16: such files read back as 2-byte voids; view them as bfloat16.
+        return tuple(
+            np.load(f"{path}.{n}.npy", mmap_mode="r").view(DTYPES[dtype]) for n in ("k", "v")
+        )
     n, t = tokens.shape
     shape = (n, depth, t, cfg.num_kv_heads, cfg.head_dim)
     k_all = np.zeros(shape, DTYPES[dtype])
