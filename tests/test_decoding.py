@@ -26,9 +26,18 @@ PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [2, 7]]
 
 
 def tiny(vocab=64, arch="llama", seed=0, peaky=50.0):
-    cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
-                      attention_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    cfg = ModelConfig(
+        arch=arch,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        attention_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+    )
     target = tf.init_target(cfg, jax.random.PRNGKey(seed))
     # A peaky embedding makes greedy continuations repetitive, so drafts are sometimes accepted
     # and both the accept and the reject paths run.
@@ -47,8 +56,16 @@ def random_draft(cfg, target, block_size, depth=2, noise=0.01, seed=1):
 
 def decoder(cfg, target, draft, dcfg, **kw):
     cache_len = kw.pop("cache_len", 128)
-    return Decoder(cfg, target, draft, dcfg, engine.EngineConfig(**kw), cache_len=cache_len,
-                   eos_ids=(), profile_dir=None)
+    return Decoder(
+        cfg,
+        target,
+        draft,
+        dcfg,
+        engine.EngineConfig(**kw),
+        cache_len=cache_len,
+        eos_ids=(),
+        profile_dir=None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +81,9 @@ def test_greedy_all_modes_equal_ar(tiny_llama, block_size, threshold):
     ref = ar.generate(cfg, target, PROMPTS, 24, eos_ids=())
     accepted = 0
     for mode in ("sequential", "parallel", "flex"):
-        gen = decoder(cfg, target, draft, dcfg, mode=mode, threshold=threshold).generate(PROMPTS, 24)
+        gen = decoder(cfg, target, draft, dcfg, mode=mode, threshold=threshold).generate(
+            PROMPTS, 24
+        )
         assert gen.tokens == ref.tokens, mode
         accepted += sum(gen.stats["per_position_acceptance"])
     assert accepted > 0  # the accept path ran, not only rejections
@@ -82,8 +101,10 @@ def test_greedy_other_architectures(arch):
 def test_parallel_and_sequential_agree_step_for_step(tiny_llama):
     cfg, target = tiny_llama
     dcfg, draft = random_draft(cfg, target, 8, seed=5)
-    runs = [decoder(cfg, target, draft, dcfg, mode=m, threshold=0.01).generate(PROMPTS, 30)
-            for m in ("sequential", "parallel")]
+    runs = [
+        decoder(cfg, target, draft, dcfg, mode=m, threshold=0.01).generate(PROMPTS, 30)
+        for m in ("sequential", "parallel")
+    ]
     assert runs[0].tokens == runs[1].tokens
     assert runs[0].stats["committed_per_step"] == runs[1].stats["committed_per_step"]
     assert runs[0].stats["per_position_acceptance"] == runs[1].stats["per_position_acceptance"]
@@ -96,8 +117,16 @@ def test_eos_and_max_tokens_stop_each_sequence(tiny_llama):
     ref = ar.generate(cfg, target, PROMPTS, 12, eos_ids=())
     eos = ref.tokens[1][3]  # a token the second sequence emits early
     want = ar.generate(cfg, target, PROMPTS, 12, eos_ids=(eos,))
-    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="parallel"), cache_len=128,
-                  eos_ids=(eos,), profile_dir=None)
+    dec = Decoder(
+        cfg,
+        target,
+        draft,
+        dcfg,
+        engine.EngineConfig(mode="parallel"),
+        cache_len=128,
+        eos_ids=(eos,),
+        profile_dir=None,
+    )
     gen = dec.generate(PROMPTS, 12)
     assert gen.tokens == want.tokens
     assert len(gen.tokens[1]) <= 4 and gen.tokens[1][-1] == eos
@@ -155,8 +184,17 @@ def sampling_setup():
 @pytest.mark.parametrize("rule", ["speculative", "match"])
 def test_sampling_is_lossless(sampling_setup, rule):
     cfg, target, dcfg, draft, sp, prompt, exact = sampling_setup
-    dec = decoder(cfg, target, draft, dcfg, mode="parallel", threshold=0.0, sampling=sp, rule=rule,
-                  cache_len=64)
+    dec = decoder(
+        cfg,
+        target,
+        draft,
+        dcfg,
+        mode="parallel",
+        threshold=0.0,
+        sampling=sp,
+        rule=rule,
+        cache_len=64,
+    )
     counts, gen = sample_counts(dec, prompt, 3, 6000, seed=1)
     p, stat, df = chi2_pvalue(counts, exact)
     assert p > 1e-3, (p, stat, df)
@@ -178,8 +216,9 @@ def test_wrong_acceptance_rule_is_detected(sampling_setup, monkeypatch):
 
     monkeypatch.setattr(verify, "speculative", accept_all)
     jax.clear_caches()  # the jitted step must be retraced with the wrong rule
-    dec = decoder(cfg, target, draft, dcfg, mode="parallel", threshold=0.0, sampling=sp,
-                  cache_len=64)
+    dec = decoder(
+        cfg, target, draft, dcfg, mode="parallel", threshold=0.0, sampling=sp, cache_len=64
+    )
     counts, _ = sample_counts(dec, prompt, 3, 6000, seed=1)
     p, _, _ = chi2_pvalue(counts, exact)
     jax.clear_caches()
@@ -197,10 +236,20 @@ def test_fixed_number_of_compilations(tiny_llama):
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
     )
-    profile = {5: CostProfile(5, {"ar1": 1.0, "seq2": 1.1, "seq4": 1.3, "par2": 1.05,
-                                  "par4": 1.2}, 0.2)}
-    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="flex"), cache_len=128,
-                  eos_ids=(), profiles=profile, profile_dir=None)
+    profile = {
+        5: CostProfile(5, {"ar1": 1.0, "seq2": 1.1, "seq4": 1.3, "par2": 1.05, "par4": 1.2}, 0.2)
+    }
+    dec = Decoder(
+        cfg,
+        target,
+        draft,
+        dcfg,
+        engine.EngineConfig(mode="flex"),
+        cache_len=128,
+        eos_ids=(),
+        profiles=profile,
+        profile_dir=None,
+    )
     dec.generate(PROMPTS, 8)
     first = len(compiles)
     assert first > 0
@@ -221,8 +270,17 @@ def test_flex_follows_cost_profile(tiny_llama):
 
     def run(times, draft_pass=0.1, d=draft):
         prof = {b: CostProfile(b, times, draft_pass)}
-        dec = Decoder(cfg, target, d, dcfg, engine.EngineConfig(mode="flex", threshold=0.0),
-                      cache_len=128, eos_ids=(), profiles=prof, profile_dir=None)
+        dec = Decoder(
+            cfg,
+            target,
+            d,
+            dcfg,
+            engine.EngineConfig(mode="flex", threshold=0.0),
+            cache_len=128,
+            eos_ids=(),
+            profiles=prof,
+            profile_dir=None,
+        )
         return dec.generate(PROMPTS, 30).stats
 
     cheap_par = run({"ar1": 1.0, "seq2": 3.0, "seq4": 3.0, "par2": 3.0, "par4": 0.5})
@@ -273,12 +331,57 @@ def test_smollm2_untrained_draft_is_lossless(smollm2, mode, block_size, threshol
     from flexdraft_jax import pipeline
 
     cfg, target, tok = smollm2
-    prompts = pipeline.encode(tok, ["What is 2+2?", "Write a Python function to add numbers.",
-                                    "Name three colors.", "Hi"], chat=True)
+    prompts = pipeline.encode(
+        tok,
+        ["What is 2+2?", "Write a Python function to add numbers.", "Name three colors.", "Hi"],
+        chat=True,
+    )
     ref = ar.generate(cfg, target, prompts, 16, eos_ids=())
     dcfg, draft = pipeline.load_draft(None, cfg, target, depth=6, block_size=block_size)
-    prof = {4: CostProfile(4, {f"{k}{r}": 1.0 + 0.1 * r for k in ("ar", "seq", "par")
-                               for r in (1, 2, 4, 8)}, 0.3)}
-    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode=mode, threshold=threshold),
-                  cache_len=256, eos_ids=(), profiles=prof, profile_dir=None)
+    prof = {
+        4: CostProfile(
+            4, {f"{k}{r}": 1.0 + 0.1 * r for k in ("ar", "seq", "par") for r in (1, 2, 4, 8)}, 0.3
+        )
+    }
+    dec = Decoder(
+        cfg,
+        target,
+        draft,
+        dcfg,
+        engine.EngineConfig(mode=mode, threshold=threshold),
+        cache_len=256,
+        eos_ids=(),
+        profiles=prof,
+        profile_dir=None,
+    )
     assert dec.generate(prompts, 16).tokens == ref.tokens
+
+
+def test_host_and_switch_dispatch_agree(tiny_llama):
+    """Branch chosen on device and run by lax.switch, or its own executable launched by the host:
+    the same branches, tokens and acceptance."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    prof = {
+        len(PROMPTS): CostProfile(
+            len(PROMPTS), {"ar1": 1.0, "seq2": 1.2, "seq4": 1.5, "par2": 1.1, "par4": 1.4}, 0.3
+        )
+    }
+    runs = [
+        Decoder(
+            cfg,
+            target,
+            draft,
+            dcfg,
+            engine.EngineConfig(mode="flex", dispatch=d),
+            cache_len=128,
+            eos_ids=(),
+            profiles=prof,
+            profile_dir=None,
+        ).generate(PROMPTS, 20)
+        for d in ("host", "switch")
+    ]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].stats["branch_per_step"] == runs[1].stats["branch_per_step"]
+    assert runs[0].stats["committed_per_step"] == runs[1].stats["committed_per_step"]
+    assert len(set(runs[0].stats["branch_per_step"])) > 1  # the policy really switched

@@ -80,6 +80,7 @@ class Decoder:
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.profiles = dict(profiles or {})
         self.profile_dir = profile_dir
+        self._warm: set[int] = set()  # batch sizes whose branch executables are all compiled
 
     def static(self, batch: int) -> engine.Static:
         branches = engine.branches_for(self.ecfg, self.dcfg.block_size, batch)
@@ -115,16 +116,30 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         st = self.static(len(prompts))
         costs = jnp.asarray(self._costs(st, len(prompts)))
+        if self.ecfg.dispatch == "host" and len(prompts) not in self._warm:
+            # Compile every branch now, so a decode's compilations do not depend on which
+            # branches its acceptance pattern happens to reach.
+            self.measure(len(prompts), repeats=0)
         force = jnp.int32(-1)
         t0 = time.perf_counter()
         state = self._prefill(st, prompts, max_new_tokens, seed)
         jax.block_until_ready(state.done)
         t_prefill = time.perf_counter() - t0
         idxs, counts = [], []
-        while not bool(np.asarray(state.done).all()):
-            state, idx, count = engine.step(st, self.target, self.draft, state, costs, force)
-            idxs.append(idx)
-            counts.append(count)
+        if self.ecfg.dispatch == "switch":
+            while not bool(np.asarray(state.done).all()):
+                state, idx, count = engine.step(st, self.target, self.draft, state, costs, force)
+                idxs.append(idx)
+                counts.append(count)
+        else:
+            nxt, done = jax.device_get((engine.first_branch(st, state, costs), state.done))
+            while not done.all():
+                idxs.append(int(nxt))
+                state, nxt, count = engine.branch_step(
+                    st, idxs[-1], self.target, self.draft, state, costs
+                )
+                counts.append(count)
+                nxt, done = jax.device_get((nxt, state.done))  # the step's one sync
         elapsed = time.perf_counter() - t0
         gen = self._result(st, state, [int(i) for i in idxs], elapsed, t_prefill, max_new_tokens)
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
@@ -202,22 +217,30 @@ class Decoder:
     def measure(self, batch: int, *, repeats: int = 5) -> CostProfile:
         """Time each branch (forced) on a warm state; the draft pass as seq minus its verify."""
         st = self.static(batch)
-        prompts = [[1 + (i % max(self.cfg.vocab_size - 1, 1))] * 8 for i in range(batch)]
-        budget = self.cache_len - 8 - 2 * self.dcfg.block_size
+        # A realistic context: attention and cache traffic grow with it (a quarter of the cache).
+        ctx = max(8, min(256, self.cache_len // 4))
+        prompts = [[1 + (i % max(self.cfg.vocab_size - 1, 1))] * ctx for i in range(batch)]
+        budget = self.cache_len - ctx - 2 * self.dcfg.block_size
         state = self._prefill(st, prompts, budget, 0)
         costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
         times = {}
         for i, br in enumerate(st.branches):
-            force = jnp.int32(i)
-            state, _, _ = engine.step(st, self.target, self.draft, state, costs, force)  # compile
+            if self.ecfg.dispatch == "switch":
+                run = lambda s, i=i: engine.step(
+                    st, self.target, self.draft, s, costs, jnp.int32(i)
+                )[0]
+            else:
+                run = lambda s, i=i: engine.branch_step(st, i, self.target, self.draft, s, costs)[0]
+            state = run(state)  # compile
             samples = []
             for _ in range(repeats):
-                state = _rewind(state)
+                state = jax.block_until_ready(_rewind(state, ctx))
                 t0 = time.perf_counter()
-                state, _, _ = engine.step(st, self.target, self.draft, state, costs, force)
+                state = run(state)
                 jax.block_until_ready(state.cache.lengths)
                 samples.append(time.perf_counter() - t0)
-            times[branch_name(br)] = float(np.median(samples))
+            times[branch_name(br)] = float(np.median(samples)) if samples else 0.0
+        self._warm.add(batch)
         w = self.dcfg.block_size
         rows = {branch_name(b): engine.branch_rows(b, w) for b in st.branches}
         seq = [times[n] for n in times if n.startswith("seq")]
@@ -226,10 +249,10 @@ class Decoder:
         return CostProfile(batch, times, draft_pass, rows)
 
 
-def _rewind(state: engine.DecodeState) -> engine.DecodeState:
+def _rewind(state: engine.DecodeState, ctx: int) -> engine.DecodeState:
     """Keep a profiling run inside the cache: reset lengths, outputs and stop flags."""
     return state._replace(
-        cache=state.cache._replace(lengths=jnp.minimum(state.cache.lengths, 16)),
+        cache=state.cache._replace(lengths=jnp.full_like(state.cache.lengths, ctx)),
         n_out=jnp.ones_like(state.n_out),
         done=jnp.zeros_like(state.done),
     )

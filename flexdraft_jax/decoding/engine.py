@@ -44,12 +44,20 @@ class EngineConfig:
     alpha_ema: float = 0.2
     probe_interval: int = 16  # flex: after this many AR steps in a row, try speculating again
     paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
+    # How the chosen branch runs. "switch": one jitted step, `lax.switch` on device. "host": the
+    # branch index is still chosen on device (returned with the previous step's state) and the
+    # host launches that branch's own executable. XLA copies the whole KV cache inside every
+    # `lax.switch` branch that updates it (measured: 2 copies per branch); "host" has none, so it
+    # is the default. Both give identical tokens (tested).
+    dispatch: str = "host"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.threshold < 0 or self.threshold > 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.dispatch not in ("host", "switch"):
+            raise ValueError(f"dispatch must be 'host' or 'switch', got {self.dispatch!r}")
         if self.rule not in verify.RULES:
             raise ValueError(f"unknown verification rule {self.rule!r}; choose from {verify.RULES}")
 
@@ -132,7 +140,8 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
 
     Returns (cand [B, W], q, v): greedy drafts or draws from q, and the confidence verify length.
     """
-    logits = tf.draft_logits(st.cfg, target, draft, hidden, bonus, st.ecfg.use_calibration)[:, 1:]
+    # Slot 0 sits on the bonus's own position: its prediction is never used, so skip its lm_head.
+    logits = tf.draft_logits(st.cfg, target, draft, hidden[:, 1:], bonus, st.ecfg.use_calibration)
     sp = st.ecfg.sampling
     if sp.greedy:
         drafts, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), state.q
@@ -410,3 +419,19 @@ def step(st: Static, target, draft, state: DecodeState, costs, force):
     else:
         new = jax.lax.switch(idx, fns, target, draft, state)
     return new, idx, new.n_out - n_before
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def first_branch(st: Static, state: DecodeState, costs):
+    """The policy's choice for the first step (host dispatch)."""
+    return choose_branch(st, state, costs)
+
+
+@functools.partial(jax.jit, static_argnames=("st", "branch"), donate_argnames=("state",))
+def branch_step(st: Static, branch: int, target, draft, state: DecodeState, costs):
+    """Host dispatch: run branch `branch` (no lax.switch) and choose the next one on device.
+
+    Returns (state, next branch index, tokens committed per sequence int32[B])."""
+    n_before = state.n_out
+    new = _branch_fns(st)[branch](target, draft, state)
+    return new, choose_branch(st, new, costs), new.n_out - n_before
