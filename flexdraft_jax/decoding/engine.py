@@ -8,11 +8,13 @@ State per sequence (DESIGN §2.3): the clean-row KV cache, the candidate block
   ("seq", R)   verify pass over C[0..R-1], then a draft pass (one mask block, deep layers only)
   ("par", R)   one forward: C[0..R-1] plus R mask groups; group `acc` gives the next drafts
 
-R is a static row bucket >= v + 1 (rows that are never verified are not computed). The branch index
-is chosen on device by the mode's policy (`policy.py`): fixed for `ar`, by bucket for `sequential` /
-`parallel` / `paper`, by the cost model for `flex`. A speculative branch entered without drafts (after
-an AR step) first runs a draft pass. All branches produce the same tokens (tested): they differ only
-in cost.
+R is a static row bucket >= v + 1 (rows that are never verified are not computed). The branch
+index is chosen on device by `choose_branch`: fixed for `ar`, by bucket for `sequential` /
+`parallel` / `paper`, by the cost model for `flex`. It then runs either inside one jitted `step`
+(`lax.switch`, dispatch="switch") or as that branch's own executable launched by the host
+(`branch_step`, dispatch="host", the default: XLA copies the whole KV cache inside every
+`lax.switch` branch that updates it). A speculative branch entered without drafts (after an AR
+step) first runs a draft pass. All branches produce the same tokens (tested); they differ in cost.
 """
 
 from __future__ import annotations
