@@ -1,10 +1,10 @@
 """Glue shared by the launch scripts: load a target and a draft, read prompts, build a Decoder.
 
-  load_target(path)                      -> (cfg, params as jnp, tokenizer)
-  load_draft(path, cfg, target, ...)     -> (DraftConfig, draft params)   release dir or orbax dir,
-                                            or untrained copies of the target's projectors
-  read_prompts(prompts, prompts_file)    -> list[str] ("prompt" or the first of "turns" per line)
-  encode(tokenizer, texts, chat)         -> list[list[int]]
+load_target(path)                      -> (cfg, params as jnp, tokenizer)
+load_draft(path, cfg, target, ...)     -> (DraftConfig, draft params)   release dir or orbax dir,
+                                          or untrained copies of the target's projectors
+read_prompts(prompts, prompts_file)    -> list[str] ("prompt" or the first of "turns" per line)
+encode(tokenizer, texts, chat)         -> list[list[int]]
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def read_prompts(prompts=(), prompts_file: str | None = None, limit: int | None 
                 elif isinstance(obj, dict) and obj.get("turns"):
                     out.append(str(obj["turns"][0]))
                 else:
-                    raise ValueError(f'{prompts_file}:{n}: expected an object with "prompt" or "turns"')
+                    raise ValueError(
+                        f'{prompts_file}:{n}: expected an object with "prompt" or "turns"'
+                    )
     if not out:
         raise ValueError("no prompts: give --prompt or --prompts_file")
     return out[:limit] if limit else out

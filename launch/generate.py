@@ -36,8 +36,12 @@ flags.DEFINE_string("checkpoint", None, "HF directory or .gguf file (default: em
 flags.DEFINE_enum("mode", "flex", MODES, "Decoding mode.")
 flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
 flags.DEFINE_integer("draft_depth", 6, "Layers with draft projectors (untrained draft only).")
-flags.DEFINE_float("threshold", 0.01, "Confidence threshold for the verify length (0 = whole block).")
-flags.DEFINE_string("draft_checkpoint", None, "Release-format dir/.safetensors or an orbax workdir.")
+flags.DEFINE_float(
+    "threshold", 0.01, "Confidence threshold for the verify length (0 = whole block)."
+)
+flags.DEFINE_string(
+    "draft_checkpoint", None, "Release-format dir/.safetensors or an orbax workdir."
+)
 flags.DEFINE_enum("verify_rule", "speculative", ["speculative", "match"], "Sampling verification.")
 flags.DEFINE_integer("cache_len", 1024, "KV cache capacity per sequence.")
 flags.DEFINE_string("output_json", None, "Write generations and stats here (atomically).")
@@ -55,8 +59,12 @@ def run(_):
     if F.block_size and F.block_size != dcfg.block_size:
         dcfg = dcfg.__class__(dcfg.depth, F.block_size, dcfg.calib_rank, dcfg.use_calibration)
     ids = pipeline.encode(tok, texts, F.chat)
-    logging.info("target %s, draft %s, %d prompts", F.checkpoint or "embedded SmolLM2",
-                 draft_path or "untrained", len(ids))
+    logging.info(
+        "target %s, draft %s, %d prompts",
+        F.checkpoint or "embedded SmolLM2",
+        draft_path or "untrained",
+        len(ids),
+    )
     dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)
     records = []
@@ -65,8 +73,10 @@ def run(_):
         records.append({"prompt": text, "text": completion, "token_ids": toks})
         print(f"### {text}\n{completion}\n")
     stats = {k: v for k, v in gen.stats.items() if k != "branch_per_step"}
-    print(f"mode={F.mode} tau={stats['tau']:.2f} tokens/s={stats['tokens_per_s']:.1f} "
-          f"steps={stats['steps']} branches={stats['branch_counts']}")
+    print(
+        f"mode={F.mode} tau={stats['tau']:.2f} tokens/s={stats['tokens_per_s']:.1f} "
+        f"steps={stats['steps']} branches={stats['branch_counts']}"
+    )
     if F.output_json:
         stats["branch_per_step"] = gen.stats["branch_per_step"]
         out_dir = os.path.dirname(os.path.abspath(F.output_json))

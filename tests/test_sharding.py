@@ -60,12 +60,14 @@ def test_pod_configs_shard_every_large_param(name, stage):
 
 # ----------------------------------------------------------------------------- multi-device
 
+DEVICE_FLAGS = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+
 
 def run_py(code: str, devices: int, env_extra=None, timeout=900):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": DEVICE_FLAGS + f"{devices}",
         **(env_extra or {}),
     }
     res = subprocess.run(
@@ -148,7 +150,7 @@ def test_two_processes_agree_with_one(tmp_path):
         )
         e = {
             **env,
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+            "XLA_FLAGS": DEVICE_FLAGS + "4",
         }
         procs.append(
             subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -162,7 +164,7 @@ def test_two_processes_agree_with_one(tmp_path):
     # The self-distillation was split across the processes and all-gathered.
     single_env = {
         **env,
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": DEVICE_FLAGS + "8",
     }
     res = subprocess.run(
         train_cmd(tmp_path / "single", tmp_path / "cache_single"),

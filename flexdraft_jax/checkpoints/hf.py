@@ -1,4 +1,4 @@
-"""Import Hugging Face checkpoints: a directory with config.json and safetensors (single or sharded).
+"""Import Hugging Face checkpoints: a directory with config.json and (sharded) safetensors.
 
 `load_hf(path)` returns (ModelConfig, target params) in our stacked layout (see
 `models/transformer.py`). Tensors are read with `safetensors` (numpy, any dtype including bf16 via
@@ -125,7 +125,9 @@ def _stack(trees: list[dict]) -> dict:
 def _check_shapes(cfg: ModelConfig, params: dict) -> None:
     emb = params["embed"]["embedding"].shape
     if emb != (cfg.vocab_size, cfg.hidden_size):
-        raise ValueError(f"embedding shape {emb} does not match config {(cfg.vocab_size, cfg.hidden_size)}")
+        raise ValueError(
+            f"embedding shape {emb} does not match config {(cfg.vocab_size, cfg.hidden_size)}"
+        )
     q = params["layers"]["attn"]["q_proj"]["kernel"].shape
     want = (cfg.num_layers, cfg.hidden_size, cfg.num_heads * cfg.head_dim)
     if q != want:

@@ -41,7 +41,7 @@ def _clean_rows(start, num_rows):
 
 
 def _mask_groups(anchors, block_size):
-    """Blocks anchored at anchors [B, G]: slot j of group g at anchor + j sees clean keys < anchor."""
+    """Blocks at anchors [B, G]: slot j of group g at anchor + j sees clean keys < anchor."""
     anchors = _i32(anchors)
     b, g = anchors.shape
     j = jnp.arange(block_size, dtype=jnp.int32)

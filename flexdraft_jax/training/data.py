@@ -22,8 +22,8 @@ import inspect
 import json
 import logging
 import os
-import re
 import pkgutil
+import re
 import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
