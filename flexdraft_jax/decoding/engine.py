@@ -42,9 +42,13 @@ class EngineConfig:
     rule: str = "speculative"  # or "match" (the public release's sample-and-match)
     buckets: tuple[int, ...] | None = None  # candidate-row buckets; default 2, 4, .., W
     use_calibration: bool = True
-    alpha_init: float = 0.7  # prior per-position acceptance for the cost model
+    # Starting per-position acceptance for the cost model; None: the prefill drafts' confidence
+    # (mean max-probability of each slot), then a running average of what is accepted.
+    alpha_init: float | None = None
     alpha_ema: float = 0.2
-    probe_interval: int = 16  # flex: after this many AR steps in a row, try speculating again
+    # flex: after this many AR steps in a row, try speculating again; each probe that does not
+    # win doubles the interval (up to 1024 steps), so a losing drafter costs little.
+    probe_interval: int = 16
     paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
     # How the chosen branch runs. "switch": one jitted step, `lax.switch` on device. "host": the
     # branch index is still chosen on device (returned with the previous step's state) and the
@@ -92,6 +96,7 @@ class DecodeState(NamedTuple):
     tried: jnp.ndarray  # int32[W-1] draft positions verified
     hits: jnp.ndarray  # int32[W-1] draft positions accepted
     ar_streak: jnp.ndarray  # int32[] consecutive AR steps (flex probing)
+    probe_every: jnp.ndarray  # int32[] current probing interval (backs off after failed probes)
     max_new: jnp.ndarray  # int32[] token budget per sequence (traced: no recompile per length)
 
 
@@ -140,7 +145,8 @@ def branch_rows(branch: tuple[str, int], block_size: int) -> tuple[int, int]:
 def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, key):
     """Calibrated drafts from a mask block's hidden states [B, W, H] and the bonus.
 
-    Returns (cand [B, W], q, v): greedy drafts or draws from q, and the confidence verify length.
+    Returns (cand [B, W], q, v, conf [W-1]): greedy drafts or draws from q, the confidence verify
+    length, and the mean (over active sequences) max-probability of each slot.
     """
     # Slot 0 sits on the bonus's own position: its prediction is never used, so skip its lm_head.
     logits = tf.draft_logits(st.cfg, target, draft, hidden[:, 1:], bonus, st.ecfg.use_calibration)
@@ -155,7 +161,9 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     active = ~state.done
     v = jnp.max(jnp.where(active, v_seq, 1))
     v = jnp.clip(v, 1, st.width - 1).astype(jnp.int32)
-    return jnp.concatenate([bonus[:, None], drafts], axis=1), q, v
+    n_active = jnp.maximum(active.sum(), 1)
+    conf_mean = jnp.sum(jnp.where(active[:, None], conf, 0.0), axis=0) / n_active
+    return jnp.concatenate([bonus[:, None], drafts], axis=1), q, v, conf_mean
 
 
 def _refill(st: Static, target, draft, state: DecodeState):
@@ -174,7 +182,7 @@ def _refill(st: Static, target, draft, state: DecodeState):
         dcfg=st.dcfg,
         mask_positions=lay.mask_positions,
     )
-    cand, q, v = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
+    cand, q, v, _ = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
     return state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True), key=key)
 
 
@@ -241,6 +249,7 @@ def _ar_branch(st: Static, target, draft, state: DecodeState):
 
 
 def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeState):
+    probe = state.ar_streak >= state.probe_every  # entered as a flex probe after an AR streak
     state = jax.lax.cond(
         state.has_drafts, lambda s: s, functools.partial(_refill, st, target, draft), state
     )
@@ -289,9 +298,16 @@ def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeS
         b, h = hm.shape[0], hm.shape[-1]
         groups = hm.reshape(b, rows, w, h)
         hidden = jnp.take_along_axis(groups, acc[:, None, None, None], axis=1)[:, 0]
-    cand, q, v = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
+    cand, q, v, _ = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
+    base = jnp.asarray(st.ecfg.probe_interval, jnp.int32)
+    probe_every = jnp.where(probe, jnp.minimum(state.probe_every * 2, 1024), base)
     return state._replace(
-        cand=cand, q=q, v=v, has_drafts=jnp.array(True), ar_streak=jnp.zeros((), jnp.int32)
+        cand=cand,
+        q=q,
+        v=v,
+        has_drafts=jnp.array(True),
+        ar_streak=jnp.zeros((), jnp.int32),
+        probe_every=probe_every,
     )
 
 
@@ -333,7 +349,7 @@ def choose_branch(st: Static, state: DecodeState, costs):
     refill = jnp.where(state.has_drafts, 0.0, costs[-1])
     cost = costs[:-1] + jnp.asarray([0.0 if k == "ar" else 1.0 for k in kinds]) * refill
     score = gain / jnp.maximum(cost, 1e-9)
-    probing = state.ar_streak >= st.ecfg.probe_interval
+    probing = state.ar_streak >= state.probe_every
     score = jnp.where(jnp.asarray([k == "ar" for k in kinds]) & probing, -jnp.inf, score)
     return jnp.argmax(score).astype(jnp.int32)
 
@@ -391,7 +407,9 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
         q=q0,
         v=jnp.asarray(w - 1, jnp.int32),
         has_drafts=jnp.array(False),
-        alpha=jnp.full((w - 1,), st.ecfg.alpha_init, jnp.float32),
+        alpha=jnp.full(
+            (w - 1,), 0.5 if st.ecfg.alpha_init is None else st.ecfg.alpha_init, jnp.float32
+        ),
         out=out,
         n_out=jnp.ones((b,), jnp.int32),
         done=jnp.broadcast_to(done, (b,)),
@@ -400,11 +418,15 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
         tried=jnp.zeros((w - 1,), jnp.int32),
         hits=jnp.zeros((w - 1,), jnp.int32),
         ar_streak=jnp.zeros((), jnp.int32),
+        probe_every=jnp.asarray(st.ecfg.probe_interval, jnp.int32),
         max_new=jnp.asarray(max_new, jnp.int32),
     )
     if needs_drafts(st):
-        cand, q, v = _draft_block(st, target, draft, state, hm, bonus, k_draft)
-        state = state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True))
+        cand, q, v, conf = _draft_block(st, target, draft, state, hm, bonus, k_draft)
+        alpha = state.alpha
+        if st.ecfg.alpha_init is None:
+            alpha = jnp.clip(conf, 0.05, 0.95).astype(jnp.float32)
+        state = state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True), alpha=alpha)
     return state
 
 
