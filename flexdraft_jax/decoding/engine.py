@@ -167,22 +167,21 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     return jnp.concatenate([bonus[:, None], drafts], axis=1), q, v, conf_mean
 
 
+def _draft_pass(st: Static, target, draft, cache):
+    """Mask block anchored at each sequence's cache length, deep layers only: hidden [B, W, H]."""
+    lay = layouts.draft_pass(cache.lengths, st.width)
+    empty = jnp.zeros((cache.lengths.shape[0], 0), jnp.int32)
+    _, hidden, _ = tf.forward(
+        st.cfg, target, empty, empty, lay.meta, cache,
+        draft=draft, dcfg=st.dcfg, mask_positions=lay.mask_positions,
+    )  # fmt: skip
+    return hidden
+
+
 def _refill(st: Static, target, draft, state: DecodeState):
     """Draft pass anchored at x0 (used when a speculative step follows an AR step)."""
     key, sub = jax.random.split(state.key)
-    lay = layouts.draft_pass(state.cache.lengths, st.width)
-    empty = jnp.zeros((state.cand.shape[0], 0), jnp.int32)
-    _, hm, _ = tf.forward(
-        st.cfg,
-        target,
-        empty,
-        empty,
-        lay.meta,
-        state.cache,
-        draft=draft,
-        dcfg=st.dcfg,
-        mask_positions=lay.mask_positions,
-    )
+    hm = _draft_pass(st, target, draft, state.cache)
     cand, q, v, _ = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
     return state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True), key=key)
 
@@ -281,20 +280,8 @@ def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeS
         k_ver, logits, state.cand, state.q, v_used, st.ecfg.sampling, st.ecfg.rule
     )
     state = _commit(st, state._replace(cache=cache, key=key), start, acc, bonus, v_used)
-    if kind == "seq":
-        lay2 = layouts.draft_pass(state.cache.lengths, w)
-        empty = jnp.zeros((state.cand.shape[0], 0), jnp.int32)
-        _, hidden, _ = tf.forward(
-            st.cfg,
-            target,
-            empty,
-            empty,
-            lay2.meta,
-            state.cache,
-            draft=draft,
-            dcfg=st.dcfg,
-            mask_positions=lay2.mask_positions,
-        )
+    if kind == "seq":  # the new bonus sits at the committed length: anchor the block there
+        hidden = _draft_pass(st, target, draft, state.cache)
     else:
         b, h = hm.shape[0], hm.shape[-1]
         groups = hm.reshape(b, rows, w, h)
