@@ -355,33 +355,15 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
     b, t = tokens.shape
     w = st.width
     key, k_bonus, k_draft = jax.random.split(key, 3)
-    if needs_drafts(st):
-        lay = layouts.prefill_block(lengths, t, w)
-        h, hm, cache = tf.forward(
-            st.cfg,
-            target,
-            tokens,
-            lay.positions,
-            lay.meta,
-            cache,
-            jnp.zeros_like(lengths),
-            draft=draft,
-            dcfg=st.dcfg,
-            mask_positions=lay.mask_positions,
-            return_hidden=True,
-        )
-    else:
-        lay = layouts.causal(jnp.zeros_like(lengths), t)
-        h, hm, cache = tf.forward(
-            st.cfg,
-            target,
-            tokens,
-            lay.positions,
-            lay.meta,
-            cache,
-            jnp.zeros_like(lengths),
-            return_hidden=True,
-        )
+    # AR-only modes prefill without the mask block (a causal layout has no mask rows).
+    spec = needs_drafts(st)
+    zeros = jnp.zeros_like(lengths)
+    lay = layouts.prefill_block(lengths, t, w) if spec else layouts.causal(zeros, t)
+    h, hm, cache = tf.forward(
+        st.cfg, target, tokens, lay.positions, lay.meta, cache, zeros,
+        draft=draft if spec else None, dcfg=st.dcfg, mask_positions=lay.mask_positions,
+        return_hidden=True,
+    )  # fmt: skip
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     bonus = sampling.choose(k_bonus, tf.lm_head(st.cfg, target, last), st.ecfg.sampling)
     vocab = st.cfg.vocab_size
