@@ -47,7 +47,10 @@ def load_draft(
     seed: int = 0,
 ):
     """A draft: release-format directory / .safetensors, a training workdir, or (path None)
-    untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted)."""
+    untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted).
+
+    A release that stores a draft vocabulary returns it as `draft["vocab"]` (numpy ids, most
+    frequent first); `Decoder` uses its first `EngineConfig.draft_vocab_size` ids."""
     if path is None:
         dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=calib_rank)
         return dcfg, tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
@@ -61,10 +64,14 @@ def load_draft(
             f"{path} is neither a release-format draft (config.json + *.safetensors) nor a "
             "training workdir with draft_release/ (written when a training run finishes)"
         )
-    from flexdraft_jax.checkpoints.release import load_release
+    from flexdraft_jax.checkpoints.release import load_draft_vocab, load_release
 
     dcfg, draft = load_release(path, cfg)
-    return dcfg, jax.tree.map(jnp.asarray, draft)
+    draft = jax.tree.map(jnp.asarray, draft)
+    vocab = load_draft_vocab(path, cfg)
+    if vocab is not None:  # token ids by training frequency: `Decoder` restricts the draft head
+        draft["vocab"] = vocab
+    return dcfg, draft
 
 
 def read_prompts(prompts=(), prompts_file: str | None = None, limit: int | None = None) -> list:

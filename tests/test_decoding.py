@@ -225,6 +225,51 @@ def test_wrong_acceptance_rule_is_detected(sampling_setup, monkeypatch):
     assert p < 1e-6
 
 
+@pytest.mark.parametrize("rule", ["speculative", "match"])
+def test_sampling_with_a_restricted_draft_vocabulary_is_lossless(sampling_setup, rule):
+    """Drafts only from ids {0, 2, 4}: q is 0 on the others, and the target's distribution of
+    the first 3 tokens (which use all 5 ids) must still come out exactly."""
+    cfg, target, dcfg, draft, sp, prompt, exact = sampling_setup
+    dec = decoder(
+        cfg,
+        target,
+        dict(draft, vocab=np.array([4, 0, 2, 1, 3], np.int32)),
+        dcfg,
+        mode="sequential",
+        threshold=0.0,
+        sampling=sp,
+        rule=rule,
+        cache_len=64,
+        draft_vocab_size=3,
+    )
+    np.testing.assert_array_equal(dec.draft["head"]["ids"], [4, 0, 2])
+    counts, gen = sample_counts(dec, prompt, 3, 6000, seed=3)
+    p, stat, df = chi2_pvalue(counts, exact)
+    assert p > 1e-3, (p, stat, df)
+    assert gen.stats["tau"] > 1.1
+
+
+def test_greedy_with_a_restricted_draft_vocabulary_equals_ar(tiny_llama):
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    ref = ar.generate(cfg, target, PROMPTS, 24, eos_ids=())
+    emitted = np.unique(np.concatenate([np.asarray(t) for t in ref.tokens]))
+    # Half of the tokens the target emits are left out of the draft vocabulary.
+    keep = np.concatenate([emitted[::2], np.setdiff1d(np.arange(cfg.vocab_size), emitted)])
+    vocab = np.concatenate([keep, emitted[1::2]]).astype(np.int32)
+    for mode in ("sequential", "parallel", "flex"):
+        dec = decoder(
+            cfg, target, dict(draft, vocab=vocab), dcfg, mode=mode, threshold=0.0,
+            draft_vocab_size=len(keep),
+        )  # fmt: skip
+        gen = dec.generate(PROMPTS, 24)
+        assert gen.tokens == ref.tokens, mode
+        assert sum(gen.stats["per_position_acceptance"]) > 0
+    full = decoder(cfg, target, dict(draft, vocab=vocab), dcfg, mode="sequential", threshold=0.0,
+                   draft_vocab_size=0)  # fmt: skip
+    assert "head" not in full.draft and "vocab" not in full.draft
+
+
 # ----------------------------------------------------------------------------- compilation
 
 

@@ -620,3 +620,48 @@ def test_save_release_is_atomic(tmp_path, monkeypatch):
     )
     with pytest.raises(FileExistsError):
         release.save_release(out, cfg, dcfg, draft, overwrite=False)
+
+
+# ----------------------------------------------------------------------------- draft vocabulary
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_restricted_draft_vocab_logits_are_the_full_logits_columns(arch):
+    cfg = ARCHS[arch]
+    dcfg = DraftConfig(depth=DEPTH, block_size=4, calib_rank=16)
+    target = jax.tree.map(jnp.asarray, random_target(cfg, 1))
+    draft = jax.tree.map(jnp.asarray, random_draft(cfg, dcfg, target, 2))
+    hidden = jax.random.normal(jax.random.PRNGKey(0), (2, 3, cfg.hidden_size))
+    bonus = jnp.array([1, 7], jnp.int32)
+    ids = np.array([5, 0, 17, 3, cfg.vocab_size - 1], np.int32)
+    small = T.restrict_draft_vocab(cfg, target, draft, ids)
+    np.testing.assert_array_equal(small["head"]["ids"], ids)
+    for calib in (True, False):
+        full = T.draft_logits(cfg, target, draft, hidden, bonus, calib)
+        part = T.draft_logits(cfg, target, small, hidden, bonus, calib)
+        assert part.shape == (2, 3, len(ids))
+        np.testing.assert_allclose(part, full[..., ids], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"ids must lie in"):
+        T.restrict_draft_vocab(cfg, target, draft, [0, cfg.vocab_size])
+
+
+def test_release_stores_the_draft_vocabulary(tmp_path):
+    from flexdraft_jax import pipeline
+
+    cfg = ARCHS["llama"]
+    dcfg = DraftConfig(depth=DEPTH, block_size=4, calib_rank=16)
+    target = random_target(cfg, 1)
+    draft = random_draft(cfg, dcfg, target, 2)
+    plain = release.save_release(str(tmp_path / "plain"), cfg, dcfg, draft)
+    assert release.load_draft_vocab(plain, cfg) is None
+    assert "vocab" not in pipeline.load_draft(plain, cfg, target)[1]
+    order = np.random.default_rng(0).permutation(cfg.vocab_size).astype(np.int32)
+    out = release.save_release(str(tmp_path / "v"), cfg, dcfg, draft, vocab=order)
+    np.testing.assert_array_equal(release.load_draft_vocab(out, cfg), order)
+    dcfg2, back = pipeline.load_draft(out, cfg, target)
+    np.testing.assert_array_equal(back.pop("vocab"), order)
+    _assert_trees_equal(jax.tree.map(np.asarray, back), draft)
+    for bad, why in (([1, 1, 2], "distinct"), ([cfg.vocab_size], "distinct"), ([], "non-empty")):
+        with pytest.raises(ValueError, match=why):
+            release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, vocab=np.array(bad))
+        assert not os.path.exists(tmp_path / "bad")

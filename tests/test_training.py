@@ -6,6 +6,7 @@ processes (restore must work from disk alone). Sharded runs live in tests/test_s
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -144,6 +145,44 @@ def test_distill_matches_generate_and_is_cached(tmp_path):
     # A cache hit never touches the model (params=None would fail to generate).
     key_id = data.params_fingerprint(cfg, params)
     assert data.distill(cfg, None, prompts, 6, cache_dir=str(tmp_path), model_id=key_id) == out
+
+
+def test_distill_cache_is_per_chunk(tmp_path, monkeypatch):
+    """An interrupted or extended distillation reuses every finished chunk."""
+    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
+    params = sharp_target(cfg)
+    prompts = data.synthetic_prompts(5, cfg.vocab_size, 3, 8, seed=2)
+    kw = dict(batch_size=2, cache_dir=str(tmp_path / "c"), chunk_size=2)
+    key_id = data.params_fingerprint(cfg, params)
+    head = data.distill(cfg, params, prompts[:4], 6, model_id=key_id, **kw)
+    assert len(os.listdir(tmp_path / "c")) == 2
+    generated = []
+    real = ar.generate
+    monkeypatch.setattr(ar, "generate", lambda c, p, ps, *a, **k: generated.append(ps) or real(
+        c, p, ps, *a, **k))  # fmt: skip
+    out = data.distill(cfg, params, prompts, 6, model_id=key_id, **kw)
+    assert generated == [prompts[4:]]  # only the fifth prompt's chunk was missing
+    assert out[:4] == head and len(os.listdir(tmp_path / "c")) == 3
+    assert out == [real(cfg, params, [p], 6).tokens[0] for p in prompts]
+    assert data.distill(cfg, None, prompts[:4], 6, model_id=key_id, **kw) == head
+
+
+def test_stub_prompts_are_function_stubs():
+    stubs = data.python_stub_prompts(20, seed=0)
+    assert len(stubs) == 20 and len(set(stubs)) == 20
+    for s in stubs:
+        fn = ast.parse(s).body[0]  # a function whose whole body is its docstring
+        assert isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef), s[:40]
+        assert len(fn.body) == 1 and len(ast.get_docstring(fn)) >= 40
+    assert stubs == data.python_stub_prompts(20, seed=0)  # deterministic
+    assert stubs != data.python_stub_prompts(20, seed=1)
+
+
+def test_vocab_by_frequency():
+    packed = data.pack([([9, 9, 9], [3, 3, 5, 3, 5, 7])], seq_len=16)
+    order = data.vocab_by_frequency(packed, 12)
+    # Response tokens by count (prompt tokens do not count), then unseen ids in id order.
+    assert order.tolist() == [3, 5, 7, 0, 1, 2, 4, 6, 8, 9, 10, 11]
 
 
 # ----------------------------------------------------------------------------- training

@@ -9,6 +9,9 @@ A release draft is a directory with `config.json` and `model.safetensors` (or sh
   mask_embedding                                 [H]
   anchor_bias_mlp.0.{weight,bias}                [r, 2H], [r]   calibration fc1
   anchor_bias_mlp.2.{weight,bias}                [V, r], [V]    calibration fc2
+  draft_vocab                                    int32 [V]      ours, optional: token ids by
+                                                 frequency in the training responses, for a
+                                                 restricted draft vocabulary (`load_draft_vocab`)
 
 Draft layer `i` pairs with target layer `target_layer_ids[i]`. `config.json` carries, under the
 key `flexdraft_config` (older files: `dflash_config`), the fields `target_layer_ids`,
@@ -42,6 +45,26 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def _check_vocab(ids: np.ndarray, cfg: ModelConfig, where: str) -> np.ndarray:
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{where}: draft vocabulary must be a non-empty 1-D integer array")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size or len(np.unique(ids)) != ids.size:
+        raise ValueError(
+            f"{where}: draft vocabulary must hold distinct token ids in [0, {cfg.vocab_size})"
+        )
+    return ids.astype(np.int32)
+
+
+def load_draft_vocab(path: str, cfg: ModelConfig) -> np.ndarray | None:
+    """The release's `draft_vocab` (token ids, most frequent first), or None if it has none."""
+    _, files = _resolve(path)
+    for fname in files:
+        with safe_open(fname, framework="numpy") as f:
+            if "draft_vocab" in f.keys():
+                return _check_vocab(f.get_tensor("draft_vocab"), cfg, fname)
+    return None
 
 
 def _resolve(path: str) -> tuple[str, list[str]]:
@@ -296,8 +319,12 @@ def save_release(
     draft: dict,
     dtype: str = "float32",
     overwrite: bool = True,
+    vocab=None,
 ) -> str:
     """Write `draft` as a release-format directory (config.json + model.safetensors) at `path`.
+
+    vocab: optional token ids ordered by how often the draft should propose them (stored as the
+    `draft_vocab` tensor; `decoding` keeps the first `EngineConfig.draft_vocab_size` of them).
 
     dtype: "float32", "bfloat16" or "float16". The write is atomic: everything goes to a temporary
     directory beside `path` that is renamed into place at the end, so a failure leaves either the
@@ -311,6 +338,8 @@ def save_release(
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a directory")
     tensors = release_tensors(cfg, dcfg, draft, _DTYPES[dtype])
+    if vocab is not None:
+        tensors["draft_vocab"] = _check_vocab(np.asarray(vocab), cfg, "vocab")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)

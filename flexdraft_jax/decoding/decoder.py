@@ -75,6 +75,11 @@ class Decoder:
             )
         if draft is None and ecfg.mode != "ar":
             raise ValueError(f"mode {ecfg.mode!r} needs draft parameters")
+        if draft is not None and "vocab" in draft:
+            draft = dict(draft)
+            vocab = draft.pop("vocab")
+            if ecfg.draft_vocab_size and ecfg.draft_vocab_size < len(vocab):
+                draft = tf.restrict_draft_vocab(cfg, target, draft, vocab[: ecfg.draft_vocab_size])
         self.cfg, self.target, self.draft, self.dcfg, self.ecfg = cfg, target, draft, dcfg, ecfg
         self.cache_len = cache_len
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
@@ -188,6 +193,7 @@ class Decoder:
                 self.cache_len,
                 batch,
                 self.ecfg.sampling.greedy,
+                int(self.draft["head"]["ids"].size) if self.draft and "head" in self.draft else 0,
             ]
         )
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]

@@ -57,6 +57,11 @@ class EngineConfig:
     # `lax.switch` branch that updates it (measured: 2 copies per branch); "host" has none, so it
     # is the default. Both give identical tokens (tested).
     dispatch: str = "host"
+    # Drafts are picked among the first this-many ids of the draft's vocabulary (token ids by
+    # training frequency, stored with a release): the draft pass's lm_head and calibration output
+    # layer shrink by V / N. Verification uses the whole vocabulary, so it stays lossless. 0, or a
+    # draft without a stored vocabulary: the whole vocabulary.
+    draft_vocab_size: int = 8192
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -65,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.dispatch not in ("host", "switch"):
             raise ValueError(f"dispatch must be 'host' or 'switch', got {self.dispatch!r}")
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
         if self.rule not in verify.RULES:
             raise ValueError(f"unknown verification rule {self.rule!r}; choose from {verify.RULES}")
 
@@ -151,12 +158,17 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     """
     # Slot 0 sits on the bonus's own position: its prediction is never used, so skip its lm_head.
     logits = tf.draft_logits(st.cfg, target, draft, hidden[:, 1:], bonus, st.ecfg.use_calibration)
+    ids = draft["head"]["ids"] if "head" in draft else None  # a restricted draft vocabulary
     sp = st.ecfg.sampling
     if sp.greedy:
         drafts, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), state.q
     else:
         q = sampling.probs(logits, sp)
         drafts = sampling.sample(key, q)
+        if ids is not None:  # q over the whole vocabulary (0 outside the draft's), for verify
+            q = jnp.zeros(q.shape[:-1] + (st.cfg.vocab_size,), q.dtype).at[..., ids].set(q)
+    if ids is not None:
+        drafts = ids[drafts]
     conf = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)  # [B, W-1]
     v_seq = jnp.sum(jnp.cumprod(conf, axis=1) >= st.ecfg.threshold, axis=1)
     active = ~state.done

@@ -345,15 +345,41 @@ def apply(cfg: ModelConfig, params: dict, tokens, positions, cache: KVCache | No
 def draft_logits(cfg: ModelConfig, target: dict, draft: dict, hidden, bonus, use_calibration=True):
     """Calibrated draft logits: lm_head(n_j) + MLP([E(bonus) ; n_j]).
 
-    hidden [B, W, H] mask-row states after the final norm; bonus int32[B]. Returns [B, W, V]
-    (slot 0 is included for shape simplicity; callers discard it).
+    hidden [B, W, H] mask-row states after the final norm; bonus int32[B]. Returns [B, W, V], or
+    [B, W, N] over the draft vocabulary `draft["head"]["ids"]` of a draft made by
+    `restrict_draft_vocab` (slot 0 is included for shape simplicity; callers discard it).
     """
-    logits = lm_head(cfg, target, hidden)
+    head = draft.get("head")
+    logits = lm_head(cfg, target, hidden) if head is None else hidden @ head["kernel"]
     if not use_calibration:
         return logits
     e = embed(target, bonus)[:, None, :]
     e = jnp.broadcast_to(e, hidden.shape)
-    corr = Calibration(draft["calibration"]["fc1"]["kernel"].shape[1], cfg.vocab_size).apply(
+    fc2 = draft["calibration"]["fc2"]["kernel"]
+    corr = Calibration(fc2.shape[0], fc2.shape[1]).apply(
         {"params": draft["calibration"]}, jnp.concatenate([e, hidden], axis=-1)
     )
     return logits + corr
+
+
+def restrict_draft_vocab(cfg: ModelConfig, target: dict, draft: dict, ids) -> dict:
+    """The draft with its output layers (lm_head rows, calibration fc2 columns) restricted to the
+    token ids `ids` (as FR-Spec / EAGLE-3 do): drafts are picked among them, verification still
+    uses the target's whole vocabulary, so decoding stays lossless; the draft pass's output
+    layers cost N/V of the full ones. The ids go into `draft["head"]["ids"]`."""
+    ids = jnp.asarray(ids, jnp.int32)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"draft vocabulary must be a non-empty 1-D list of ids, got {ids.shape}")
+    if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+        raise ValueError(f"draft vocabulary ids must lie in [0, {cfg.vocab_size})")
+    if cfg.tie_word_embeddings:
+        kernel = target["embed"]["embedding"][ids].T
+    else:
+        kernel = target["lm_head"]["kernel"][:, ids]
+    out = dict(draft, head={"ids": ids, "kernel": kernel})
+    if "calibration" in draft:
+        fc2 = draft["calibration"]["fc2"]
+        out["calibration"] = dict(
+            draft["calibration"], fc2={"kernel": fc2["kernel"][:, ids], "bias": fc2["bias"][ids]}
+        )
+    return out

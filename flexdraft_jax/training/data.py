@@ -1,12 +1,14 @@
 """Training data: offline prompts, self-distillation, packing and anchor sampling (DESIGN §2.5, §3).
 
-prompt sources   `python_docs_prompts` (text that ships with Python: `pydoc_data.topics` and
-                 standard-library signatures + docstrings via `inspect`; never the evaluation
-                 set), `read_jsonl` (user files of {"prompt"} or {"prompt", "response"}) and
-                 `synthetic_prompts` (random token ids, for tokenizer-less test models)
+prompt sources   `python_stub_prompts` (signature + docstring stubs parsed from the standard
+                 library's source), `python_docs_prompts` (text that ships with Python:
+                 `pydoc_data.topics` and standard-library signatures + docstrings via `inspect`;
+                 never the evaluation set), `read_jsonl` (user files of {"prompt"} or
+                 {"prompt", "response"}) and `synthetic_prompts` (random token ids, for
+                 tokenizer-less test models)
 tokenization     `encode_prompt` renders one user turn with the tokenizer's chat template
 distillation     `distill`: batched greedy generation with `decoding.ar.generate` (prompts sorted
-                 by length), cached on disk keyed by model + prompts + max tokens, atomic write
+                 by length), cached on disk per chunk of prompts (resumable), atomic writes
 packing          `pack`: fixed-shape arrays tokens [N, T], lengths [N], loss_mask [N, T] (the
                  response tokens: the only loss region)
 anchors          `sample_anchors`: A anchors per sequence, uniform over the loss region
@@ -124,6 +126,51 @@ def python_docs_prompts(
     return prompts if num_prompts is None else prompts[:num_prompts]
 
 
+_STUB_SKIP_DIRS = (
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "site-packages",
+    "ensurepip",
+)
+
+
+def python_stub_prompts(num_prompts: int | None = None, seed: int = 0) -> list[str]:
+    """Function stubs (signature + docstring, the shape of a HumanEval prompt) parsed with `ast`
+    from the standard library's own source files: nothing is imported (DESIGN §3)."""
+    import ast
+    import sysconfig
+    import textwrap
+
+    root = sysconfig.get_paths()["stdlib"]
+    stubs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(_STUB_SKIP_DIRS) and d != "__pycache__"
+        )
+        for fn in sorted(f for f in filenames if f.endswith(".py")):
+            try:
+                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+                tree = ast.parse("\n".join(lines))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                doc = ast.get_docstring(node)
+                if node.name.startswith("_") or not doc or len(doc) < 40:
+                    continue
+                # From the `def` line to the end of the docstring, dedented.
+                text = "\n".join(lines[node.lineno - 1 : node.body[0].end_lineno])
+                stubs.append(textwrap.dedent(text).rstrip() + "\n")
+    order = np.random.default_rng(seed).permutation(len(stubs))
+    stubs = [stubs[i] for i in order]
+    return stubs if num_prompts is None else stubs[:num_prompts]
+
+
 def read_jsonl(path: str) -> list[dict]:
     """Records {"prompt": str} or {"prompt": str, "response": str} from a JSON-lines file."""
     if not os.path.exists(path):
@@ -208,53 +255,74 @@ def distill(
     cache_dir: str | None = None,
     model_id: str | None = None,
     eos_ids: Sequence[int] | None = None,
+    chunk_size: int = 256,
 ) -> list[list[int]]:
-    """Greedy responses of the target to `prompts` (token ids), cached on disk.
+    """Greedy responses of the target to `prompts` (token ids), cached on disk chunk by chunk.
 
-    Prompts are sorted by length and generated in batches (one compiled prefill per length bucket,
-    one compiled step). With several processes, each generates every `process_count`-th batch and
-    the results are all-gathered. The cache file is keyed by model, prompts and `max_new_tokens`.
+    The prompts are cut, in the order given, into chunks of `chunk_size`; each chunk is one cache
+    file keyed by model, its prompts and `max_new_tokens`, written atomically as soon as it is done.
+    So an interrupted distillation resumes at the first missing chunk, and a larger prompt set
+    that starts with a smaller one reuses its chunks. Inside a chunk the prompts are sorted by
+    length and generated in batches (one compiled prefill per length bucket, one compiled step).
+    With several processes, each generates every `process_count`-th batch of a chunk and the
+    results are all-gathered.
     """
+    import jax
+
+    prompts = [list(map(int, p)) for p in prompts]
+    eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    ident = model_id or params_fingerprint(cfg, params)
+    chunks = [prompts[i : i + chunk_size] for i in range(0, len(prompts), chunk_size)]
+    paths = []
+    for chunk in chunks:
+        key = hashlib.sha1(json.dumps([ident, chunk, max_new_tokens, eos]).encode()).hexdigest()
+        paths.append(os.path.join(cache_dir, f"distill-{key[:20]}.json") if cache_dir else None)
+    out: list[list[int]] = []
+    missing = [i for i, p in enumerate(paths) if not (p and os.path.exists(p))]
+    n_cached = len(prompts) - sum(len(chunks[i]) for i in missing)
+    if n_cached:
+        log.info(
+            "self-distillation: %d of %d responses cached in %s", n_cached, len(prompts), cache_dir
+        )
+    pi = jax.process_index()
+    bar = tqdm(
+        total=len(prompts),
+        initial=n_cached,
+        desc="self-distill",
+        unit="seq",
+        disable=pi != 0 or not missing,
+    )
+    for chunk, path in zip(chunks, paths):
+        if path and os.path.exists(path):
+            with open(path) as f:
+                out += json.load(f)["responses"]
+            continue
+        responses = _distill_chunk(cfg, params, chunk, max_new_tokens, batch_size, eos, bar)
+        if path and pi == 0:
+            _atomic_write_json(path, {"max_new_tokens": max_new_tokens, "responses": responses})
+        out += responses
+    bar.close()
+    return out
+
+
+def _distill_chunk(cfg, params, prompts, max_new_tokens, batch_size, eos, bar) -> list[list[int]]:
     import jax
 
     from flexdraft_jax.decoding import ar
 
-    prompts = [list(map(int, p)) for p in prompts]
-    eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    key = hashlib.sha1(
-        json.dumps(
-            [model_id or params_fingerprint(cfg, params), prompts, max_new_tokens, eos]
-        ).encode()
-    ).hexdigest()[:20]
-    path = os.path.join(cache_dir, f"distill-{key}.json") if cache_dir else None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            responses = json.load(f)["responses"]
-        log.info("self-distillation: %d cached responses from %s", len(responses), path)
-        return responses
-
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     pi, pc = jax.process_index(), jax.process_count()
-    mine = batches[pi::pc]
     responses: dict[int, list[int]] = {}
-    bar = tqdm(total=sum(len(b) for b in mine), desc="self-distill", unit="seq", disable=pi != 0)
-    n_tok = 0
-    for idx in mine:
+    for idx in batches[pi::pc]:
         gen = ar.generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, eos_ids=eos)
         for i, toks in zip(idx, gen.tokens):
             responses[i] = toks
-        n_tok += gen.stats["tokens"]
-        bar.update(len(idx))
+        bar.update(len(idx) * pc)
         bar.set_postfix(tok_s=f"{gen.stats['tokens'] / max(gen.stats['seconds'], 1e-9):.0f}")
-    bar.close()
     if pc > 1:
         responses = _allgather_responses(responses, len(prompts), max_new_tokens)
-    out = [responses[i] for i in range(len(prompts))]
-    if path and pi == 0:
-        _atomic_write_json(path, {"max_new_tokens": max_new_tokens, "responses": out})
-    log.info("self-distillation: %d responses, %d tokens (this process)", len(out), n_tok)
-    return out
+    return [responses[i] for i in range(len(prompts))]
 
 
 def _allgather_responses(local: dict, n: int, width: int) -> dict:
@@ -310,6 +378,14 @@ def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int) 
         loss_mask[i, len(p) : len(p) + len(r)] = True
         lengths[i] = len(p) + len(r)
     return Packed(tokens, lengths, loss_mask)
+
+
+def vocab_by_frequency(packed: Packed, vocab_size: int) -> np.ndarray:
+    """Every token id, ordered by count in the response tokens (ties and unseen ids by id: in BPE
+    vocabularies lower ids were merged earlier, i.e. are more frequent). Its prefix is a draft
+    vocabulary (`EngineConfig.draft_vocab_size`)."""
+    counts = np.bincount(packed.tokens[packed.loss_mask].ravel(), minlength=vocab_size)
+    return np.lexsort((np.arange(vocab_size), -counts[:vocab_size])).astype(np.int32)
 
 
 def sample_anchors(loss_mask, lengths, num_anchors: int, rng: np.random.Generator):
@@ -436,7 +512,8 @@ def build_examples(
     """Tokenized prompts to distill (at most `num_prompts`, 0 = all) and ready (prompt, response)
     pairs from JSONL records that carry a response.
 
-    sources: "python_docs", "synthetic" or "jsonl:PATH" (several may be combined). Prompts longer
+    sources: "python_stubs", "python_docs", "synthetic" or "jsonl:PATH" (several may be combined,
+    taken in order up to `num_prompts`). Prompts longer
     than `max_prompt_tokens` are skipped and counted.
     """
     limit = num_prompts or None
@@ -452,10 +529,14 @@ def build_examples(
             raise ValueError(f"data source {src!r} needs a tokenizer, and the target has none")
         if src == "python_docs":
             recs = [{"prompt": t} for t in python_docs_prompts(None, seed)]
+        elif src == "python_stubs":
+            recs = [{"prompt": t} for t in python_stub_prompts(None, seed)]
         elif src.startswith("jsonl:"):
             recs = read_jsonl(src[len("jsonl:") :])
         else:
-            raise ValueError(f"unknown data source {src!r} (python_docs, synthetic, jsonl:PATH)")
+            raise ValueError(
+                f"unknown data source {src!r} (python_stubs, python_docs, synthetic, jsonl:PATH)"
+            )
         for rec in tqdm(recs, desc=f"tokenize {src}", unit="prompt", leave=False):
             if "response" not in rec and limit is not None and len(to_distill) >= limit:
                 continue

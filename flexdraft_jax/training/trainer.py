@@ -549,7 +549,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     mngr.close()
 
     if tc.export_release and stop > start_step:  # the draft as of the last step
-        export_release(os.path.join(workdir, "draft_release"), cfg, dcfg, state["draft"])
+        vocab = data_lib.vocab_by_frequency(dataset.packed, cfg.vocab_size)
+        export_release(os.path.join(workdir, "draft_release"), cfg, dcfg, state["draft"], vocab)
     return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
 
 
@@ -564,10 +565,10 @@ def _summarise(host: list[dict], step: int, seconds: float, tokens: int) -> dict
     return rec
 
 
-def export_release(path: str, cfg, dcfg, draft) -> None:
+def export_release(path: str, cfg, dcfg, draft, vocab=None) -> None:
     from flexdraft_jax.checkpoints import release
 
     host = jax.tree.map(_to_host, draft)
     if jax.process_index() == 0:
-        release.save_release(path, cfg, dcfg, host)
+        release.save_release(path, cfg, dcfg, host, vocab=vocab)
         log.info("draft exported to %s", path)
