@@ -50,6 +50,10 @@ class EngineConfig:
     # flex: after this many AR steps in a row, try speculating again; each probe that does not
     # win doubles the interval (up to 1024 steps), so a losing drafter costs little.
     probe_interval: int = 16
+    # ... and never more often than keeps the cost of failed probes under this fraction of the
+    # time: a probe that costs c AR steps waits at least (c - 1) / probe_budget AR steps (at
+    # batch 64 on a 2-core CPU a probe costs ~5 AR steps: one per ~130 steps).
+    probe_budget: float = 0.03
     paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
     # How the chosen branch runs. "switch": one jitted step, `lax.switch` on device. "host": the
     # branch index is still chosen on device (returned with the previous step's state) and the
@@ -70,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.dispatch not in ("host", "switch"):
             raise ValueError(f"dispatch must be 'host' or 'switch', got {self.dispatch!r}")
+        if not 0 < self.probe_budget <= 1:
+            raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
         if self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
         if self.rule not in verify.RULES:
@@ -349,8 +355,13 @@ def choose_branch(st: Static, state: DecodeState, costs):
     refill = jnp.where(state.has_drafts, 0.0, costs[-1])
     cost = costs[:-1] + jnp.asarray([0.0 if k == "ar" else 1.0 for k in kinds]) * refill
     score = gain / jnp.maximum(cost, 1e-9)
-    probing = state.ar_streak >= state.probe_every
-    score = jnp.where(jnp.asarray([k == "ar" for k in kinds]) & probing, -jnp.inf, score)
+    is_ar = jnp.asarray([k == "ar" for k in kinds])
+    ar_cost = jnp.maximum(jnp.min(jnp.where(is_ar, cost, jnp.inf)), 1e-9)
+    probe_extra = jnp.min(jnp.where(is_ar, jnp.inf, cost)) / ar_cost - 1.0  # in AR steps
+    probing = (state.ar_streak >= state.probe_every) & (
+        state.ar_streak >= probe_extra / st.ecfg.probe_budget
+    )
+    score = jnp.where(is_ar & probing, -jnp.inf, score)
     return jnp.argmax(score).astype(jnp.int32)
 
 

@@ -477,16 +477,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         )
 
     def eval_record(done, minutes):
+        calib = "calibration" in keys
         res = evaluate.teacher_forced_tau(
-            cfg, dcfg, target, state["draft"], heldout, use_calibration="calibration" in keys
+            cfg, dcfg, target, state["draft"], heldout, use_calibration=calib
         )
         log.info("step %d: held-out tau %.3f (%d anchors)", done, res["tau"], res["anchors"])
-        return {
+        rec = {
             "step": done,
             "train_minutes": minutes,
             "heldout_tau": res["tau"],
             "heldout_acceptance": res["per_position_acceptance"],
         }
+        if calib:  # the same draft without its calibration MLP: the ablation
+            rec["heldout_tau_nocalib"] = evaluate.teacher_forced_tau(
+                cfg, dcfg, target, state["draft"], heldout, use_calibration=False
+            )["tau"]
+        return rec
 
     # ---------------------------------------------------------------- loop
     stop = tc.steps if not tc.get("stop_at") else min(tc.stop_at, tc.steps)
