@@ -14,8 +14,9 @@ comparison); `e2e_tokens_per_s` and `e2e_speedup_vs_ar` include it. `step_second
 mean decode step over AR's, measured in the run, to hold against the profiled `step_cost`.
 
 Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
-bonus-guided calibration) and `t=THETA` (confidence threshold; `t=0` verifies the whole block), e.g.
-`flex:nocalib` or `sequential:t=0`: the ablations are just more modes.
+bonus-guided calibration), `t=THETA` (confidence threshold; `t=0` verifies the whole block) and
+`dv=N` (draft vocabulary size; `dv=0` drafts over the whole vocabulary), e.g. `flex:nocalib` or
+`sequential:t=0`: the ablations are just more modes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class ModeSpec:
     mode: str
     threshold: float
     use_calibration: bool
+    draft_vocab_size: int = engine.EngineConfig.draft_vocab_size
 
     def engine_config(self, temperature: float) -> engine.EngineConfig:
         return engine.EngineConfig(
@@ -54,12 +56,15 @@ class ModeSpec:
             threshold=self.threshold,
             use_calibration=self.use_calibration,
             sampling=SamplingParams(temperature),
+            draft_vocab_size=self.draft_vocab_size,
         )
 
 
 def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True) -> ModeSpec:
-    """`flex`, `flex:nocalib`, `sequential:t=0`, ... (defaults from the run's flags)."""
+    """`flex`, `flex:nocalib`, `sequential:t=0`, `flex:dv=0`, ... (defaults from the run's
+    flags)."""
     mode, *opts = spec.strip().split(":")
+    vocab = engine.EngineConfig.draft_vocab_size
     if mode not in engine.MODES:
         raise ValueError(
             f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(engine.MODES)}"
@@ -72,9 +77,18 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
                 threshold = float(opt[2:])
             except ValueError:
                 raise ValueError(f"bad threshold {opt!r} in mode {spec!r}") from None
+        elif opt.startswith("dv="):
+            try:
+                vocab = int(opt[3:])
+            except ValueError:
+                raise ValueError(f"bad draft vocabulary size {opt!r} in mode {spec!r}") from None
+            if vocab < 0:
+                raise ValueError(f"draft vocabulary size must be >= 0 in mode {spec!r}")
         else:
-            raise ValueError(f"unknown option {opt!r} in mode {spec!r}; use nocalib or t=THETA")
-    return ModeSpec(spec.strip(), mode, threshold, use_calibration)
+            raise ValueError(
+                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA or dv=N"
+            )
+    return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab)
 
 
 def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None) -> list[list]:
