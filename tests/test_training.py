@@ -266,6 +266,38 @@ def test_cached_clean_pass_equals_the_full_step(tmp_path):
         )
 
 
+def test_restricted_draft_vocabulary_training(tmp_path):
+    """Every id in the draft vocabulary (in frequency order, not id order) trains exactly like no
+    restriction; half of it trains over those ids only, and the release stores the order."""
+    from flexdraft_jax.checkpoints import release
+
+    outs = {}
+    for n in (0, 64, 32):
+        config = tiny_config(
+            tmp_path, stage="joint", steps=6, log_every=1, ckpt_every=1000, draft_vocab_size=n
+        )
+        cfg = ModelConfig(**dict(config.model.tiny))
+        assert cfg.vocab_size == 64
+        outs[n] = trainer.train(
+            config, str(tmp_path / f"v{n}"), target=(cfg, sharp_target(cfg), None)
+        )
+    full, same, half = outs[0], outs[64], outs[32]
+    for k in ("loss", "acc", "ce"):
+        np.testing.assert_allclose(
+            [h[k] for h in full["history"]], [h[k] for h in same["history"]], atol=1e-5
+        )
+    for a, b in zip(
+        jax.tree.leaves(full["state"]["draft"]), jax.tree.leaves(same["state"]["draft"])
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert all(h["in_vocab"] == 1.0 for h in same["history"])
+    assert all(0.5 < h["in_vocab"] < 1.0 for h in half["history"])  # frequent tokens first
+    order = release.load_draft_vocab(str(tmp_path / "v32" / "draft_release"), cfg)
+    assert sorted(order.tolist()) == list(range(64))
+    # The out-of-vocabulary slots are misses: accuracy cannot beat the in-vocabulary share.
+    assert all(h["acc"] <= h["in_vocab"] + 1e-6 for h in half["history"])
+
+
 def test_stage_names_are_checked():
     with pytest.raises(ValueError, match="unknown stage"):
         trainer.trainable_keys("everything")

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexdraft_jax.kernels.api import attention
 from flexdraft_jax.kernels.mask import RowMeta
@@ -367,11 +368,15 @@ def restrict_draft_vocab(cfg: ModelConfig, target: dict, draft: dict, ids) -> di
     token ids `ids` (as FR-Spec / EAGLE-3 do): drafts are picked among them, verification still
     uses the target's whole vocabulary, so decoding stays lossless; the draft pass's output
     layers cost N/V of the full ones. The ids go into `draft["head"]["ids"]`."""
+    if not isinstance(ids, jax.core.Tracer):
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(
+                f"draft vocabulary must be a non-empty 1-D list of ids, got {ids.shape}"
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"draft vocabulary ids must lie in [0, {cfg.vocab_size})")
     ids = jnp.asarray(ids, jnp.int32)
-    if ids.ndim != 1 or ids.size == 0:
-        raise ValueError(f"draft vocabulary must be a non-empty 1-D list of ids, got {ids.shape}")
-    if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
-        raise ValueError(f"draft vocabulary ids must lie in [0, {cfg.vocab_size})")
     if cfg.tie_word_embeddings:
         kernel = target["embed"]["embedding"][ids].T
     else:

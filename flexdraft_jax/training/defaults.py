@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.bonus = "data"  # calibration bonus: token at p ("data") or target argmax at p-1
     c.train.cache_clean = False  # precompute deep-layer clean K/V once (needs kl 0, bonus "data")
     c.train.cache_clean_dtype = "bfloat16"
+    # > 0: the draft's lm_head / calibration output layer over the N response tokens seen most
+    # often (as decoding's EngineConfig.draft_vocab_size uses them); 0: the whole vocabulary.
+    c.train.draft_vocab_size = 0
     c.train.init_from = ""  # a release-format draft dir or a previous stage's workdir
     c.train.log_every = 10
     c.train.ckpt_every = 250

@@ -57,6 +57,8 @@ def _block_hits(
     hm = hm.reshape(b * a, w, -1)[:, 1:]
     bonus = jnp.take_along_axis(tokens, anchors, axis=1).reshape(b * a)
     pred = jnp.argmax(tf.draft_logits(cfg, target, draft, hm, bonus, use_calibration), -1)
+    if "head" in draft:  # a restricted draft vocabulary (`tf.restrict_draft_vocab`)
+        pred = draft["head"]["ids"][pred]
     pos = anchors[:, :, None] + jnp.arange(1, w)
     label = jnp.take_along_axis(tokens, jnp.minimum(pos, t - 1).reshape(b, -1), 1)
     ok = pred.reshape(b, a, w - 1) == label.reshape(b, a, w - 1)

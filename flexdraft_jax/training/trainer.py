@@ -177,9 +177,21 @@ def make_optimizer(tc):
     return tx, schedule
 
 
-def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule):
-    """step(state, target, batch) -> (state, metrics). state = {step, draft, opt_state}."""
+def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule, vocab=None):
+    """step(state, target, batch) -> (state, metrics). state = {step, draft, opt_state}.
+
+    vocab: token ids of a restricted draft vocabulary (`tf.restrict_draft_vocab`): the draft
+    logits, the CE and the argmax run over them only; labels outside it are left out of the
+    loss and count as misses in the accuracies (decoding with that vocabulary cannot draft them).
+    """
     keys = trainable_keys(tc.stage)
+    lookup = None
+    if vocab is not None:
+        if tc.kl_weight > 0:
+            raise ValueError("train.draft_vocab_size > 0 needs train.kl_weight == 0 (CE only)")
+        vocab = np.asarray(vocab, np.int32)
+        lookup = np.full(cfg.vocab_size, -1, np.int32)
+        lookup[vocab] = np.arange(len(vocab), dtype=np.int32)
     w = dcfg.block_size
     weights = losses.position_weights(w, tc.gamma)
     use_calibration = "calibration" in keys
@@ -211,6 +223,11 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
         labels, valid = losses.slot_targets(
             tokens, batch["lengths"], batch["loss_mask"], anchors, batch["anchor_valid"], w
         )
+        scored = valid
+        if lookup is not None:  # labels as indices into the draft vocabulary
+            sub = jnp.asarray(lookup)[labels]
+            scored = valid & (sub >= 0)
+            labels = jnp.maximum(sub, 0)
         target_logits = None
         if need_target_rows:  # target at clean rows p + j - 1 (j = 0: the row choosing token p)
             rows = jnp.clip(anchors[:, :, None] + jnp.arange(w) - 1, 0, t - 1).reshape(b, a * w)
@@ -239,18 +256,29 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
                 mask_positions=mlay.mask_positions,
             )
             hm = hm.reshape(b * a, w, cfg.hidden_size)
+            head = draft if vocab is None else tf.restrict_draft_vocab(cfg, target, draft, vocab)
             logits = tf.draft_logits(
-                cfg, target, draft, hm, bonus.reshape(b * a), use_calibration
+                cfg, target, head, hm, bonus.reshape(b * a), use_calibration
             ).reshape(b, a, w, -1)
-            return losses.draft_loss(
+            loss, metrics = losses.draft_loss(
                 logits,
                 labels,
-                valid,
+                scored,
                 weights,
                 target_logits,
                 ce_weight=tc.ce_weight,
                 kl_weight=tc.kl_weight,
             )
+            if lookup is not None:  # accuracies over every valid slot (out-of-vocabulary: miss)
+                hit = ((jnp.argmax(logits, axis=-1) == labels) & scored).astype(jnp.float32)
+                mask = valid.astype(jnp.float32)
+                count = jnp.maximum(mask.sum(axis=(0, 1)), 1.0)
+                metrics["acc_per_slot"] = hit.sum(axis=(0, 1)) / count
+                metrics["acc"] = hit.sum() / jnp.maximum(mask.sum(), 1.0)
+                metrics["in_vocab"] = (scored.sum() / jnp.maximum(valid.sum(), 1)).astype(
+                    jnp.float32
+                )
+            return loss, metrics
 
         trainable = {k: state["draft"][k] for k in keys}
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -393,6 +421,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         )
         batch_keys = BATCH_KEYS + ("clean_k", "clean_v")
     log.info("%d steps per epoch of %d sequences", dataset.steps_per_epoch, tc.batch_size)
+    vocab_order = data_lib.vocab_by_frequency(dataset.packed, cfg.vocab_size)
+    n_vocab = tc.get("draft_vocab_size", 0)
+    draft_vocab = vocab_order[:n_vocab] if n_vocab > 0 else None
 
     # ---------------------------------------------------------------- shapes
     optimizer, schedule = make_optimizer(tc)
@@ -433,7 +464,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
 
     # ---------------------------------------------------------------- step
     step_fn = jax.jit(
-        make_train_step(cfg, dcfg, tc, optimizer, schedule),
+        make_train_step(cfg, dcfg, tc, optimizer, schedule, draft_vocab),
         in_shardings=(state_sh, target_sh, batch_sh),
         out_shardings=(state_sh, None),
         donate_argnums=(0,),
@@ -478,9 +509,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
 
     def eval_record(done, minutes):
         calib = "calibration" in keys
-        res = evaluate.teacher_forced_tau(
-            cfg, dcfg, target, state["draft"], heldout, use_calibration=calib
-        )
+        draft = state["draft"]
+        if draft_vocab is not None:  # as decoding will use it
+            draft = tf.restrict_draft_vocab(cfg, target, draft, draft_vocab)
+        res = evaluate.teacher_forced_tau(cfg, dcfg, target, draft, heldout, use_calibration=calib)
         log.info("step %d: held-out tau %.3f (%d anchors)", done, res["tau"], res["anchors"])
         rec = {
             "step": done,
@@ -490,7 +522,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         }
         if calib:  # the same draft without its calibration MLP: the ablation
             rec["heldout_tau_nocalib"] = evaluate.teacher_forced_tau(
-                cfg, dcfg, target, state["draft"], heldout, use_calibration=False
+                cfg, dcfg, target, draft, heldout, use_calibration=False
             )["tau"]
         return rec
 
@@ -555,8 +587,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     mngr.close()
 
     if tc.export_release and stop > start_step:  # the draft as of the last step
-        vocab = data_lib.vocab_by_frequency(dataset.packed, cfg.vocab_size)
-        export_release(os.path.join(workdir, "draft_release"), cfg, dcfg, state["draft"], vocab)
+        release_dir = os.path.join(workdir, "draft_release")
+        export_release(release_dir, cfg, dcfg, state["draft"], vocab_order)
     return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
 
 
