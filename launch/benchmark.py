@@ -39,7 +39,8 @@ flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Batch sizes to sweep."
 flags.DEFINE_list(
     "modes",
     ["ar", "sequential", "parallel", "flex"],
-    "Modes (ar is always added); options: MODE:nocalib, MODE:t=THETA.",
+    "Modes (ar is always added); options: MODE:nocalib, MODE:t=THETA, MODE:dv=N (draft "
+    "vocabulary size, 0 = all).",
 )
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens per prompt.", lower_bound=1)
 flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
@@ -50,7 +51,7 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("no_calibration", False, "Ablation: decode without the calibration MLP.")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers generate on the same weights.")
-flags.DEFINE_integer("repeats", 1, "Timed decodes per batch.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Timed decodes per batch (the fastest counts).", lower_bound=1)
 flags.DEFINE_integer("cache_len", None, "KV cache slots (default: fits prompt + output).")
 flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, cost profiles.")
 

@@ -209,3 +209,20 @@ def test_demo_plan_retrain_fits_budget():
     assert (small.train.steps, small.data.num_prompts) == (3, 16)  # never grows a config
     with pytest.raises(ValueError, match="budget_minutes"):
         demo.plan_retrain(demo._load_config("configs/smollm2_135m.py"), 5.0)
+
+
+def test_rows_report_the_fastest_repeat():
+    from flexdraft_jax.decoding.ar import Generation
+
+    def gen(seconds):
+        stats = {"tokens": 20, "seconds": seconds, "prefill_seconds": 1.0, "steps": 9}
+        return Generation([[1] * 10, [2] * 10], stats)
+
+    acc = harness._Acc()
+    for r, seconds in enumerate([5.0, 3.0, 9.0]):
+        acc.add(gen(seconds), repeat=r)
+    row = acc.row()
+    assert row["repeat_seconds"] == [5.0, 3.0, 9.0]
+    assert row["tokens_per_s"] == pytest.approx((20 - 2) / (3.0 - 1.0))  # prefill excluded
+    assert row["e2e_tokens_per_s"] == pytest.approx(20 / 3.0)
+    assert row["step_seconds"] == pytest.approx(2.0 / 9)
