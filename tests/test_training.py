@@ -345,3 +345,40 @@ def test_resume_in_a_new_process_is_exact(tmp_path):
     assert [m["step"] for m in mb] == list(range(1, n + 1))
     for x, y in zip(ma, mb):
         assert abs(x["loss"] - y["loss"]) <= RESUME_TOL, (x, y)
+
+
+def test_sigterm_checkpoints_exports_and_resumes(tmp_path):
+    """A preempted run (SIGTERM) saves the step it finished and its draft, exits cleanly, and a
+    rerun carries on from that step."""
+    import signal
+    import time
+
+    wd = tmp_path / "wd"
+    common = [
+        "--config=configs/tiny.py",
+        f"--workdir={wd}",
+        "--config.train.steps=100000",
+        "--config.train.log_every=1",
+        "--config.train.ckpt_every=100000",
+        f"--config.data.cache_dir={tmp_path / 'distill'}",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), *common]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not (wd / "metrics.jsonl").exists() or len(read_metrics(wd)) < 3:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert b"stopped by SIGTERM" in err
+    last = read_metrics(wd)[-1]["step"]
+    assert 3 <= last < 100000
+    assert sorted(os.listdir(wd / "checkpoints"), key=int)[-1] == str(last)
+    assert os.path.exists(wd / "draft_release" / "config.json")
+    run_train([*common, f"--config.train.stop_at={last + 2}"])
+    assert [m["step"] for m in read_metrics(wd)] == list(range(1, last + 3))

@@ -538,58 +538,94 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     bar = tqdm(total=stop, initial=start_step, desc=f"train {tc.stage}", disable=not is_main)
     pending, t_last, n_tokens = [], time.perf_counter(), 0
     compiled = {}  # one executable per batch width (length buckets)
-    for step in range(start_step, stop):
-        batch = global_batch(dataset.batch(step, pi, pc), mesh, tc.batch_size, batch_keys)
-        width = batch["tokens"].shape[1]
-        if width not in compiled:
-            t0 = time.perf_counter()
-            compiled[width] = step_fn.lower(state, target, batch).compile()
-            mem = compiled[width].memory_analysis()
-            log.info(
-                "compiled the step for width %d in %.1fs; memory %s",
-                width,
-                time.perf_counter() - t0,
-                mem,
-            )
-            t_last += time.perf_counter() - t0  # compile time is not step time
-        state, metrics = compiled[width](state, target, batch)
-        pending.append(metrics)
-        n_tokens += tc.batch_size * width
-        done = step + 1
-        if done % tc.log_every == 0 or done == stop:
-            host = jax.device_get(pending)
-            now = time.perf_counter()
-            rec = _summarise(host, done, now - t_last, n_tokens)
-            minutes += (now - t_last) / 60
-            rec["train_minutes"] = minutes
-            t_last, n_tokens, pending = now, 0, []
-            history.append(rec)
-            if is_main:
+    done = start_step
+    stopper = _GracefulStop(enabled=pc == 1)  # SIGTERM: checkpoint and export, then stop
+    try:
+        for step in range(start_step, stop):
+            batch = global_batch(dataset.batch(step, pi, pc), mesh, tc.batch_size, batch_keys)
+            width = batch["tokens"].shape[1]
+            if width not in compiled:
+                t0 = time.perf_counter()
+                compiled[width] = step_fn.lower(state, target, batch).compile()
+                mem = compiled[width].memory_analysis()
+                log.info(
+                    "compiled the step for width %d in %.1fs; memory %s",
+                    width,
+                    time.perf_counter() - t0,
+                    mem,
+                )
+                t_last += time.perf_counter() - t0  # compile time is not step time
+            state, metrics = compiled[width](state, target, batch)
+            pending.append(metrics)
+            n_tokens += tc.batch_size * width
+            done = step + 1
+            last = done == stop or stopper.requested
+            if done % tc.log_every == 0 or last:
+                host = jax.device_get(pending)
+                now = time.perf_counter()
+                rec = _summarise(host, done, now - t_last, n_tokens)
+                minutes += (now - t_last) / 60
+                rec["train_minutes"] = minutes
+                t_last, n_tokens, pending = now, 0, []
+                history.append(rec)
+                if is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    data_lib._atomic_write_json(
+                        progress_path, {"step": done, "train_minutes": minutes}
+                    )
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['acc_per_slot'][1]:.3f}")
+            if heldout is not None and (done % ec.every == 0 or last):
+                jax.block_until_ready(state)
+                t_eval = time.perf_counter()
+                rec = eval_record(done, minutes)
+                history.append(rec)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                data_lib._atomic_write_json(progress_path, {"step": done, "train_minutes": minutes})
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['acc_per_slot'][1]:.3f}")
-        if heldout is not None and (done % ec.every == 0 or done == stop):
-            jax.block_until_ready(state)
-            t_eval = time.perf_counter()
-            rec = eval_record(done, minutes)
-            history.append(rec)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            evaluate.tau_curve_plot(metrics_path, os.path.join(workdir, "tau_vs_minutes.png"))
-            t_last += time.perf_counter() - t_eval  # evaluation is not training time
-        mngr.save(
-            done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=done == stop
-        )
-        bar.update(1)
+                evaluate.tau_curve_plot(metrics_path, os.path.join(workdir, "tau_vs_minutes.png"))
+                t_last += time.perf_counter() - t_eval  # evaluation is not training time
+            mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=last)
+            bar.update(1)
+            if last:
+                break
+    finally:
+        stopper.restore()
+    if stopper.requested:
+        log.info("stopped by SIGTERM after step %d (checkpointed; rerun to resume)", done)
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
 
-    if tc.export_release and stop > start_step:  # the draft as of the last step
+    if tc.export_release and done > start_step:  # the draft as of the last step
         release_dir = os.path.join(workdir, "draft_release")
         export_release(release_dir, cfg, dcfg, state["draft"], vocab_order)
     return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
+
+
+class _GracefulStop:
+    """While installed, SIGTERM (a preemption, `kill`, a job scheduler's time limit) only sets
+    `requested`: the loop then checkpoints the step it finished, exports the draft and returns.
+    Single-process runs only (processes would stop at different steps otherwise)."""
+
+    def __init__(self, enabled: bool = True):
+        self.requested = False
+        self._previous = None
+        if enabled:
+            import signal
+            import threading
+
+            if threading.current_thread() is threading.main_thread():
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _summarise(host: list[dict], step: int, seconds: float, tokens: int) -> dict:
