@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.end_lr_ratio = 0.05
     c.train.ce_weight = 1.0
     c.train.kl_weight = 0.0  # CE on greedy self-distilled tokens; lets the clean pass be cached
+    c.train.draft_vocab_size = 8192  # drafts over the 8192 most frequent response tokens
     c.train.cache_clean = True  # deep-layer clean K/V computed once (training/clean_cache.py)
     c.train.gamma = 4.0
     c.train.log_every = 20
