@@ -382,3 +382,29 @@ def test_sigterm_checkpoints_exports_and_resumes(tmp_path):
     assert os.path.exists(wd / "draft_release" / "config.json")
     run_train([*common, f"--config.train.stop_at={last + 2}"])
     assert [m["step"] for m in read_metrics(wd)] == list(range(1, last + 3))
+
+
+def test_teacher_forced_tau_with_a_restricted_draft_vocabulary(tmp_path):
+    """The held-out tau maps restricted-vocabulary predictions back to token ids: every id in a
+    permuted order gives exactly the unrestricted tau; dropping the emitted tokens gives 1."""
+    from flexdraft_jax.models.config import DraftConfig
+    from flexdraft_jax.training import clean_cache, evaluate
+
+    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
+    target = sharp_target(cfg)
+    dcfg = DraftConfig(depth=2, block_size=4, calib_rank=16)
+    draft = T.init_draft(cfg, dcfg, target, jax.random.PRNGKey(0))
+    prompts = data.synthetic_prompts(4, cfg.vocab_size, 3, 8, seed=4)
+    responses = ar.generate(cfg, target, prompts, 24).tokens
+    packed = data.pack(list(zip(prompts, responses)), 40)
+    k, v = clean_cache.precompute(cfg, 2, target, packed.tokens, packed.lengths, dtype="float32")
+    held = {"tokens": packed.tokens, "lengths": packed.lengths, "loss_mask": packed.loss_mask}
+    held.update(clean_k=k, clean_v=v)
+    tau = lambda d: evaluate.teacher_forced_tau(cfg, dcfg, target, d, held, use_calibration=True)
+    full = tau(draft)
+    assert full["tau"] > 1.05  # the untrained copy of a sharp target drafts some tokens right
+    perm = np.random.default_rng(0).permutation(cfg.vocab_size)
+    assert tau(T.restrict_draft_vocab(cfg, target, draft, perm)) == full
+    emitted = np.unique(packed.tokens[packed.loss_mask])
+    others = np.setdiff1d(np.arange(cfg.vocab_size), emitted)
+    assert tau(T.restrict_draft_vocab(cfg, target, draft, others))["tau"] == 1.0
