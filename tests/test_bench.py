@@ -47,9 +47,24 @@ def tiny_run(tmp_path_factory):
     modes = ("sequential", "flex", "flex:nocalib")
     res = harness.run_benchmark(
         cfg, target, None, draft, dcfg, PROMPTS, batch_sizes=(1, 3), modes=modes,
-        max_new_tokens=12, output_dir=out, eos_ids=(), profile_repeats=1,
+        max_new_tokens=12, output_dir=out, eos_ids=(), profile_repeats=1, repeats=2,
     )  # fmt: skip
     return res, out, modes
+
+
+def test_repeats_only_for_modes_near_the_fastest(tiny_run):
+    res, _, _ = tiny_run
+    for bs in (1, 3):
+        rows = [r for r in res["rows"] if r["batch_size"] == bs]
+        first = {r["mode"]: r["repeat_seconds"][0] for r in rows}
+        for r in rows:
+            near = first[r["mode"]] <= 2.0 * min(first.values())
+            assert len(r["repeat_seconds"]) == (2 if near else 1), (r["mode"], first)
+            # The row's speed is its fastest repeat's.
+            best = min(r["repeat_seconds"])
+            assert r["e2e_tokens_per_s"] == pytest.approx(
+                r["tokens"] / len(r["repeat_seconds"]) / best
+            )
 
 
 def test_results_json_fields(tiny_run):
