@@ -59,6 +59,9 @@ def pad_prompts(prompts, width: int) -> np.ndarray:
     return out
 
 
+WINDOW = 128  # decode steps read the KV cache up to the next multiple of this
+
+
 def check_capacity(lengths: np.ndarray, max_new_tokens: int, extra: int, capacity: int) -> None:
     need = int(lengths.max()) + max_new_tokens + extra
     if need > capacity:
@@ -79,10 +82,12 @@ def _prefill(cfg, params, tokens, lengths, cache, key, sp):
     return sampling.choose(key, logits, sp), cache._replace(lengths=lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sp"), donate_argnums=(3,))
-def _step(cfg, params, token, cache, key, sp):
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "window"), donate_argnums=(3,))
+def _step(cfg, params, token, cache, key, sp, window=None):
     lay = layouts.causal(cache.lengths, 1)
-    logits, _, cache = tf.forward(cfg, params, token[:, None], lay.positions, lay.meta, cache)
+    logits, _, cache = tf.forward(
+        cfg, params, token[:, None], lay.positions, lay.meta, cache, kv_window=window
+    )
     nxt = sampling.choose(key, logits[:, 0], sp)
     return nxt, cache._replace(lengths=cache.lengths + 1)
 
@@ -132,7 +137,9 @@ def generate(
         if done.all():
             break
         key, sub = jax.random.split(key)
-        tok, cache = _step(cfg, params, tok, cache, sub, sampling_params)
+        # Attend only to the filled part of the cache, in steps of WINDOW slots (a few compiles).
+        window = min(capacity, round_up(int(lengths.max()) + steps + 1, WINDOW))
+        tok, cache = _step(cfg, params, tok, cache, sub, sampling_params, window)
         steps += 1
     elapsed = time.perf_counter() - t0
     n = sum(len(o) for o in out)

@@ -205,12 +205,13 @@ def _index(tree, i):
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
 
-def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots):
+def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots, kv_window=None):
     """One decoder layer over [clean rows ; mask rows]. x [B, T, H], positions [B, T].
 
     cache_kv: (k, v, i) with the whole cache k, v [L, B, S, K, D] and this layer's index i, or
       None (keys are this call's clean rows). The clean rows' keys/values are scattered straight
       into the whole cache (in place inside the layer loop) at `write_slots` int32[B, Tc].
+    kv_window: attend to cache slots [0, kv_window) only (None: the whole capacity).
     Returns the new x and the updated whole (k, v) (or None).
     """
     t = x.shape[1]
@@ -224,8 +225,8 @@ def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots):
             bidx = jnp.arange(x.shape[0])[:, None]
             ck = ck.at[i, bidx, write_slots].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[i, bidx, write_slots].set(v.astype(cv.dtype), mode="drop")
-        keys = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
-        values = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
+        keys = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)[:, :kv_window]
+        values = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)[:, :kv_window]
         new_kv = (ck, cv)
     else:
         keys, values, new_kv = k, v, None
@@ -243,7 +244,9 @@ def _layer(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, write_slots):
     return x, new_kv
 
 
-def _run_layers(cfg, target, draft, lo, hi, x, n_clean, positions, meta, cache, write_slots):
+def _run_layers(
+    cfg, target, draft, lo, hi, x, n_clean, positions, meta, cache, write_slots, kv_window=None
+):
     """Layers lo..hi-1 in a fori_loop. Draft projectors (if any) are indexed from layer `lo`.
 
     A cache may cover only the last layers (k.shape[0] < L, e.g. precomputed deep-layer K/V for
@@ -259,7 +262,7 @@ def _run_layers(cfg, target, draft, lo, hi, x, n_clean, positions, meta, cache, 
         lp = _index(target["layers"], i)
         dp = _index(draft["layers"], i - lo) if draft is not None else None
         kv = (ck, cv, i - offset) if has_cache else None
-        x, new_kv = _layer(cfg, lp, dp, x, n_clean, positions, meta, kv, write_slots)
+        x, new_kv = _layer(cfg, lp, dp, x, n_clean, positions, meta, kv, write_slots, kv_window)
         if has_cache:
             ck, cv = new_kv
         return x, ck, cv
@@ -297,6 +300,7 @@ def forward(
     dcfg: DraftConfig | None = None,
     mask_positions=None,
     return_hidden: bool = False,
+    kv_window: int | None = None,
 ):
     """One pass over Tc clean rows and (with a draft) Tm mask rows.
 
@@ -305,6 +309,8 @@ def forward(
     meta: RowMeta over the Tc + Tm query rows; its q_limit counts cache slots (or, without a cache,
       this call's clean rows).
     cache, write_start: the KV cache and int32[B] slot where the clean rows are written.
+    kv_window: static; attention reads only cache slots [0, kv_window) (every visible slot must
+      lie below it). Reading the whole capacity dominates a large-batch decode step on a CPU.
 
     Returns (clean_logits [B, Tc, V], mask_hidden [B, Tm, H] after the final norm, cache). With
     `return_hidden`, clean final-normed hidden states [B, Tc, H] are returned instead of logits.
@@ -322,15 +328,17 @@ def forward(
     x = embed(target, tokens)
     if n_clean and split > 0:
         x, cache = _run_layers(
-            cfg, target, None, 0, split, x, n_clean, positions, clean_meta, cache, write_slots
-        )
+            cfg, target, None, 0, split, x, n_clean, positions, clean_meta, cache, write_slots,
+            kv_window,
+        )  # fmt: skip
     if n_mask:
         mask_rows = jnp.broadcast_to(draft["mask_embedding"], (b, n_mask, cfg.hidden_size))
         x = jnp.concatenate([x, mask_rows.astype(x.dtype)], axis=1)
         pos = jnp.concatenate([positions, mask_positions], axis=1)
         x, cache = _run_layers(
-            cfg, target, draft, split, cfg.num_layers, x, n_clean, pos, meta, cache, write_slots
-        )
+            cfg, target, draft, split, cfg.num_layers, x, n_clean, pos, meta, cache, write_slots,
+            kv_window,
+        )  # fmt: skip
     h = final_norm(cfg, target, x)
     hc, hm = h[:, :n_clean], h[:, n_clean:]
     clean_out = hc if return_hidden else lm_head(cfg, target, hc)
