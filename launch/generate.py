@@ -44,13 +44,25 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("verify_rule", "speculative", ["speculative", "match"], "Sampling verification.")
 flags.DEFINE_integer("cache_len", 1024, "KV cache capacity per sequence.")
+flags.DEFINE_integer(
+    "draft_vocab_size",
+    EngineConfig.draft_vocab_size,
+    "Draft among this many of the draft's most frequent tokens (0 = whole vocabulary).",
+    lower_bound=0,
+)
 flags.DEFINE_string("output_json", None, "Write generations and stats here (atomically).")
 
 
 def run(_):
     texts = pipeline.read_prompts(F.prompt, F.prompts_file)
     sp = SamplingParams(F.temperature, F.top_k, F.top_p)
-    ecfg = EngineConfig(mode=F.mode, threshold=F.threshold, sampling=sp, rule=F.verify_rule)
+    ecfg = EngineConfig(
+        mode=F.mode,
+        threshold=F.threshold,
+        sampling=sp,
+        rule=F.verify_rule,
+        draft_vocab_size=F.draft_vocab_size,
+    )
     cfg, target, tok = pipeline.load_target(F.checkpoint)
     draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
     dcfg, draft = pipeline.load_draft(
