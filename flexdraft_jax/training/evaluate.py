@@ -173,17 +173,21 @@ def tau_curve_plot(metrics_path: str, out_png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = []
+    pts, nocalib = [], []
     with open(metrics_path) as f:
         for line in f:
             rec = json.loads(line)
             if "heldout_tau" in rec:
                 pts.append((rec["train_minutes"], rec["heldout_tau"]))
+            if "heldout_tau_nocalib" in rec:
+                nocalib.append((rec["train_minutes"], rec["heldout_tau_nocalib"]))
     if not pts:
         return
-    x, y = zip(*pts)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(x, y, marker="o")
+    ax.plot(*zip(*pts), marker="o", label="with calibration" if nocalib else None)
+    if nocalib:
+        ax.plot(*zip(*nocalib), marker=".", linestyle="--", label="without calibration")
+        ax.legend()
     ax.set_xlabel("training minutes")
     ax.set_ylabel("held-out tau (teacher-forced, greedy)")
     ax.grid(alpha=0.3)
