@@ -338,6 +338,12 @@ def test_flex_follows_cost_profile(tiny_llama):
     assert set(run(expensive)["branch_per_step"]) == {"ar1"}
     steps = run(expensive, probe_budget=1.0)["branch_per_step"]
     assert steps[:16] == ["ar1"] * 16 and steps[16] != "ar1", steps
+    # Speculation predicted 3% faster than AR (acceptance 0.5 per slot: 1.875 tokens for seq4 at
+    # 1.82 AR steps) runs only without a margin; the default 5% margin keeps AR.
+    near = {"ar1": 1.0, "seq2": 9.0, "seq4": 1.875 / 1.03, "par2": 9.0, "par4": 9.0}
+    assert run(near, spec_margin=0.0)["branch_per_step"][0] == "seq4"
+    assert run(near)["branch_per_step"][0] == "ar1"
+    assert run({**near, "seq4": 1.875 / 1.10})["branch_per_step"][0] == "seq4"
     # Low acceptance (a draft unrelated to the target): flex learns alpha and stops speculating.
     _, bad = random_draft(cfg, target, 4, noise=2.0, seed=21)
     low = run({"ar1": 1.0, "seq2": 1.4, "seq4": 1.8, "par2": 1.5, "par4": 1.9}, d=bad)

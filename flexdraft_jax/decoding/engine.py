@@ -54,6 +54,10 @@ class EngineConfig:
     # time: a probe that costs c AR steps waits at least (c - 1) / probe_budget AR steps (at
     # batch 64 on a 2-core CPU a probe costs ~5 AR steps: one per ~130 steps).
     probe_budget: float = 0.03
+    # flex speculates only when its predicted tokens per second beat AR's by this fraction. The
+    # prediction rests on measured step costs and running acceptance rates, both noisy; a
+    # break-even choice can only lose (batch 4 in one demo: seq4 predicted ~1.0x, ran at 0.95x).
+    spec_margin: float = 0.05
     paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
     # How the chosen branch runs. "switch": one jitted step, `lax.switch` on device. "host": the
     # branch index is still chosen on device (returned with the previous step's state) and the
@@ -76,6 +80,8 @@ class EngineConfig:
             raise ValueError(f"dispatch must be 'host' or 'switch', got {self.dispatch!r}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
+        if self.spec_margin < 0:
+            raise ValueError(f"spec_margin must be >= 0, got {self.spec_margin}")
         if self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
         if self.rule not in verify.RULES:
@@ -354,8 +360,8 @@ def choose_branch(st: Static, state: DecodeState, costs):
     )
     refill = jnp.where(state.has_drafts, 0.0, costs[-1])
     cost = costs[:-1] + jnp.asarray([0.0 if k == "ar" else 1.0 for k in kinds]) * refill
-    score = gain / jnp.maximum(cost, 1e-9)
     is_ar = jnp.asarray([k == "ar" for k in kinds])
+    score = gain / jnp.maximum(cost, 1e-9) / jnp.where(is_ar, 1.0, 1.0 + st.ecfg.spec_margin)
     ar_cost = jnp.maximum(jnp.min(jnp.where(is_ar, cost, jnp.inf)), 1e-9)
     probe_extra = jnp.min(jnp.where(is_ar, jnp.inf, cost)) / ar_cost - 1.0  # in AR steps
     probing = (state.ar_streak >= state.probe_every) & (
