@@ -578,11 +578,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             if heldout is not None and (done % ec.every == 0 or last):
                 jax.block_until_ready(state)
                 t_eval = time.perf_counter()
-                rec = eval_record(done, minutes)
+                rec = eval_record(done, minutes)  # every process: the eval is sharded too
                 history.append(rec)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                evaluate.tau_curve_plot(metrics_path, os.path.join(workdir, "tau_vs_minutes.png"))
+                if is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    plot = os.path.join(workdir, "tau_vs_minutes.png")
+                    evaluate.tau_curve_plot(metrics_path, plot)
                 t_last += time.perf_counter() - t_eval  # evaluation is not training time
             mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=last)
             bar.update(1)
