@@ -32,8 +32,8 @@ DEMO_BENCH = dict(
     batch_sizes=(1, 4, 16, 64),
     modes=("ar", "sequential", "parallel", "flex"),
     max_new_tokens=32,
-    repeats=3,  # timed decodes per mode and batch size; the fastest counts
-    profile_repeats=3,
+    repeats=2,  # timed decodes per mode and batch size; the fastest counts
+    profile_repeats=2,
 )
 # Rough rates on a 2-core CPU used to size the retrain stages to the budget; each stage records the
 # rates it achieved in its marker file, so they can be corrected from a real run.

@@ -578,7 +578,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             if heldout is not None and (done % ec.every == 0 or last):
                 jax.block_until_ready(state)
                 t_eval = time.perf_counter()
-                rec = eval_record(done, minutes)  # every process: the eval is sharded too
+                rec = eval_record(done, minutes)
                 history.append(rec)
                 if is_main:
                     with open(metrics_path, "a") as f:
