@@ -580,11 +580,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
                 t_eval = time.perf_counter()
                 rec = eval_record(done, minutes)
                 history.append(rec)
-                if is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    plot = os.path.join(workdir, "tau_vs_minutes.png")
-                    evaluate.tau_curve_plot(metrics_path, plot)
+                with open(metrics_path, "a") as f:  # heldout exists on the main process only
+                    f.write(json.dumps(rec) + "\n")
+                evaluate.tau_curve_plot(metrics_path, os.path.join(workdir, "tau_vs_minutes.png"))
                 t_last += time.perf_counter() - t_eval  # evaluation is not training time
             mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=last)
             bar.update(1)
