@@ -408,3 +408,41 @@ def test_teacher_forced_tau_with_a_restricted_draft_vocabulary(tmp_path):
     emitted = np.unique(packed.tokens[packed.loss_mask])
     others = np.setdiff1d(np.arange(cfg.vocab_size), emitted)
     assert tau(T.restrict_draft_vocab(cfg, target, draft, others))["tau"] == 1.0
+
+
+def test_clean_cache_reuses_the_rows_of_a_cached_prefix(tmp_path):
+    """Grown data (sequences appended) reuses the cached prefix's K/V rows and computes the rest:
+    the result equals a fresh clean pass, and a marker planted in the prefix file is carried over
+    (so those rows really were read, not recomputed). A different prefix is not reused."""
+    from flexdraft_jax.training import clean_cache
+
+    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
+    target = sharp_target(cfg)
+    prompts = data.synthetic_prompts(6, cfg.vocab_size, 3, 8, seed=5)
+    responses = ar.generate(cfg, target, prompts, 16).tokens
+    packed = data.pack(list(zip(prompts, responses)), 32)
+    toks, lens = packed.tokens, packed.lengths
+    run = lambda t, n, **kw: clean_cache.precompute(
+        cfg, 2, target, t, n, batch_size=2, dtype="float32", **kw
+    )
+    fresh = run(toks, lens)
+    d = str(tmp_path / "cc")
+    pk, _ = run(toks[:4], lens[:4], cache_dir=d, ident="m")
+    np.testing.assert_allclose(pk, fresh[0][:4], atol=1e-6)
+    grown = run(toks, lens, cache_dir=d, ident="m")
+    for a, b in zip(grown, fresh):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    prefix = os.path.join(d, clean_cache.cache_key("m", toks[:4], 2, "float32"))
+    marked = np.load(prefix + ".k.npy")
+    marked[1, 0, 0, 0, 0] = 1234.0
+    np.save(prefix + ".k.npy", marked)
+    for f in os.listdir(d):  # drop the grown cache; keep the (marked) prefix
+        if not f.startswith(os.path.basename(prefix)):
+            os.remove(os.path.join(d, f))
+    assert run(toks, lens, cache_dir=d, ident="m")[0][1, 0, 0, 0, 0] == 1234.0
+    other = toks.copy()
+    other[0, 0] = (other[0, 0] + 1) % cfg.vocab_size  # prefix no longer matches: full pass
+    assert run(other, lens, cache_dir=d, ident="m")[0][1, 0, 0, 0, 0] != 1234.0
+    with pytest.raises(ValueError, match="ident"):
+        run(toks, lens, cache_dir=d)

@@ -37,6 +37,32 @@ def cache_key(model_id: str, tokens: np.ndarray, depth: int, dtype: str) -> str:
     return h.hexdigest()[:20]
 
 
+def _load(path: str, dtype: str):
+    # .npy has no bfloat16: such files read back as 2-byte voids; view them as bfloat16.
+    return tuple(np.load(f"{path}.{n}.npy", mmap_mode="r").view(DTYPES[dtype]) for n in ("k", "v"))
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path + ".k.npy") and os.path.exists(path + ".v.npy")
+
+
+def _longest_cached_prefix(cache_dir, name, ident, tokens, depth, dtype) -> tuple[int, str | None]:
+    """(m, path) of the cache of the longest proper prefix tokens[:m] already in `cache_dir`."""
+    best, best_path = 0, None
+    if not os.path.isdir(cache_dir):
+        return best, best_path
+    for f in os.listdir(cache_dir):
+        if not (f.startswith(name) and f.endswith(".k.npy")):
+            continue
+        m = np.load(os.path.join(cache_dir, f), mmap_mode="r").shape[0]
+        if not best < m < len(tokens):
+            continue
+        path = os.path.join(cache_dir, name + cache_key(ident, tokens[:m], depth, dtype))
+        if f == os.path.basename(path) + ".k.npy" and _exists(path):
+            best, best_path = m, path
+    return best, best_path
+
+
 def precompute(
     cfg,
     depth: int,
@@ -47,26 +73,39 @@ def precompute(
     batch_size=8,
     bucket=64,
     dtype="bfloat16",
-    path=None,
+    cache_dir=None,
+    ident=None,
+    name="",
 ):
     """(k, v): numpy [N, depth, T, K, Dh] of layers L-depth..L-1 for every sequence.
 
     Sequences are processed longest-first in batches cropped to their longest length (rounded up
     to `bucket`); positions past a sequence's length hold zeros and are never visible. With
-    `path`, the arrays are written there atomically (`{path}.k.npy`, `{path}.v.npy`) and reused.
+    `cache_dir`, the arrays are written there atomically as `{name}{key}.k.npy` / `.v.npy`, the
+    key a hash of `ident` (the model), the tokens, depth and dtype, and reused. When the data has
+    grown (more distilled prompts appended), the rows of the longest cached prefix are reused and
+    only the new sequences run.
     """
     if dtype not in DTYPES:
         raise ValueError(f"clean cache dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if path and os.path.exists(path + ".k.npy") and os.path.exists(path + ".v.npy"):
-        log.info("clean pass: reusing %s", path)
-        # .npy has no bfloat16: such files read back as 2-byte voids; view them as bfloat16.
-        return tuple(
-            np.load(f"{path}.{n}.npy", mmap_mode="r").view(DTYPES[dtype]) for n in ("k", "v")
-        )
+    if cache_dir is not None and ident is None:
+        raise ValueError("a clean cache on disk needs `ident` (the model's identity) for its key")
+    path = None
     n, t = tokens.shape
     shape = (n, depth, t, cfg.num_kv_heads, cfg.head_dim)
     k_all = np.zeros(shape, DTYPES[dtype])
     v_all = np.zeros(shape, DTYPES[dtype])
+    first = 0
+    if cache_dir is not None:
+        path = os.path.join(cache_dir, name + cache_key(ident, tokens, depth, dtype))
+        if _exists(path):
+            log.info("clean pass: reusing %s", path)
+            return _load(path, dtype)
+        first, prefix = _longest_cached_prefix(cache_dir, name, ident, tokens, depth, dtype)
+        if prefix is not None:
+            log.info("clean pass: reusing the first %d of %d sequences from %s", first, n, prefix)
+            for arr, old in zip((k_all, v_all), _load(prefix, dtype)):
+                arr[:first] = old
 
     @jax.jit
     def run(target, toks):
@@ -77,18 +116,18 @@ def precompute(
         _, _, cache = tf.forward(cfg, target, toks, lay.positions, lay.meta, cache, zeros)
         return cache.k[-depth:], cache.v[-depth:]  # [D, b, w, K, Dh]
 
-    order = np.argsort(-lengths, kind="stable")
-    for i in tqdm(range(0, n, batch_size), desc="clean pass", unit="batch"):
+    order = first + np.argsort(-lengths[first:], kind="stable")
+    for i in tqdm(range(0, n - first, batch_size), desc="clean pass", unit="batch"):
         idx = order[i : i + batch_size]
         w = min(t, -(-int(lengths[idx].max()) // bucket) * bucket)
         k, v = run(target, jnp.asarray(tokens[idx, :w]))
         k_all[idx, :, :w] = np.asarray(k).transpose(1, 0, 2, 3, 4).astype(k_all.dtype)
         v_all[idx, :, :w] = np.asarray(v).transpose(1, 0, 2, 3, 4).astype(v_all.dtype)
     if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        for name, arr in (("k", k_all), ("v", v_all)):
-            tmp = f"{path}.{name}.tmp.npy"
+        os.makedirs(cache_dir, exist_ok=True)
+        for kind, arr in (("k", k_all), ("v", v_all)):
+            tmp = f"{path}.{kind}.tmp.npy"
             np.save(tmp, arr)
-            os.replace(tmp, f"{path}.{name}.npy")
+            os.replace(tmp, f"{path}.{kind}.npy")
         log.info("clean pass: %s K/V of %d sequences written to %s", dtype, n, path)
     return k_all, v_all

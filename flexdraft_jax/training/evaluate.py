@@ -147,7 +147,6 @@ def heldout_set(
     )
     packed = data_lib.pack(list(zip(prompts, responses)), seq_len)
     ident = model_id or data_lib.params_fingerprint(cfg, host)
-    key = clean_cache.cache_key(ident, packed.tokens, dcfg.depth, "float32")
     k, v = clean_cache.precompute(
         cfg,
         dcfg.depth,
@@ -155,7 +154,9 @@ def heldout_set(
         packed.tokens,
         packed.lengths,
         dtype="float32",
-        path=os.path.join(workdir, "clean_cache", "heldout-" + key),
+        cache_dir=os.path.join(workdir, "clean_cache"),
+        ident=ident,
+        name="heldout-",
     )
     return {
         "tokens": packed.tokens,

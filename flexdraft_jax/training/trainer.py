@@ -408,7 +408,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
 
         p = dataset.packed
         ident = model_id or data_lib.params_fingerprint(cfg, jax.tree.map(_to_host, target))
-        key = clean_cache.cache_key(ident, p.tokens, dcfg.depth, tc.cache_clean_dtype)
         dataset.clean_kv = clean_cache.precompute(
             cfg,
             dcfg.depth,
@@ -417,7 +416,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             p.lengths,
             batch_size=tc.batch_size,
             dtype=tc.cache_clean_dtype,
-            path=os.path.join(workdir, "clean_cache", key),
+            cache_dir=os.path.join(workdir, "clean_cache"),
+            ident=ident,
         )
         batch_keys = BATCH_KEYS + ("clean_k", "clean_v")
     log.info("%d steps per epoch of %d sequences", dataset.steps_per_epoch, tc.batch_size)
