@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from flexdraft_jax import pipeline
@@ -241,3 +242,36 @@ def test_rows_report_the_fastest_repeat():
     assert row["tokens_per_s"] == pytest.approx((20 - 2) / (3.0 - 1.0))  # prefill excluded
     assert row["e2e_tokens_per_s"] == pytest.approx(20 / 3.0)
     assert row["step_seconds"] == pytest.approx(2.0 / 9)
+
+
+def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):
+    """`--retrain` end to end on the tiny target: distil, attention, calibration; the release it
+    returns decodes losslessly; a rerun of the same workdir trains nothing."""
+    from flexdraft_jax.bench import demo
+    from flexdraft_jax.checkpoints import release
+    from flexdraft_jax.decoding import ar
+    from flexdraft_jax.decoding.decoder import Decoder
+    from flexdraft_jax.decoding.engine import EngineConfig
+
+    conf = demo._load_config("configs/tiny.py")
+    cfg = ModelConfig(**dict(conf.model.tiny))
+    params = jax.tree.map(np.asarray, tf.init_target(cfg, jax.random.PRNGKey(0)))
+    target = (cfg, params, None)
+    wd, budget = str(tmp_path), demo.BENCH_MINUTES + 3.0
+    path = demo.retrain(wd, demo.Stages(wd), target, "configs/tiny.py", budget)
+    for stage in ("distil", "attention", "calibration"):
+        assert os.path.exists(tmp_path / "stages" / f"{stage}.json")
+    assert demo.Stages(wd).done("calibration")["release"] == path
+
+    dcfg, draft = release.load_release(path, cfg)
+    prompts = [[3, 5, 7, 9], [11, 2]]
+    want = ar.generate(cfg, params, prompts, 12).tokens
+    dec = Decoder(cfg, params, draft, dcfg, EngineConfig(mode="sequential"), profile_dir=None)
+    assert dec.generate(prompts, 12).tokens == want
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr("flexdraft_jax.training.trainer.train", no_training)
+    monkeypatch.setattr("flexdraft_jax.training.trainer.build_dataset", no_training)
+    assert demo.retrain(wd, demo.Stages(wd), target, "configs/tiny.py", budget) == path
