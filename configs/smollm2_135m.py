@@ -4,14 +4,16 @@ D = 6, b = 8 (the baseline's shape); self-distilled greedy responses to HumanEva
 stubs parsed from the standard library's source, then to documentation prompts; CE on the greedy
 tokens (which lets the deep-layer clean pass be computed once), early slots weighted.
 
-The shipped draft is one joint run (attention + calibration together), trained in chunks:
+The shipped draft is one joint run (attention + calibration together, this config's stage), which
+may run in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a checkpoint and the
+same command resumes it.
 
-  python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2 --stage=joint \
-      --config.train.stop_at=1200      # then 2400, ... : each chunk resumes from the checkpoint
+  python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
 
 The two-stage recipe (calibration trained on a frozen drafter) is also supported:
 
-  python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2_attn
+  python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2_attn \
+      --stage=attention
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2_calib \
       --stage=calibration --config.train.init_from=/tmp/smollm2_attn
   python launch/train.py --config=configs/smollm2_135m.py:runlocal ...   (a smoke run)
@@ -43,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.anchors_per_seq = 16
     c.data.chat_template = True
 
-    c.train.stage = "attention"
+    c.train.stage = "joint"
     c.train.steps = 3600  # ~90 minutes at ~1.5 s/step on 2 cores; ~5 epochs of the 6144 responses
     c.train.batch_size = 8
     c.train.lr = 1e-3

@@ -334,10 +334,13 @@ def test_flex_follows_cost_profile(tiny_llama):
     assert set(cheap_par["branch_per_step"]) == {"par4"}
     expensive = {"ar1": 1.0, "seq2": 9.0, "seq4": 9.0, "par2": 9.0, "par4": 9.0}
     # A probe costs 8 extra AR steps: with a 3% budget it waits 8 / 0.03 AR steps, so a 30-token
-    # decode never probes; with the whole budget it probes every `probe_interval` = 16 steps.
+    # decode never probes; with the whole budget it probes every `probe_interval` = 16 steps:
+    # chosen after the 16th AR step, run one step later with the default lookahead of 1.
     assert set(run(expensive)["branch_per_step"]) == {"ar1"}
-    steps = run(expensive, probe_budget=1.0)["branch_per_step"]
-    assert steps[:16] == ["ar1"] * 16 and steps[16] != "ar1", steps
+    for lookahead in (0, 1):
+        steps = run(expensive, probe_budget=1.0, lookahead=lookahead)["branch_per_step"]
+        k = 16 + lookahead
+        assert steps[:k] == ["ar1"] * k and steps[k] != "ar1", (lookahead, steps)
     # Speculation predicted 3% faster than AR (acceptance 0.5 per slot: 1.875 tokens for seq4 at
     # 1.82 AR steps) runs only without a margin; the default 5% margin keeps AR.
     near = {"ar1": 1.0, "seq2": 9.0, "seq4": 1.875 / 1.03, "par2": 9.0, "par4": 9.0}
@@ -429,7 +432,7 @@ def test_host_and_switch_dispatch_agree(tiny_llama):
             target,
             draft,
             dcfg,
-            engine.EngineConfig(mode="flex", dispatch=d),
+            engine.EngineConfig(mode="flex", dispatch=d, lookahead=0),
             cache_len=128,
             eos_ids=(),
             profiles=prof,
@@ -441,6 +444,46 @@ def test_host_and_switch_dispatch_agree(tiny_llama):
     assert runs[0].stats["branch_per_step"] == runs[1].stats["branch_per_step"]
     assert runs[0].stats["committed_per_step"] == runs[1].stats["committed_per_step"]
     assert len(set(runs[0].stats["branch_per_step"])) > 1  # the policy really switched
+
+
+@pytest.mark.parametrize("mode", ["ar", "flex"])
+def test_lookahead_dispatch_is_lossless_and_stops_on_time(tiny_llama, mode):
+    """The host queues step t+1 (with the branch chosen after step t-1) before reading step t:
+    the same tokens as reading every step; a decode ended by the token budget runs no extra step,
+    one ended by EOS at most one, which commits nothing."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    prof = {
+        len(PROMPTS): CostProfile(
+            len(PROMPTS), {"ar1": 1.0, "seq2": 1.2, "seq4": 1.5, "par2": 1.1, "par4": 1.4}, 0.3
+        )
+    }
+    ref = ar.generate(cfg, target, PROMPTS, 20, eos_ids=())
+    eos = ref.tokens[0][5]
+
+    def run(lookahead, eos_ids):
+        ecfg = engine.EngineConfig(mode=mode, lookahead=lookahead)
+        dec = Decoder(
+            cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=eos_ids, profiles=prof,
+            profile_dir=None,
+        )  # fmt: skip
+        return dec.generate(PROMPTS, 20)
+
+    for eos_ids in ((), (eos,)):
+        want = ar.generate(cfg, target, PROMPTS, 20, eos_ids=eos_ids).tokens
+        sync, lagged = run(0, eos_ids), run(1, eos_ids)
+        assert sync.tokens == lagged.tokens == want
+        per_step = np.asarray(lagged.stats["committed_per_step"]).sum(axis=0)
+        assert (per_step[:-1] > 0).all()  # only the last step may be a no-op ...
+        assert per_step[-1] > 0 or eos_ids  # ... and only when EOS ended the decode
+        if mode == "ar":  # the same steps, plus at most that no-op
+            extra = lagged.stats["steps"] - sync.stats["steps"]
+            assert extra == (per_step[-1] == 0)
+        if mode == "flex":
+            names = lagged.stats["branch_per_step"]
+            assert names[1] == names[0] and len(set(names)) > 1  # lagged choice, still switching
+    with pytest.raises(ValueError, match="lookahead"):
+        engine.EngineConfig(lookahead=-1)
 
 
 def test_ar_cache_window_crossing_gives_the_same_tokens(tiny_llama, monkeypatch):

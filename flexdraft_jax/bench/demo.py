@@ -115,6 +115,7 @@ def retrain(workdir: str, stages: Stages, target, config_path: str, budget_minut
     from flexdraft_jax.training import trainer
 
     config = _load_config(config_path)
+    config.train.stage = "attention"  # then calibration on the frozen drafter
     minutes = plan_retrain(config, budget_minutes)
     config.data.cache_dir = os.path.join(workdir, "distil")
     log.info(

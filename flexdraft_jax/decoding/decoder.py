@@ -1,9 +1,10 @@
 """The generation API: `Decoder(cfg, target, draft, dcfg, ecfg).generate(prompts, max_new_tokens)`.
 
 Owns the host loop around the jitted `engine.prefill` / `engine.step` (one sync per step to check
-the stop flags) and the cost profile the flex policy reads: the measured seconds of each branch at
-a batch size (forward time against rows processed in the shallow and deep layers), measured once at
-start-up by forcing each branch on a warm state, cached on disk, or given by the caller.
+the stop flags; with host dispatch the next step is queued before that sync, `lookahead`) and the
+cost profile the flex policy reads: the measured seconds of each branch at a batch size (forward
+time against rows processed in the shallow and deep layers), measured once at start-up by forcing
+each branch on a warm state, cached on disk, or given by the caller.
 """
 
 from __future__ import annotations
@@ -137,14 +138,22 @@ class Decoder:
                 idxs.append(idx)
                 counts.append(count)
         else:
-            nxt, done = jax.device_get((engine.first_branch(st, state, costs), state.done))
-            while not done.all():
-                idxs.append(int(nxt))
-                state, nxt, count = engine.branch_step(
-                    st, idxs[-1], self.target, self.draft, state, costs
-                )
-                counts.append(count)
-                nxt, done = jax.device_get((nxt, state.done))  # the step's one sync
+            status = engine.first_branch(st, state, costs)
+            nxt, done, n_out = engine.read_status(np.asarray(status))
+            inflight = []  # status of launched steps the host has not read yet
+            while not done.all() or inflight:
+                # Each step commits >= 1 token per active sequence: stop launching once the
+                # steps in flight are sure to exhaust every active sequence's budget.
+                if not done.all() and not (n_out[~done] + len(inflight) >= max_new_tokens).all():
+                    idxs.append(nxt)
+                    state, status, count = engine.branch_step(
+                        st, nxt, self.target, self.draft, state, costs
+                    )
+                    counts.append(count)
+                    inflight.append(status)
+                    if len(inflight) <= self.ecfg.lookahead:
+                        continue
+                nxt, done, n_out = engine.read_status(np.asarray(inflight.pop(0)))  # the sync
         elapsed = time.perf_counter() - t0
         gen = self._result(st, state, [int(i) for i in idxs], elapsed, t_prefill, max_new_tokens)
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []

@@ -65,6 +65,12 @@ class EngineConfig:
     # `lax.switch` branch that updates it (measured: 2 copies per branch); "host" has none, so it
     # is the default. Both give identical tokens (tested).
     dispatch: str = "host"
+    # Host dispatch: steps launched before the host reads a step's result. With 1, the next step
+    # is queued while the current one runs (no idle gap for the host's read and launch), using
+    # the branch chosen one step earlier; stopping is read one step late too, so a decode that
+    # ends on EOS runs one no-op step (one that ends on the token budget never does). Lossless
+    # either way: every branch is valid in every state. 0: read every step before the next.
+    lookahead: int = 1
     # Drafts are picked among the first this-many ids of the draft's vocabulary (token ids by
     # training frequency, stored with a release): the draft pass's lm_head and calibration output
     # layer shrink by V / N. Verification uses the whole vocabulary, so it stays lossless. 0, or a
@@ -78,6 +84,8 @@ class EngineConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.dispatch not in ("host", "switch"):
             raise ValueError(f"dispatch must be 'host' or 'switch', got {self.dispatch!r}")
+        if self.lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
         if self.spec_margin < 0:
@@ -444,17 +452,30 @@ def step(st: Static, target, draft, state: DecodeState, costs, force):
     return new, idx, new.n_out - n_before
 
 
+def _status(st: Static, state: DecodeState, costs):
+    """int32[1 + 2B]: the policy's next branch, stop flags, committed counts (one host read; its
+    own buffer, so it outlives the state donated to the next step)."""
+    nxt = choose_branch(st, state, costs)[None]
+    return jnp.concatenate([nxt, state.done.astype(jnp.int32), state.n_out]).astype(jnp.int32)
+
+
+def read_status(status) -> tuple:
+    """(next branch, done bool[B], n_out int32[B]) from a host copy of `_status`."""
+    b = (len(status) - 1) // 2
+    return int(status[0]), status[1 : 1 + b].astype(bool), status[1 + b :]
+
+
 @functools.partial(jax.jit, static_argnames=("st",))
 def first_branch(st: Static, state: DecodeState, costs):
-    """The policy's choice for the first step (host dispatch)."""
-    return choose_branch(st, state, costs)
+    """The policy's choice for the first step and the stop state after prefill (host dispatch)."""
+    return _status(st, state, costs)
 
 
 @functools.partial(jax.jit, static_argnames=("st", "branch"), donate_argnames=("state",))
 def branch_step(st: Static, branch: int, target, draft, state: DecodeState, costs):
     """Host dispatch: run branch `branch` (no lax.switch) and choose the next one on device.
 
-    Returns (state, next branch index, tokens committed per sequence int32[B])."""
+    Returns (state, status for `read_status`, tokens committed per sequence int32[B])."""
     n_before = state.n_out
     new = _branch_fns(st)[branch](target, draft, state)
-    return new, choose_branch(st, new, costs), new.n_out - n_before
+    return new, _status(st, new, costs), new.n_out - n_before
