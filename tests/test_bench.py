@@ -134,6 +134,11 @@ def test_parse_mode():
     assert s.draft_vocab_size == 0 and s.engine_config(0.0).draft_vocab_size == 0
     with pytest.raises(ValueError, match="draft vocabulary size"):
         harness.parse_mode("flex:dv=-3")
+    s = harness.parse_mode("ar:la=0")
+    assert (s.mode, s.lookahead, s.engine_config(0.0).lookahead) == ("ar", 0, 0)
+    assert harness.parse_mode("flex").engine_config(0.0).lookahead == 1
+    with pytest.raises(ValueError, match="lookahead"):
+        harness.parse_mode("flex:la=x")
 
 
 def test_turns_prompts_through_harness(tmp_path):

@@ -49,6 +49,7 @@ class ModeSpec:
     threshold: float
     use_calibration: bool
     draft_vocab_size: int = engine.EngineConfig.draft_vocab_size
+    lookahead: int = engine.EngineConfig.lookahead
 
     def engine_config(self, temperature: float) -> engine.EngineConfig:
         return engine.EngineConfig(
@@ -57,14 +58,16 @@ class ModeSpec:
             use_calibration=self.use_calibration,
             sampling=SamplingParams(temperature),
             draft_vocab_size=self.draft_vocab_size,
+            lookahead=self.lookahead,
         )
 
 
 def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True) -> ModeSpec:
-    """`flex`, `flex:nocalib`, `sequential:t=0`, `flex:dv=0`, ... (defaults from the run's
-    flags)."""
+    """`flex`, `flex:nocalib`, `sequential:t=0`, `flex:dv=0`, `ar:la=0`, ... (defaults from the
+    run's flags)."""
     mode, *opts = spec.strip().split(":")
     vocab = engine.EngineConfig.draft_vocab_size
+    lookahead = engine.EngineConfig.lookahead
     if mode not in engine.MODES:
         raise ValueError(
             f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(engine.MODES)}"
@@ -84,11 +87,18 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
                 raise ValueError(f"bad draft vocabulary size {opt!r} in mode {spec!r}") from None
             if vocab < 0:
                 raise ValueError(f"draft vocabulary size must be >= 0 in mode {spec!r}")
+        elif opt.startswith("la="):
+            try:
+                lookahead = int(opt[3:])
+            except ValueError:
+                raise ValueError(f"bad lookahead {opt!r} in mode {spec!r}") from None
+            if lookahead < 0:
+                raise ValueError(f"lookahead must be >= 0 in mode {spec!r}")
         else:
             raise ValueError(
-                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA or dv=N"
+                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N or la=N"
             )
-    return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab)
+    return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, lookahead)
 
 
 def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None) -> list[list]:
