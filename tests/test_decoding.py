@@ -335,7 +335,7 @@ def test_flex_follows_cost_profile(tiny_llama):
     expensive = {"ar1": 1.0, "seq2": 9.0, "seq4": 9.0, "par2": 9.0, "par4": 9.0}
     # A probe costs 8 extra AR steps: with a 3% budget it waits 8 / 0.03 AR steps, so a 30-token
     # decode never probes; with the whole budget it probes every `probe_interval` = 16 steps:
-    # chosen after the 16th AR step, run one step later with the default lookahead of 1.
+    # chosen after the 16th AR step, run one step later with a lookahead of 1.
     assert set(run(expensive)["branch_per_step"]) == {"ar1"}
     for lookahead in (0, 1):
         steps = run(expensive, probe_budget=1.0, lookahead=lookahead)["branch_per_step"]

@@ -49,7 +49,7 @@ class ModeSpec:
     threshold: float
     use_calibration: bool
     draft_vocab_size: int = engine.EngineConfig.draft_vocab_size
-    lookahead: int = engine.EngineConfig.lookahead
+    lookahead: int | None = engine.EngineConfig.lookahead
 
     def engine_config(self, temperature: float) -> engine.EngineConfig:
         return engine.EngineConfig(

@@ -1,7 +1,7 @@
 """The generation API: `Decoder(cfg, target, draft, dcfg, ecfg).generate(prompts, max_new_tokens)`.
 
 Owns the host loop around the jitted `engine.prefill` / `engine.step` (one sync per step to check
-the stop flags; with host dispatch the next step is queued before that sync, `lookahead`) and the
+the stop flags; `EngineConfig.lookahead` can queue the next step before that sync) and the
 cost profile the flex policy reads: the measured seconds of each branch at a batch size (forward
 time against rows processed in the shallow and deep layers), measured once at start-up by forcing
 each branch on a warm state, cached on disk, or given by the caller.
@@ -87,6 +87,9 @@ class Decoder:
         self.profiles = dict(profiles or {})
         self.profile_dir = profile_dir
         self._warm: set[int] = set()  # batch sizes whose branch executables are all compiled
+        self.lookahead = ecfg.lookahead
+        if self.lookahead is None:
+            self.lookahead = 0 if jax.default_backend() == "cpu" else 1
 
     def static(self, batch: int) -> engine.Static:
         branches = engine.branches_for(self.ecfg, self.dcfg.block_size, batch)
@@ -151,7 +154,7 @@ class Decoder:
                     )
                     counts.append(count)
                     inflight.append(status)
-                    if len(inflight) <= self.ecfg.lookahead:
+                    if len(inflight) <= self.lookahead:
                         continue
                 nxt, done, n_out = engine.read_status(np.asarray(inflight.pop(0)))  # the sync
         elapsed = time.perf_counter() - t0

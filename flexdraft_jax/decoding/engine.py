@@ -70,7 +70,9 @@ class EngineConfig:
     # the branch chosen one step earlier; stopping is read one step late too, so a decode that
     # ends on EOS runs one no-op step (one that ends on the token budget never does). Lossless
     # either way: every branch is valid in every state. 0: read every step before the next.
-    lookahead: int = 1
+    # None: 1 on accelerators, 0 on CPU, where the host thread shares the cores with the
+    # computation (2-core CPU, SmolLM2, b = 1 and 4: AR, flex and sequential within +-4% of 0).
+    lookahead: int | None = None
     # Drafts are picked among the first this-many ids of the draft's vocabulary (token ids by
     # training frequency, stored with a release): the draft pass's lm_head and calibration output
     # layer shrink by V / N. Verification uses the whole vocabulary, so it stays lossless. 0, or a
@@ -84,7 +86,7 @@ class EngineConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.dispatch not in ("host", "switch"):
             raise ValueError(f"dispatch must be 'host' or 'switch', got {self.dispatch!r}")
-        if self.lookahead < 0:
+        if self.lookahead is not None and self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
