@@ -498,3 +498,27 @@ def test_ar_cache_window_crossing_gives_the_same_tokens(tiny_llama, monkeypatch)
     whole = ar.generate(cfg, target, prompts, 40, eos_ids=(), cache_len=512)
     assert windowed.tokens == whole.tokens
     assert len(set(windowed.tokens[0])) > 3  # not a degenerate repetition
+
+
+def test_flex_ar_steps_share_ar_modes_executable(tiny_llama):
+    """An AR step is one executable whatever the mode: after AR mode has decoded, flex compiles
+    only its speculative branches (so "flex took only AR steps" runs exactly AR mode's code)."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    jax.clear_caches()
+    prof = {5: CostProfile(5, {"ar1": 1.0, "seq2": 9.0, "seq4": 9.0, "par2": 9.0, "par4": 9.0}, 1)}
+
+    def run(mode):
+        ecfg = engine.EngineConfig(mode=mode)
+        dec = Decoder(
+            cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(), profiles=prof,
+            profile_dir=None,
+        )  # fmt: skip
+        return dec, dec.generate(PROMPTS, 10)
+
+    _, ar_gen = run("ar")
+    before = engine.branch_step._cache_size()
+    dec, flex_gen = run("flex")
+    assert set(flex_gen.stats["branch_per_step"]) == {"ar1"} and flex_gen.tokens == ar_gen.tokens
+    spec = [b for b in dec.static(5).branches if b[0] != "ar"]
+    assert engine.branch_step._cache_size() - before == len(spec)

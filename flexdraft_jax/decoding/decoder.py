@@ -149,9 +149,7 @@ class Decoder:
                 # steps in flight are sure to exhaust every active sequence's budget.
                 if not done.all() and not (n_out[~done] + len(inflight) >= max_new_tokens).all():
                     idxs.append(nxt)
-                    state, status, count = engine.branch_step(
-                        st, nxt, self.target, self.draft, state, costs
-                    )
+                    state, status, count = self._launch(st, nxt, state, costs)
                     counts.append(count)
                     inflight.append(status)
                     if len(inflight) <= self.lookahead:
@@ -161,6 +159,21 @@ class Decoder:
         gen = self._result(st, state, [int(i) for i in idxs], elapsed, t_prefill, max_new_tokens)
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
         return gen
+
+    def _launch(self, st, idx, state, costs):
+        """Run branch `idx` (host dispatch) -> (state, status, tokens committed per sequence).
+
+        An AR step runs the executable of `engine.ar_static` (shared with AR mode; no draft), and
+        a mode that can switch then chooses its next branch in a small executable of its own."""
+        if st.branches[idx] != ("ar", 1):
+            return engine.branch_step(st, idx, self.target, self.draft, state, costs)
+        ar_costs = jnp.zeros((2,), jnp.float32)
+        new, status, count = engine.branch_step(
+            engine.ar_static(st), 0, self.target, None, state, ar_costs
+        )
+        if len(st.branches) > 1:
+            status = engine.first_branch(st, new, costs)
+        return new, status, count
 
     def _result(self, st, state, idxs, elapsed, t_prefill, max_new_tokens):
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)
@@ -248,7 +261,7 @@ class Decoder:
                     st, self.target, self.draft, s, costs, jnp.int32(i)
                 )[0]
             else:
-                run = lambda s, i=i: engine.branch_step(st, i, self.target, self.draft, s, costs)[0]
+                run = lambda s, i=i: self._launch(st, i, s, costs)[0]
             state = run(state)  # compile
             runs.append(run)
         # Branches interleaved round by round, and the fastest sample of each kept: load from

@@ -454,6 +454,14 @@ def step(st: Static, target, draft, state: DecodeState, costs, force):
     return new, idx, new.n_out - n_before
 
 
+def ar_static(st: Static) -> Static:
+    """The Static of a plain AR step, whatever the mode: flex's AR steps and AR mode's then run one
+    and the same executable (two compilations of the same step can differ in speed by several %
+    on CPU, which a benchmark would report as a difference between the modes)."""
+    ecfg = EngineConfig(mode="ar", sampling=st.ecfg.sampling, alpha_ema=st.ecfg.alpha_ema)
+    return Static(st.cfg, st.dcfg, ecfg, (("ar", 1),), st.eos_ids)
+
+
 def _status(st: Static, state: DecodeState, costs):
     """int32[1 + 2B]: the policy's next branch, stop flags, committed counts (one host read; its
     own buffer, so it outlives the state donated to the next step)."""
