@@ -62,6 +62,17 @@ class ModeSpec:
         )
 
 
+def _count_option(opt: str, what: str, spec: str) -> int:
+    """The integer >= 0 after `KEY=` in a mode option."""
+    try:
+        n = int(opt.partition("=")[2])
+    except ValueError:
+        raise ValueError(f"bad {what} {opt!r} in mode {spec!r}") from None
+    if n < 0:
+        raise ValueError(f"{what} must be >= 0 in mode {spec!r}")
+    return n
+
+
 def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True) -> ModeSpec:
     """`flex`, `flex:nocalib`, `sequential:t=0`, `flex:dv=0`, `ar:la=0`, ... (defaults from the
     run's flags)."""
@@ -81,19 +92,9 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
             except ValueError:
                 raise ValueError(f"bad threshold {opt!r} in mode {spec!r}") from None
         elif opt.startswith("dv="):
-            try:
-                vocab = int(opt[3:])
-            except ValueError:
-                raise ValueError(f"bad draft vocabulary size {opt!r} in mode {spec!r}") from None
-            if vocab < 0:
-                raise ValueError(f"draft vocabulary size must be >= 0 in mode {spec!r}")
+            vocab = _count_option(opt, "draft vocabulary size", spec)
         elif opt.startswith("la="):
-            try:
-                lookahead = int(opt[3:])
-            except ValueError:
-                raise ValueError(f"bad lookahead {opt!r} in mode {spec!r}") from None
-            if lookahead < 0:
-                raise ValueError(f"lookahead must be >= 0 in mode {spec!r}")
+            lookahead = _count_option(opt, "lookahead", spec)
         else:
             raise ValueError(
                 f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N or la=N"

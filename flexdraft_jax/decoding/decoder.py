@@ -87,6 +87,7 @@ class Decoder:
         self.profiles = dict(profiles or {})
         self.profile_dir = profile_dir
         self._warm: set[int] = set()  # batch sizes whose branch executables are all compiled
+        self._ar_costs = jnp.zeros((2,), jnp.float32)  # AR's (unread) costs: ar1 + draft pass
         self.lookahead = ecfg.lookahead
         if self.lookahead is None:
             self.lookahead = 0 if jax.default_backend() == "cpu" else 1
@@ -167,9 +168,8 @@ class Decoder:
         a mode that can switch then chooses its next branch in a small executable of its own."""
         if st.branches[idx] != ("ar", 1):
             return engine.branch_step(st, idx, self.target, self.draft, state, costs)
-        ar_costs = jnp.zeros((2,), jnp.float32)
         new, status, count = engine.branch_step(
-            engine.ar_static(st), 0, self.target, None, state, ar_costs
+            engine.ar_static(st), 0, self.target, None, state, self._ar_costs
         )
         if len(st.branches) > 1:
             status = engine.first_branch(st, new, costs)

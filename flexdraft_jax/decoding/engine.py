@@ -454,6 +454,7 @@ def step(st: Static, target, draft, state: DecodeState, costs, force):
     return new, idx, new.n_out - n_before
 
 
+@functools.cache
 def ar_static(st: Static) -> Static:
     """The Static of a plain AR step, whatever the mode: flex's AR steps and AR mode's then run one
     and the same executable (two compilations of the same step can differ in speed by several %
