@@ -6,7 +6,8 @@
 
 Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipped in drafts/
 (embedded target only), else untrained copies of the target's projectors. Default prompts: HumanEval
-(code completions, no chat template). Mode specs take ablation options: `flex:nocalib`, `flex:t=0`.
+(rendered as chat turns when the tokenizer has a chat template, as the shipped draft was trained;
+`--nochat` for raw code completions). Mode specs take ablation options: `flex:nocalib`, `flex:t=0`.
 Writes results.json, speedup.png, acceptance.png and step_cost.png to --output_dir.
 """
 
@@ -29,8 +30,8 @@ flags.DEFINE_string("prompts_file", None, 'JSONL of {"prompt": ...} or {"turns":
 flags.DEFINE_bool(
     "chat",
     None,
-    "Apply the chat template (default: on for --prompts_file, off "
-    "for the HumanEval code-completion prompts).",
+    "Apply the chat template (default: on when the tokenizer has one; drafts are trained on "
+    "chat turns).",
 )
 flags.DEFINE_integer(
     "num_prompts", 16, "Prompts to use (repeated to fill a larger batch).", lower_bound=1
@@ -60,12 +61,11 @@ def main(_):
     batch_sizes = [int(b) for b in F.batch_sizes]
     if F.prompts_file:
         texts = pipeline.read_prompts((), F.prompts_file)
-        chat = True if F.chat is None else F.chat
     else:
         texts = pipeline.humaneval_prompts()
-        chat = bool(F.chat)
     texts = texts[: F.num_prompts]
     cfg, target, tok = pipeline.load_target(F.checkpoint)
+    chat = bool(getattr(tok, "chat_template", None)) if F.chat is None else F.chat
     draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
     if draft_path is None:
         logging.warning("no trained draft: using UNTRAINED draft projectors (tau ~1, no speedup)")

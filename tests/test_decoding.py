@@ -416,6 +416,46 @@ def test_smollm2_untrained_draft_is_lossless(smollm2, mode, block_size, threshol
     assert dec.generate(prompts, 16).tokens == ref.tokens
 
 
+def test_acceptance_estimate_starts_at_the_drafts_prior_and_forgets(tiny_llama):
+    """The cost model's acceptance per position: the draft's recorded prior, moved by verified
+    positions as (discounted hits + w * prior) / (discounted tries + w); steps without
+    verification (AR) only discount, so the estimate drifts back to the prior."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    prior = (0.9, 0.8, 0.7)
+    costs = jnp.zeros(6, jnp.float32)
+    ecfg = engine.EngineConfig(mode="flex", alpha_decay=0.5, alpha_prior_weight=2.0)
+    dec = Decoder(
+        cfg, target, {**draft, "acceptance": np.asarray(prior)}, dcfg, ecfg, cache_len=128,
+        eos_ids=(), profiles={len(PROMPTS): CostProfile(len(PROMPTS), {}, 0.0)},
+        profile_dir=None,
+    )  # fmt: skip
+    assert dec.ecfg.alpha_init == prior and "acceptance" not in dec.draft
+    st = dec.static(len(PROMPTS))
+    state = dec._prefill(st, PROMPTS, 20, 0)
+    np.testing.assert_allclose(state.alpha, prior, rtol=1e-6)
+    prior = np.asarray(prior)
+    state = dec._launch(st, st.branches.index(("seq", 4)), state, costs)[0]
+    hits, tried = np.asarray(state.hits, np.float64), np.asarray(state.tried, np.float64)
+    assert tried[0] == len(PROMPTS)  # the first position is verified in every sequence
+    want = (hits + 2.0 * prior) / (tried + 2.0)
+    np.testing.assert_allclose(state.alpha, want, rtol=1e-5)
+    state = dec._launch(st, st.branches.index(("ar", 1)), state, costs)[0]
+    want = (0.5 * hits + 2.0 * prior) / (0.5 * tried + 2.0)
+    np.testing.assert_allclose(state.alpha, want, rtol=1e-5)
+    after_seq = (hits + 2.0 * prior) / (tried + 2.0)
+    assert (np.abs(want - prior) <= np.abs(after_seq - prior)).all()  # back toward the prior
+    # Without a recorded prior: 0.5 everywhere; a prior for another block size: its mean.
+    assert Decoder(cfg, target, draft, dcfg, ecfg, profile_dir=None).ecfg.alpha_init == 0.5
+    other = {**draft, "acceptance": np.asarray([0.2, 0.4])}
+    assert Decoder(
+        cfg, target, other, dcfg, ecfg, profile_dir=None
+    ).ecfg.alpha_init == pytest.approx(0.3)
+    for bad in (dict(alpha_decay=0.0), dict(alpha_prior_weight=0.0), dict(alpha_init="conf")):
+        with pytest.raises(ValueError, match="alpha"):
+            engine.EngineConfig(**bad)
+
+
 def test_host_and_switch_dispatch_agree(tiny_llama):
     """Branch chosen on device and run by lax.switch, or its own executable launched by the host:
     the same branches, tokens and acceptance."""
@@ -432,7 +472,8 @@ def test_host_and_switch_dispatch_agree(tiny_llama):
             target,
             draft,
             dcfg,
-            engine.EngineConfig(mode="flex", dispatch=d, lookahead=0),
+            # A weak prior: the estimate follows what is accepted, so the policy switches.
+            engine.EngineConfig(mode="flex", dispatch=d, lookahead=0, alpha_prior_weight=0.5),
             cache_len=128,
             eos_ids=(),
             profiles=prof,
@@ -444,6 +485,15 @@ def test_host_and_switch_dispatch_agree(tiny_llama):
     assert runs[0].stats["branch_per_step"] == runs[1].stats["branch_per_step"]
     assert runs[0].stats["committed_per_step"] == runs[1].stats["committed_per_step"]
     assert len(set(runs[0].stats["branch_per_step"])) > 1  # the policy really switched
+    for run in runs:  # each step's wall time, adding up to the decode's
+        assert_step_times(run.stats)
+
+
+def assert_step_times(stats):
+    steps = np.asarray(stats["step_seconds"])
+    assert len(steps) == stats["steps"] and (steps > 0).all()
+    decode = stats["seconds"] - stats["prefill_seconds"]
+    assert steps.sum() <= decode and steps.sum() == pytest.approx(decode, rel=0.05)
 
 
 @pytest.mark.parametrize("mode", ["ar", "flex"])
@@ -462,7 +512,7 @@ def test_lookahead_dispatch_is_lossless_and_stops_on_time(tiny_llama, mode):
     eos = ref.tokens[0][5]
 
     def run(lookahead, eos_ids):
-        ecfg = engine.EngineConfig(mode=mode, lookahead=lookahead)
+        ecfg = engine.EngineConfig(mode=mode, lookahead=lookahead, alpha_prior_weight=0.5)
         dec = Decoder(
             cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=eos_ids, profiles=prof,
             profile_dir=None,
@@ -473,6 +523,7 @@ def test_lookahead_dispatch_is_lossless_and_stops_on_time(tiny_llama, mode):
         want = ar.generate(cfg, target, PROMPTS, 20, eos_ids=eos_ids).tokens
         sync, lagged = run(0, eos_ids), run(1, eos_ids)
         assert sync.tokens == lagged.tokens == want
+        assert_step_times(lagged.stats)
         per_step = np.asarray(lagged.stats["committed_per_step"]).sum(axis=0)
         assert (per_step[:-1] > 0).all()  # only the last step may be a no-op ...
         assert per_step[-1] > 0 or eos_ids  # ... and only when EOS ended the decode

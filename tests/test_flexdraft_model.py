@@ -665,3 +665,25 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
         with pytest.raises(ValueError, match=why):
             release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, vocab=np.array(bad))
         assert not os.path.exists(tmp_path / "bad")
+
+
+def test_release_records_the_held_out_acceptance(tmp_path):
+    """The acceptance per draft position a trained draft measured on held-out data travels in
+    config.json; `load_draft` returns it for the decoder's cost model."""
+    from flexdraft_jax import pipeline
+
+    cfg = ARCHS["llama"]
+    dcfg = DraftConfig(depth=DEPTH, block_size=4, calib_rank=16)
+    target = random_target(cfg, 1)
+    draft = random_draft(cfg, dcfg, target, 2)
+    plain = release.save_release(str(tmp_path / "plain"), cfg, dcfg, draft)
+    assert release.load_acceptance(plain, 4) is None
+    assert "acceptance" not in pipeline.load_draft(plain, cfg, target)[1]
+    out = release.save_release(str(tmp_path / "a"), cfg, dcfg, draft, acceptance=[0.6, 0.5, 0.4])
+    _, back = pipeline.load_draft(out, cfg, target)
+    np.testing.assert_allclose(back.pop("acceptance"), [0.6, 0.5, 0.4])
+    _assert_trees_equal(jax.tree.map(np.asarray, back), draft)
+    for bad in ([0.6, 0.5], [0.6, 0.5, 1.5], ["x", 1, 2]):
+        with pytest.raises(ValueError, match="acceptance must be"):
+            release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, acceptance=bad)
+        assert not os.path.exists(tmp_path / "bad")

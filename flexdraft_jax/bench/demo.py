@@ -33,7 +33,10 @@ DEMO_BENCH = dict(
     modes=("ar", "sequential", "parallel", "flex"),
     max_new_tokens=32,
     repeats=2,  # timed decodes per mode and batch size; the fastest counts
-    profile_repeats=2,
+    # Rounds over the branches when profiling step costs: up to 10 while they take under 6 s
+    # (batch 1: 10 rounds; batch 64, ~8 s a round: 2). The cost model's choices rest on them.
+    profile_repeats=10,
+    profile_seconds=6.0,
 )
 # Rough rates on a 2-core CPU used to size the retrain stages to the budget; each stage records the
 # rates it achieved in its marker file, so they can be corrected from a real run.

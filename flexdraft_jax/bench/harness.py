@@ -119,9 +119,13 @@ def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None)
 
 
 class _Acc:
-    """Sums the stats of one mode's decodes at one batch size. Times are kept per repeat: the
-    row's speed is that of the fastest repeat (as `timeit` reports), so a burst of load from
-    elsewhere on a shared machine does not land in one mode's number only."""
+    """Sums the stats of one mode's decodes at one batch size, and times them robustly.
+
+    Repeats decode the same batches with the same seed, so they take the same steps (checked by
+    the branch each step ran). A row's decode time is, batch by batch, the sum over steps of each
+    step's fastest repeat: on a shared machine, load from elsewhere comes in bursts of seconds
+    that only ever add time, and it must hit the same step in every repeat to count. Where the
+    repeats' steps differ, the batch falls back to its fastest whole repeat (as `timeit`)."""
 
     def __init__(self):
         self.tokens, self.seconds, self.seq_steps, self.committed, self.steps = 0, 0.0, 0, 0, 0
@@ -129,14 +133,21 @@ class _Acc:
         self.acc_weighted, self.branch_counts = None, {}
         self.outputs_by_repeat: dict[int, list] = {}
         self.repeat_seconds: dict[int, list[float]] = {}  # repeat -> [decode s, prefill s]
+        self.decodes: dict[int, dict[int, dict]] = {}  # batch -> repeat -> timing of one decode
 
-    def add(self, gen, repeat: int = 0):
+    def add(self, gen, repeat: int = 0, batch: int = 0):
         s = gen.stats
         self.tokens += s["tokens"]
         self.seconds += s["seconds"]
         rep = self.repeat_seconds.setdefault(repeat, [0.0, 0.0])
         rep[0] += s["seconds"]
         rep[1] += s.get("prefill_seconds", 0.0)
+        self.decodes.setdefault(batch, {})[repeat] = {
+            "seconds": s["seconds"],
+            "prefill": s.get("prefill_seconds", 0.0),
+            "steps": s.get("step_seconds"),
+            "branches": s.get("branch_per_step"),
+        }
         self.steps += s["steps"]
         self.prefill_seconds += s.get("prefill_seconds", 0.0)
         self.sequences += len(gen.tokens)
@@ -164,12 +175,36 @@ class _Acc:
     def same_outputs(self, reference: list) -> bool:
         return all(out == reference for out in self.outputs_by_repeat.values())
 
+    def best_seconds(self) -> tuple[float, float, int]:
+        """(decode + prefill seconds, prefill seconds, batches timed step by step) of one pass
+        over the batches, each step or decode at its fastest repeat (see the class docstring)."""
+        total = prefill = 0.0
+        stepwise = 0
+        for reps in self.decodes.values():
+            runs = list(reps.values())
+            pre = min(r["prefill"] for r in runs)
+            steps = [r["steps"] for r in runs]
+            aligned = all(s is not None and len(s) == len(steps[0]) for s in steps) and all(
+                r["branches"] == runs[0]["branches"] for r in runs
+            )
+            if aligned and steps[0]:
+                decode = float(np.min(np.asarray(steps, np.float64), axis=0).sum())
+                stepwise += 1
+            else:
+                decode = min(r["seconds"] - r["prefill"] for r in runs)
+            total += pre + decode
+            prefill += pre
+        return total, prefill, stepwise
+
     def row(self) -> dict:
         ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
         n = max(len(self.repeat_seconds), 1)
-        best = min(self.repeat_seconds.values(), default=[self.seconds, self.prefill_seconds])
-        # Greedy repeats decode the same tokens; sampled ones about as many.
-        speed = speed_fields(self.tokens / n, best[0], best[1], self.sequences / n)
+        seconds, prefill, stepwise = self.best_seconds()
+        fastest = min(self.repeat_seconds.values(), default=[0.0, 0.0])
+        tokens, sequences = self.tokens / n, self.sequences / n
+        # Greedy repeats decode the same tokens; sampled ones (same seed) too.
+        speed = speed_fields(tokens, seconds, prefill, sequences)
+        plain = speed_fields(tokens, fastest[0], fastest[1], sequences)
         return {
             "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
             "per_position_acceptance": ppa,
@@ -181,8 +216,11 @@ class _Acc:
             "branch_counts": self.branch_counts,
             **speed,
             "repeat_seconds": [v[0] for _, v in sorted(self.repeat_seconds.items())],
-            # Decode step of the fastest repeat, to hold against the profile's forced steps.
-            "step_seconds": (best[0] - best[1]) / max(self.steps / n, 1),
+            # The plain estimate beside the step-wise one: the fastest whole repeat.
+            "fastest_repeat_tokens_per_s": plain["tokens_per_s"],
+            "batches_timed_stepwise": stepwise,
+            # Decode step at the row's timing, to hold against the profile's forced steps.
+            "step_seconds": (seconds - prefill) / max(self.steps / n, 1),
         }
 
 
@@ -238,6 +276,7 @@ def run_benchmark(
     eos_ids=None,
     seed: int = 0,
     profile_repeats: int = 5,
+    profile_seconds: float | None = None,
     meta: dict | None = None,
     plots: bool = True,
 ) -> dict:
@@ -245,8 +284,8 @@ def run_benchmark(
     results dict (also written to output_dir/results.json, with plots beside it).
 
     prompts: token-id lists. `hf_source` is the target checkpoint (None = the embedded GGUF) for
-    the `transformers` peer row. `repeats` timed decodes per batch (tokens/s: the fastest
-    repeat)."""
+    the `transformers` peer row. `repeats` timed decodes per batch, all with the same seed
+    (tokens/s: each step at its fastest repeat, see `_Acc`)."""
     from flexdraft_jax.bench import report
 
     del tokenizer  # prompts arrive encoded; kept in the signature for callers that decode outputs
@@ -315,7 +354,7 @@ def run_benchmark(
                     profile_dir=profile_dir,
                 )  # fmt: skip
             log.info("batch %d: profiling the step cost of each branch", bs)
-            prof = prof_dec.profile(bs, repeats=profile_repeats)
+            prof = prof_dec.profile(bs, repeats=profile_repeats, max_seconds=profile_seconds)
         # Warm-up: compile the step and each prompt-width bucket's prefill (a short decode per
         # bucket; max_new_tokens is traced, so the timed decodes reuse these compilations).
         widths = {}
@@ -343,10 +382,10 @@ def run_benchmark(
                     first = {n: accs[n].seconds for n in names}
                     timed = [n for n in names if first[n] <= 2.0 * min(first.values())]
                     bar.total += (repeats - 1) * len(batches) * len(timed)
-                for b in batches:
+                for i, b in enumerate(batches):
                     for name in timed:
-                        gen = decoders[name].generate(b, max_new_tokens, seed=seed + r)
-                        accs[name].add(gen, repeat=r)
+                        gen = decoders[name].generate(b, max_new_tokens, seed=seed)
+                        accs[name].add(gen, repeat=r, batch=i)
                         bar.update()
         ar_row = accs[ar_name].row()
         if prof:

@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
 CONFIG_KEYS = ("flexdraft_config", "dflash_config")  # the first is written, both are read
+ACCEPTANCE_KEY = "heldout_acceptance"  # ours, optional: see `save_release`
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -65,6 +66,30 @@ def load_draft_vocab(path: str, cfg: ModelConfig) -> np.ndarray | None:
             if "draft_vocab" in f.keys():
                 return _check_vocab(f.get_tensor("draft_vocab"), cfg, fname)
     return None
+
+
+def _check_acceptance(acc, block_size: int, where: str) -> np.ndarray:
+    try:
+        a = np.asarray(acc, np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: acceptance must be numbers, got {acc!r}") from e
+    if a.shape != (block_size - 1,) or not ((a >= 0) & (a <= 1)).all():
+        raise ValueError(
+            f"{where}: acceptance must be {block_size - 1} values in [0, 1] (one per draft "
+            f"position of a block of {block_size}), got {acc!r}"
+        )
+    return a
+
+
+def load_acceptance(path: str, block_size: int) -> np.ndarray | None:
+    """The held-out acceptance per draft position a release records (None if it has none)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        return None
+    acc = _read_flexdraft_config(directory).get(ACCEPTANCE_KEY)
+    if acc is None:
+        return None
+    return _check_acceptance(acc, block_size, os.path.join(directory, "config.json"))
 
 
 def _resolve(path: str) -> tuple[str, list[str]]:
@@ -320,11 +345,14 @@ def save_release(
     dtype: str = "float32",
     overwrite: bool = True,
     vocab=None,
+    acceptance=None,
 ) -> str:
     """Write `draft` as a release-format directory (config.json + model.safetensors) at `path`.
 
     vocab: optional token ids ordered by how often the draft should propose them (stored as the
     `draft_vocab` tensor; `decoding` keeps the first `EngineConfig.draft_vocab_size` of them).
+    acceptance: optional held-out conditional acceptance of each draft position (block_size - 1
+    values; stored in config.json, read by `load_acceptance`): flex decoding's starting estimate.
 
     dtype: "float32", "bfloat16" or "float16". The write is atomic: everything goes to a temporary
     directory beside `path` that is renamed into place at the end, so a failure leaves either the
@@ -340,13 +368,17 @@ def save_release(
     tensors = release_tensors(cfg, dcfg, draft, _DTYPES[dtype])
     if vocab is not None:
         tensors["draft_vocab"] = _check_vocab(np.asarray(vocab), cfg, "vocab")
+    config = release_config(cfg, dcfg, dtype)
+    if acceptance is not None:
+        acc = _check_acceptance(acceptance, dcfg.block_size, "acceptance")
+        config[CONFIG_KEYS[0]][ACCEPTANCE_KEY] = [round(float(a), 4) for a in acc]
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(release_config(cfg, dcfg, dtype), f, indent=2)
+            json.dump(config, f, indent=2)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
             os.rename(path, os.path.join(old, "ckpt"))

@@ -76,11 +76,18 @@ class Decoder:
             )
         if draft is None and ecfg.mode != "ar":
             raise ValueError(f"mode {ecfg.mode!r} needs draft parameters")
-        if draft is not None and "vocab" in draft:
+        acceptance = None
+        if draft is not None and ("vocab" in draft or "acceptance" in draft):
             draft = dict(draft)
-            vocab = draft.pop("vocab")
-            if ecfg.draft_vocab_size and ecfg.draft_vocab_size < len(vocab):
+            acceptance = draft.pop("acceptance", None)
+            vocab = draft.pop("vocab", None)
+            if vocab is not None and 0 < ecfg.draft_vocab_size < len(vocab):
                 draft = tf.restrict_draft_vocab(cfg, target, draft, vocab[: ecfg.draft_vocab_size])
+        if ecfg.alpha_init == "draft":  # the draft's recorded held-out acceptance, else 0.5
+            prior = 0.5 if acceptance is None else tuple(float(a) for a in acceptance)
+            if isinstance(prior, tuple) and len(prior) != dcfg.block_size - 1:
+                prior = float(np.mean(prior))  # recorded for another block size: its mean
+            ecfg = dataclasses.replace(ecfg, alpha_init=prior)
         self.cfg, self.target, self.draft, self.dcfg, self.ecfg = cfg, target, draft, dcfg, ecfg
         self.cache_len = cache_len
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
@@ -134,13 +141,18 @@ class Decoder:
         t0 = time.perf_counter()
         state = self._prefill(st, prompts, max_new_tokens, seed)
         jax.block_until_ready(state.done)
-        t_prefill = time.perf_counter() - t0
+        marks = [time.perf_counter()]  # then one per step: when the host has read its status
+        t_prefill = marks[0] - t0
         idxs, counts = [], []
         if self.ecfg.dispatch == "switch":
             while not bool(np.asarray(state.done).all()):
+                if idxs:
+                    marks.append(time.perf_counter())
                 state, idx, count = engine.step(st, self.target, self.draft, state, costs, force)
                 idxs.append(idx)
                 counts.append(count)
+            if idxs:
+                marks.append(time.perf_counter())
         else:
             status = engine.first_branch(st, state, costs)
             nxt, done, n_out = engine.read_status(np.asarray(status))
@@ -156,9 +168,12 @@ class Decoder:
                     if len(inflight) <= self.lookahead:
                         continue
                 nxt, done, n_out = engine.read_status(np.asarray(inflight.pop(0)))  # the sync
+                marks.append(time.perf_counter())
         elapsed = time.perf_counter() - t0
         gen = self._result(st, state, [int(i) for i in idxs], elapsed, t_prefill, max_new_tokens)
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
+        # Wall time of each step (the switch loop's last sync is the one that sees all done).
+        gen.stats["step_seconds"] = np.diff(marks).tolist()
         return gen
 
     def _launch(self, st, idx, state, costs):
@@ -224,7 +239,9 @@ class Decoder:
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
         return os.path.join(self.profile_dir, f"{digest}.json")
 
-    def profile(self, batch: int, *, repeats: int = 5) -> CostProfile:
+    def profile(
+        self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
+    ) -> CostProfile:
         """The cost profile at this batch size: given, cached on disk, or measured now."""
         if batch in self.profiles:
             return self.profiles[batch]
@@ -239,14 +256,19 @@ class Decoder:
                 {k: tuple(v) for k, v in raw["rows"].items()},
             )
         else:
-            prof = self.measure(batch, repeats=repeats)
+            prof = self.measure(batch, repeats=repeats, max_seconds=max_seconds)
             if path:
                 _write_json_atomic(path, dataclasses.asdict(prof))
         self.profiles[batch] = prof
         return prof
 
-    def measure(self, batch: int, *, repeats: int = 5) -> CostProfile:
-        """Time each branch (forced) on a warm state; the draft pass as seq minus its verify."""
+    def measure(
+        self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
+    ) -> CostProfile:
+        """Time each branch (forced) on a warm state; the draft pass as seq minus its verify.
+
+        repeats: rounds over the branches; with `max_seconds`, rounds stop once that much time
+        has gone on them (after at least two, or `repeats` if fewer)."""
         st = self.static(batch)
         # A realistic context: attention and cache traffic grow with it (a quarter of the cache).
         ctx = max(8, min(256, self.cache_len // 4))
@@ -267,7 +289,10 @@ class Decoder:
         # Branches interleaved round by round, and the fastest sample of each kept: load from
         # elsewhere on a shared machine only ever adds time, and hits every branch alike.
         samples = [[] for _ in runs]
-        for _ in range(repeats):
+        t_start = time.perf_counter()
+        for r in range(repeats):
+            if max_seconds is not None and r >= 2 and time.perf_counter() - t_start > max_seconds:
+                break
             for run, out in zip(runs, samples):
                 state = jax.block_until_ready(_rewind(state, ctx))
                 t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexdraft_jax.decoding import sampling, verify
 from flexdraft_jax.models import layouts
@@ -42,11 +43,18 @@ class EngineConfig:
     rule: str = "speculative"  # or "match" (the public release's sample-and-match)
     buckets: tuple[int, ...] | None = None  # candidate-row buckets; default 2, 4, .., W
     use_calibration: bool = True
-    # Starting per-position acceptance for the cost model, then a running average of what is
-    # accepted. None: the prefill drafts' confidence (mean max-probability of each slot), which
-    # overestimated acceptance for the SmolLM2 drafter (flex 0.61x of AR at batch 4 in one demo).
-    alpha_init: float | None = 0.5
-    alpha_ema: float = 0.2
+    # The cost model's prior acceptance per draft position. "draft": the held-out acceptance the
+    # draft release records (`Decoder` resolves it; 0.5 for a draft without one); a float, or one
+    # per position; None: the prefill drafts' confidence (mean max-probability of each slot), which
+    # overestimated acceptance for an early SmolLM2 drafter (flex 0.61x of AR at batch 4).
+    alpha_init: float | tuple[float, ...] | str | None = "draft"
+    # The running estimate of each position's acceptance: (hits + w * prior) / (tries + w), hits
+    # and tries discounted by `alpha_decay` every step, AR steps included. Evidence outweighs the
+    # prior after w verified positions (a few steps at batch 1, one step at batch 64), and when
+    # flex stops speculating its estimate returns to the prior rather than staying at the last,
+    # noisy value (at batch 1, two early rejections froze flex in AR steps for the whole decode).
+    alpha_decay: float = 0.95
+    alpha_prior_weight: float = 8.0
     # flex: after this many AR steps in a row, try speculating again; each probe that does not
     # win doubles the interval (up to 1024 steps), so a losing drafter costs little.
     probe_interval: int = 16
@@ -90,6 +98,12 @@ class EngineConfig:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
+        if isinstance(self.alpha_init, str) and self.alpha_init != "draft":
+            raise ValueError(f"alpha_init: 'draft', numbers or None, not {self.alpha_init!r}")
+        if not 0 < self.alpha_decay <= 1:
+            raise ValueError(f"alpha_decay must be in (0, 1], got {self.alpha_decay}")
+        if self.alpha_prior_weight <= 0:
+            raise ValueError(f"alpha_prior_weight must be > 0, got {self.alpha_prior_weight}")
         if self.spec_margin < 0:
             raise ValueError(f"spec_margin must be >= 0, got {self.spec_margin}")
         if self.draft_vocab_size < 0:
@@ -118,6 +132,8 @@ class DecodeState(NamedTuple):
     v: jnp.ndarray  # int32[] verify length for the next step
     has_drafts: jnp.ndarray  # bool[]
     alpha: jnp.ndarray  # float32[W-1] running conditional acceptance per draft position
+    alpha_prior: jnp.ndarray  # float32[W-1] its prior
+    seen: jnp.ndarray  # float32[2, W-1] discounted hits and tries behind alpha
     out: jnp.ndarray  # int32[B, O] committed tokens (prefill bonus first)
     n_out: jnp.ndarray  # int32[B]
     done: jnp.ndarray  # bool[B]
@@ -250,9 +266,9 @@ def _commit(st: Static, state: DecodeState, start, acc, bonus, v_used):
     tried_m = active[:, None] & (pos <= v_used) & (pos <= acc[:, None] + 1)
     hit_m = active[:, None] & (pos <= acc[:, None])
     tried_n, hit_n = tried_m.sum(0), hit_m.sum(0)
-    rate = hit_n / jnp.maximum(tried_n, 1)
-    beta = st.ecfg.alpha_ema
-    alpha = jnp.where(tried_n > 0, (1 - beta) * state.alpha + beta * rate, state.alpha)
+    seen = st.ecfg.alpha_decay * state.seen + jnp.stack([hit_n, tried_n]).astype(jnp.float32)
+    w0 = st.ecfg.alpha_prior_weight
+    alpha = (seen[0] + w0 * state.alpha_prior) / (seen[1] + w0)
     return state._replace(
         cache=state.cache._replace(lengths=lengths),
         out=out,
@@ -262,6 +278,7 @@ def _commit(st: Static, state: DecodeState, start, acc, bonus, v_used):
         tried=state.tried + tried_n.astype(jnp.int32),
         hits=state.hits + hit_n.astype(jnp.int32),
         alpha=alpha.astype(jnp.float32),
+        seen=seen,
     )
 
 
@@ -410,15 +427,16 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
     q0 = jnp.zeros((b, 1, 1) if greedy else (b, w - 1, vocab), jnp.float32)
     out = jnp.zeros((b, cache.capacity), jnp.int32).at[:, 0].set(bonus)
     done = (max_new <= 1) | (jnp.isin(bonus, jnp.asarray(st.eos_ids)) if st.eos_ids else False)
+    prior = _alpha_prior(st.ecfg.alpha_init, w)
     state = DecodeState(
         cache=cache._replace(lengths=lengths),
         cand=jnp.zeros((b, w), jnp.int32).at[:, 0].set(bonus),
         q=q0,
         v=jnp.asarray(w - 1, jnp.int32),
         has_drafts=jnp.array(False),
-        alpha=jnp.full(
-            (w - 1,), 0.5 if st.ecfg.alpha_init is None else st.ecfg.alpha_init, jnp.float32
-        ),
+        alpha=prior,
+        alpha_prior=prior,
+        seen=jnp.zeros((2, w - 1), jnp.float32),
         out=out,
         n_out=jnp.ones((b,), jnp.int32),
         done=jnp.broadcast_to(done, (b,)),
@@ -432,11 +450,19 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
     )
     if needs_drafts(st):
         cand, q, v, conf = _draft_block(st, target, draft, state, hm, bonus, k_draft)
-        alpha = state.alpha
+        state = state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True))
         if st.ecfg.alpha_init is None:
-            alpha = jnp.clip(conf, 0.05, 0.95).astype(jnp.float32)
-        state = state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True), alpha=alpha)
+            prior = jnp.clip(conf, 0.05, 0.95).astype(jnp.float32)
+            state = state._replace(alpha=prior, alpha_prior=prior)
     return state
+
+
+def _alpha_prior(alpha_init, w: int) -> jnp.ndarray:
+    """float32[W-1] from EngineConfig.alpha_init (None: 0.5 until the prefill's confidences)."""
+    if alpha_init is None or alpha_init == "draft":  # "draft" unresolved: no Decoder in between
+        alpha_init = 0.5
+    a = np.broadcast_to(np.asarray(alpha_init, np.float32), (w - 1,))
+    return jnp.asarray(np.clip(a, 0.0, 1.0))
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("state",))
@@ -459,7 +485,12 @@ def ar_static(st: Static) -> Static:
     """The Static of a plain AR step, whatever the mode: flex's AR steps and AR mode's then run one
     and the same executable (two compilations of the same step can differ in speed by several %
     on CPU, which a benchmark would report as a difference between the modes)."""
-    ecfg = EngineConfig(mode="ar", sampling=st.ecfg.sampling, alpha_ema=st.ecfg.alpha_ema)
+    ecfg = EngineConfig(
+        mode="ar",
+        sampling=st.ecfg.sampling,
+        alpha_decay=st.ecfg.alpha_decay,
+        alpha_prior_weight=st.ecfg.alpha_prior_weight,
+    )
     return Static(st.cfg, st.dcfg, ecfg, (("ar", 1),), st.eos_ids)
 
 
