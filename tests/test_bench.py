@@ -66,6 +66,17 @@ def test_repeats_only_for_modes_near_the_fastest(tiny_run):
             assert r["tokens_per_s"] >= r["fastest_repeat_tokens_per_s"] * (1 - 1e-9)
 
 
+def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path):
+    cfg, target, dcfg, draft = tiny()
+    for within, want in ((0.0, 2), (None, 3)):
+        res = harness.run_benchmark(
+            cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,), modes=("flex",),
+            max_new_tokens=4, output_dir=str(tmp_path / str(within)), eos_ids=(),
+            profile_repeats=1, repeats=3, repeats_within_seconds=within, plots=False,
+        )  # fmt: skip
+        assert {len(r["repeat_seconds"]) for r in res["rows"]} == {want}, within
+
+
 def test_results_json_fields(tiny_run):
     res, out, modes = tiny_run
     with open(os.path.join(out, report.RESULTS_FILE)) as f:

@@ -273,6 +273,7 @@ def run_benchmark(
     num_prompts: int | None = None,
     cache_len: int | None = None,
     repeats: int = 1,
+    repeats_within_seconds: float | None = None,
     eos_ids=None,
     seed: int = 0,
     profile_repeats: int = 5,
@@ -285,7 +286,9 @@ def run_benchmark(
 
     prompts: token-id lists. `hf_source` is the target checkpoint (None = the embedded GGUF) for
     the `transformers` peer row. `repeats` timed decodes per batch, all with the same seed
-    (tokens/s: each step at its fastest repeat, see `_Acc`)."""
+    (tokens/s: each step at its fastest repeat, see `_Acc`); with `repeats_within_seconds`,
+    repeats after the second run only while a batch size's timed decodes have taken less than
+    that (extra precision where decodes are cheap)."""
     from flexdraft_jax.bench import report
 
     del tokenizer  # prompts arrive encoded; kept in the signature for callers that decode outputs
@@ -320,6 +323,7 @@ def run_benchmark(
             "num_prompts": len(prompts),
             "cache_len": cache_len,
             "repeats": repeats,
+            "repeats_within_seconds": repeats_within_seconds,
             "devices": _devices(),
             **(meta or {}),
         },
@@ -376,8 +380,13 @@ def run_benchmark(
         # change the verdict on a mode that is slower than that (it saves minutes at batch 64).
         accs = {n: _Acc() for n in names}
         timed = list(names)
+        t_timed = time.perf_counter()
         with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
             for r in range(repeats):
+                if r >= 2 and repeats_within_seconds is not None:
+                    if time.perf_counter() - t_timed >= repeats_within_seconds:
+                        bar.total = bar.n
+                        break
                 if r == 1:
                     first = {n: accs[n].seconds for n in names}
                     timed = [n for n in names if first[n] <= 2.0 * min(first.values())]
