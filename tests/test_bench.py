@@ -57,11 +57,11 @@ def test_repeats_only_for_modes_near_the_fastest(tiny_run):
     res, _, _ = tiny_run
     for bs in (1, 3):
         rows = [r for r in res["rows"] if r["batch_size"] == bs]
-        first = {r["mode"]: r["repeat_seconds"][0] for r in rows}
+        fastest = max(rows, key=lambda r: r["tokens_per_s"])
+        assert len(fastest["repeat_seconds"]) == 2
         for r in rows:
-            near = first[r["mode"]] <= 2.0 * min(first.values())
-            assert len(r["repeat_seconds"]) == (2 if near else 1), (r["mode"], first)
-            # Step by step, the row is at least as fast as its fastest whole repeat.
+            assert len(r["repeat_seconds"]) in (1, 2)
+            # Step by step, the row is at least as fast as its fastest whole decodes.
             assert r["batches_timed_stepwise"] == r["num_batches"]
             assert r["tokens_per_s"] >= r["fastest_repeat_tokens_per_s"] * (1 - 1e-9)
 
@@ -254,7 +254,7 @@ def test_rows_time_each_step_at_its_fastest_repeat():
 
     acc = harness._Acc()
     # Batch 0: a burst of load hits a different step in each repeat; batch 1: the second repeat
-    # took other branches (a sampled decode may), so its fastest whole repeat counts.
+    # took other branches, so its fastest whole decode counts.
     acc.add(gen([1.0, 5.0, 1.0], prefill=2.0), repeat=0, batch=0)
     acc.add(gen([4.0, 1.0, 1.5], prefill=1.0), repeat=1, batch=0)
     acc.add(gen([2.0, 2.0]), repeat=0, batch=1)
@@ -267,7 +267,7 @@ def test_rows_time_each_step_at_its_fastest_repeat():
     assert row["tokens_per_s"] == pytest.approx((40 - 4) / decode)  # prefill excluded
     assert row["e2e_tokens_per_s"] == pytest.approx(40 / (decode + prefill))
     assert row["fastest_repeat_tokens_per_s"] == pytest.approx((40 - 4) / (11.5 - 2.0))
-    assert row["step_seconds"] == pytest.approx(decode / 5.5)
+    assert row["step_seconds"] == pytest.approx(decode / 5)  # steps of one pass
 
 
 def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):

@@ -456,6 +456,25 @@ def test_acceptance_estimate_starts_at_the_drafts_prior_and_forgets(tiny_llama):
             engine.EngineConfig(**bad)
 
 
+def test_a_prefilled_batch_decodes_again_from_the_same_state(tiny_llama):
+    """`start` prefills once; `decode` runs from a copy (benchmark repeats), or consumes it."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    costs = {"ar1": 1.0, "seq2": 1.1, "seq4": 1.2, "par2": 1.1, "par4": 1.3}
+    prof = {len(PROMPTS): CostProfile(len(PROMPTS), costs, 0.2)}
+    ecfg = engine.EngineConfig(mode="flex", buckets=(2, 4))
+    dec = Decoder(
+        cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(), profiles=prof, profile_dir=None
+    )
+    pre = dec.start(PROMPTS, 12)
+    first, again = dec.decode(pre), dec.decode(pre, reuse=False)
+    want = ar.generate(cfg, target, PROMPTS, 12, eos_ids=()).tokens
+    assert first.tokens == again.tokens == dec.generate(PROMPTS, 12).tokens == want
+    assert first.stats["branch_per_step"] == again.stats["branch_per_step"]
+    assert first.stats["prefill_seconds"] == again.stats["prefill_seconds"] > 0
+    assert_step_times(again.stats)
+
+
 def test_host_and_switch_dispatch_agree(tiny_llama):
     """Branch chosen on device and run by lax.switch, or its own executable launched by the host:
     the same branches, tokens and acceptance."""

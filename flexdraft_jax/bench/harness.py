@@ -121,32 +121,33 @@ def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None)
 class _Acc:
     """Sums the stats of one mode's decodes at one batch size, and times them robustly.
 
-    Repeats decode the same batches with the same seed, so they take the same steps (checked by
-    the branch each step ran). A row's decode time is, batch by batch, the sum over steps of each
-    step's fastest repeat: on a shared machine, load from elsewhere comes in bursts of seconds
-    that only ever add time, and it must hit the same step in every repeat to count. Where the
-    repeats' steps differ, the batch falls back to its fastest whole repeat (as `timeit`)."""
+    Each batch is prefilled once and its decode repeated from that state, so the repeats take the
+    same steps (checked by the branch each step ran). A row's decode time is, batch by batch, the
+    sum over steps of each step's fastest repeat: on a shared machine, load from elsewhere comes
+    in bursts of seconds that only ever add time, and it must hit the same step in every repeat to
+    count. Where the repeats' steps differ, the batch counts its fastest whole decode."""
 
     def __init__(self):
         self.tokens, self.seconds, self.seq_steps, self.committed, self.steps = 0, 0.0, 0, 0, 0
         self.prefill_seconds, self.sequences, self.spec_steps = 0.0, 0, 0
         self.acc_weighted, self.branch_counts = None, {}
-        self.outputs_by_repeat: dict[int, list] = {}
-        self.repeat_seconds: dict[int, list[float]] = {}  # repeat -> [decode s, prefill s]
-        self.decodes: dict[int, dict[int, dict]] = {}  # batch -> repeat -> timing of one decode
+        self.outputs_by_batch: dict[int, dict[int, list]] = {}  # batch -> repeat -> tokens
+        self.repeat_seconds: dict[int, float] = {}  # repeat -> seconds of its decodes
+        self.decodes: dict[int, dict[int, dict]] = {}  # batch -> repeat -> one decode
 
     def add(self, gen, repeat: int = 0, batch: int = 0):
         s = gen.stats
         self.tokens += s["tokens"]
         self.seconds += s["seconds"]
-        rep = self.repeat_seconds.setdefault(repeat, [0.0, 0.0])
-        rep[0] += s["seconds"]
-        rep[1] += s.get("prefill_seconds", 0.0)
+        self.repeat_seconds[repeat] = self.repeat_seconds.get(repeat, 0.0) + s["seconds"]
         self.decodes.setdefault(batch, {})[repeat] = {
             "seconds": s["seconds"],
             "prefill": s.get("prefill_seconds", 0.0),
             "steps": s.get("step_seconds"),
             "branches": s.get("branch_per_step"),
+            "n_steps": s["steps"],
+            "tokens": s["tokens"],
+            "sequences": len(gen.tokens),
         }
         self.steps += s["steps"]
         self.prefill_seconds += s.get("prefill_seconds", 0.0)
@@ -165,46 +166,52 @@ class _Acc:
             )
         for k, v in s.get("branch_counts", {}).items():
             self.branch_counts[k] = self.branch_counts.get(k, 0) + v
-        self.outputs_by_repeat.setdefault(repeat, []).extend(gen.tokens)
+        self.outputs_by_batch.setdefault(batch, {})[repeat] = list(gen.tokens)
 
     @property
     def outputs(self) -> list:
-        """The first repeat's outputs (greedy repeats are checked against it by `same_outputs`)."""
-        return self.outputs_by_repeat.get(0, [])
+        """The first repeat's outputs, batch after batch."""
+        return [t for i in sorted(self.outputs_by_batch) for t in self.outputs_by_batch[i][0]]
 
     def same_outputs(self, reference: list) -> bool:
-        return all(out == reference for out in self.outputs_by_repeat.values())
+        """Every repeat of every batch decoded `reference`'s tokens (`outputs` of another)."""
+        start, same = 0, True
+        for i in sorted(self.outputs_by_batch):
+            reps = self.outputs_by_batch[i]
+            ref = reference[start : start + len(reps[0])]
+            start += len(reps[0])
+            same = same and all(out == ref for out in reps.values())
+        return same and start == len(reference)
 
-    def best_seconds(self) -> tuple[float, float, int]:
-        """(decode + prefill seconds, prefill seconds, batches timed step by step) of one pass
-        over the batches, each step or decode at its fastest repeat (see the class docstring)."""
-        total = prefill = 0.0
-        stepwise = 0
+    def one_pass(self) -> dict:
+        """One pass over the batches: tokens, sequences and steps (of each batch's first decode);
+        prefill seconds; decode seconds step by step and by the fastest whole decode (see the
+        class docstring); and how many batches were timed step by step."""
+        out = dict(tokens=0, sequences=0, steps=0, prefill=0.0, decode=0.0, whole=0.0, stepwise=0)
         for reps in self.decodes.values():
-            runs = list(reps.values())
-            pre = min(r["prefill"] for r in runs)
+            runs = [reps[r] for r in sorted(reps)]
+            for k, f in (("tokens", "tokens"), ("sequences", "sequences"), ("steps", "n_steps")):
+                out[k] += runs[0][f]
+            out["prefill"] += min(r["prefill"] for r in runs)
+            whole = min(r["seconds"] - r["prefill"] for r in runs)
+            out["whole"] += whole
             steps = [r["steps"] for r in runs]
             aligned = all(s is not None and len(s) == len(steps[0]) for s in steps) and all(
                 r["branches"] == runs[0]["branches"] for r in runs
             )
             if aligned and steps[0]:
-                decode = float(np.min(np.asarray(steps, np.float64), axis=0).sum())
-                stepwise += 1
+                out["decode"] += float(np.min(np.asarray(steps, np.float64), axis=0).sum())
+                out["stepwise"] += 1
             else:
-                decode = min(r["seconds"] - r["prefill"] for r in runs)
-            total += pre + decode
-            prefill += pre
-        return total, prefill, stepwise
+                out["decode"] += whole
+        return out
 
     def row(self) -> dict:
         ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
-        n = max(len(self.repeat_seconds), 1)
-        seconds, prefill, stepwise = self.best_seconds()
-        fastest = min(self.repeat_seconds.values(), default=[0.0, 0.0])
-        tokens, sequences = self.tokens / n, self.sequences / n
-        # Greedy repeats decode the same tokens; sampled ones (same seed) too.
-        speed = speed_fields(tokens, seconds, prefill, sequences)
-        plain = speed_fields(tokens, fastest[0], fastest[1], sequences)
+        p = self.one_pass()
+        tokens, sequences, prefill = p["tokens"], p["sequences"], p["prefill"]
+        speed = speed_fields(tokens, prefill + p["decode"], prefill, sequences)
+        plain = speed_fields(tokens, prefill + p["whole"], prefill, sequences)
         return {
             "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
             "per_position_acceptance": ppa,
@@ -215,12 +222,12 @@ class _Acc:
             "speculative_steps": self.spec_steps,
             "branch_counts": self.branch_counts,
             **speed,
-            "repeat_seconds": [v[0] for _, v in sorted(self.repeat_seconds.items())],
-            # The plain estimate beside the step-wise one: the fastest whole repeat.
+            "repeat_seconds": [v for _, v in sorted(self.repeat_seconds.items())],
+            # The plain estimate beside the step-wise one: each batch's fastest whole decode.
             "fastest_repeat_tokens_per_s": plain["tokens_per_s"],
-            "batches_timed_stepwise": stepwise,
+            "batches_timed_stepwise": p["stepwise"],
             # Decode step at the row's timing, to hold against the profile's forced steps.
-            "step_seconds": (seconds - prefill) / max(self.steps / n, 1),
+            "step_seconds": p["decode"] / max(p["steps"], 1),
         }
 
 
@@ -375,27 +382,33 @@ def run_benchmark(
                 "draft_pass_seconds": prof.draft_pass,
                 "rows": {k: list(v) for k, v in prof.rows.items()},
             }
-        # Timed decodes, modes interleaved batch by batch so machine load drifts hit all alike.
-        # Repeats after the first only for modes within 2x of the fastest one: noise cannot
-        # change the verdict on a mode that is slower than that (it saves minutes at batch 64).
+        # Timed decodes. Each batch is prefilled once per mode, then decoded `repeats` times from
+        # that state (speed is the decode phase), modes interleaved within each repeat so machine
+        # load drifts hit all alike. Repeats after the first only for modes within 2x of the
+        # fastest decode: noise cannot change the verdict on a slower one (minutes at batch 64).
+        # With `repeats_within_seconds`, a third repeat (and later) only while this batch size's
+        # timed decodes, at this batch's pace, stay under that.
         accs = {n: _Acc() for n in names}
-        timed = list(names)
-        t_timed = time.perf_counter()
         with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
-            for r in range(repeats):
-                if r >= 2 and repeats_within_seconds is not None:
-                    if time.perf_counter() - t_timed >= repeats_within_seconds:
-                        bar.total = bar.n
-                        break
-                if r == 1:
-                    first = {n: accs[n].seconds for n in names}
-                    timed = [n for n in names if first[n] <= 2.0 * min(first.values())]
-                    bar.total += (repeats - 1) * len(batches) * len(timed)
-                for i, b in enumerate(batches):
+            for i, b in enumerate(batches):
+                pres = {n: decoders[n].start(b, max_new_tokens, seed=seed) for n in names}
+                timed, t_batch = list(names), time.perf_counter()
+                for r in range(repeats):
+                    pace = (time.perf_counter() - t_batch) * len(batches)
+                    if r >= 2 and repeats_within_seconds is not None:
+                        if pace >= repeats_within_seconds:
+                            break
+                    if r == 1:
+                        first = {n: accs[n].decodes[i][0]["seconds"] for n in names}
+                        first = {n: v - accs[n].decodes[i][0]["prefill"] for n, v in first.items()}
+                        timed = [n for n in names if first[n] <= 2.0 * min(first.values())]
+                    if r >= 1:
+                        bar.total += len(timed)
                     for name in timed:
-                        gen = decoders[name].generate(b, max_new_tokens, seed=seed)
+                        gen = decoders[name].decode(pres[name], reuse=r + 1 < repeats)
                         accs[name].add(gen, repeat=r, batch=i)
                         bar.update()
+                del pres
         ar_row = accs[ar_name].row()
         if prof:
             # The AR engine's own step against the flex engine's forced ar1 branch: the overhead
