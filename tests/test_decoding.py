@@ -592,3 +592,12 @@ def test_flex_ar_steps_share_ar_modes_executable(tiny_llama):
     assert set(flex_gen.stats["branch_per_step"]) == {"ar1"} and flex_gen.tokens == ar_gen.tokens
     spec = [b for b in dec.static(5).branches if b[0] != "ar"]
     assert engine.branch_step._cache_size() - before == len(spec)
+
+
+def test_cost_profiles_merge_to_each_branchs_faster_time():
+    a = CostProfile(4, {"ar1": 2.0, "seq2": 3.0, "seq4": 3.5, "par2": 2.9}, 1.0, {"seq2": (2, 2)})
+    b = CostProfile(4, {"ar1": 1.0, "seq2": 3.2, "seq4": 1.8, "par2": 2.0}, 2.2)
+    m = a.merged(b)
+    assert m.branches == {"ar1": 1.0, "seq2": 3.0, "seq4": 1.8, "par2": 2.0}
+    assert m.draft_pass == pytest.approx(0.8)  # the cheapest sequential step minus the AR step
+    assert m.rows == a.rows and m.batch_size == 4
