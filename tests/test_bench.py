@@ -66,15 +66,18 @@ def test_repeats_only_for_modes_near_the_fastest(tiny_run):
             assert r["tokens_per_s"] >= r["fastest_repeat_tokens_per_s"] * (1 - 1e-9)
 
 
-def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path):
+def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path, monkeypatch):
     cfg, target, dcfg, draft = tiny()
-    for within, want in ((0.0, 2), (None, 3)):
+    # (within, keep prefilled states, repeats expected); without keeping, each repeat prefills.
+    for within, keep, want in ((0.0, True, 2), (None, True, 3), (None, False, 3)):
+        monkeypatch.setattr(harness, "KEEP_PREFILLED_BYTES", (1 << 40) if keep else 0)
         res = harness.run_benchmark(
             cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,), modes=("flex",),
-            max_new_tokens=4, output_dir=str(tmp_path / str(within)), eos_ids=(),
+            max_new_tokens=4, output_dir=str(tmp_path / f"{within}{keep}"), eos_ids=(),
             profile_repeats=1, repeats=3, repeats_within_seconds=within, plots=False,
         )  # fmt: skip
         assert {len(r["repeat_seconds"]) for r in res["rows"]} == {want}, within
+        assert all(r["outputs_match_ar"] and r["batches_timed_stepwise"] for r in res["rows"])
 
 
 def test_results_json_fields(tiny_run):

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -117,15 +118,19 @@ def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None)
 
 # ----------------------------------------------------------------------------- aggregation
 
+# Prefilled batches kept for the timed repeats of one batch size (all modes and batches).
+KEEP_PREFILLED_BYTES = 4 << 30
+
 
 class _Acc:
     """Sums the stats of one mode's decodes at one batch size, and times them robustly.
 
-    Each batch is prefilled once and its decode repeated from that state, so the repeats take the
-    same steps (checked by the branch each step ran). A row's decode time is, batch by batch, the
-    sum over steps of each step's fastest repeat: on a shared machine, load from elsewhere comes
-    in bursts of seconds that only ever add time, and it must hit the same step in every repeat to
-    count. Where the repeats' steps differ, the batch counts its fastest whole decode."""
+    Repeats decode the same batch with the same seed (mostly from one prefilled state), so they
+    take the same steps (checked by the branch each step ran). A row's decode time is, batch by
+    batch, the sum over steps of each step's fastest repeat: on a shared machine, load from
+    elsewhere comes in bursts of seconds that only ever add time, and it must hit the same step
+    in every repeat to count. Where the repeats' steps differ, the batch counts its fastest
+    whole decode."""
 
     def __init__(self):
         self.tokens, self.seconds, self.seq_steps, self.committed, self.steps = 0, 0.0, 0, 0, 0
@@ -390,33 +395,44 @@ def run_benchmark(
                 "draft_pass_seconds": prof.draft_pass,
                 "rows": {k: list(v) for k, v in prof.rows.items()},
             }
-        # Timed decodes. Each batch is prefilled once per mode, then decoded `repeats` times from
-        # that state (speed is the decode phase), modes interleaved within each repeat so machine
-        # load drifts hit all alike. Repeats after the first only for modes within 2x of the
-        # fastest decode: noise cannot change the verdict on a slower one (minutes at batch 64).
-        # With `repeats_within_seconds`, a third repeat (and later) only while this batch size's
-        # timed decodes, at this batch's pace, stay under that.
+        # Timed decodes, repeat by repeat, modes interleaved batch by batch, so a burst of load
+        # from elsewhere (seconds long) rarely covers one step's every repeat. Each batch is
+        # prefilled once per mode and its decode repeated from that state (speed is the decode
+        # phase) while the prefilled states fit in KEEP_PREFILLED_BYTES; else each repeat
+        # prefills again. Repeats after the first only for modes within 2x of the fastest
+        # decode: noise cannot change the verdict on a slower one (saves minutes at batch 64).
+        # With `repeats_within_seconds`, a third repeat (and later) only while this batch
+        # size's timed decodes have taken less than that.
         accs = {n: _Acc() for n in names}
+        pres, keep, timed = {}, None, list(names)
+        t_timed = time.perf_counter()
         with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
-            for i, b in enumerate(batches):
-                pres = {n: decoders[n].start(b, max_new_tokens, seed=seed) for n in names}
-                timed, t_batch = list(names), time.perf_counter()
-                for r in range(repeats):
-                    pace = (time.perf_counter() - t_batch) * len(batches)
-                    if r >= 2 and repeats_within_seconds is not None:
-                        if pace >= repeats_within_seconds:
-                            break
-                    if r == 1:
-                        first = {n: accs[n].decodes[i][0]["seconds"] for n in names}
-                        first = {n: v - accs[n].decodes[i][0]["prefill"] for n, v in first.items()}
-                        timed = [n for n in names if first[n] <= 2.0 * min(first.values())]
-                    if r >= 1:
-                        bar.total += len(timed)
+            for r in range(repeats):
+                if r >= 2 and repeats_within_seconds is not None:
+                    if time.perf_counter() - t_timed >= repeats_within_seconds:
+                        break
+                if r == 1:
+                    first = {n: accs[n].one_pass()["whole"] for n in names}
+                    timed = [n for n in names if first[n] <= 2.0 * min(first.values())]
+                    bar.total += len(batches) * len(timed)
+                elif r > 1:
+                    bar.total += len(batches) * len(timed)
+                last = r + 1 == repeats
+                for i, b in enumerate(batches):
                     for name in timed:
-                        gen = decoders[name].decode(pres[name], reuse=r + 1 < repeats)
+                        pre = pres.pop((i, name), None)
+                        if pre is None:
+                            pre = decoders[name].start(b, max_new_tokens, seed=seed)
+                        if keep is None:
+                            size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
+                            keep = size * len(batches) * len(names) <= KEEP_PREFILLED_BYTES
+                        reuse = keep and not last
+                        gen = decoders[name].decode(pre, reuse=reuse)
+                        if reuse:
+                            pres[(i, name)] = pre
                         accs[name].add(gen, repeat=r, batch=i)
                         bar.update()
-                del pres
+        pres.clear()
         ar_row = accs[ar_name].row()
         if prof:
             # The AR engine's own step against the flex engine's forced ar1 branch: the overhead
