@@ -133,18 +133,13 @@ class _Acc:
     whole decode."""
 
     def __init__(self):
-        self.tokens, self.seconds, self.seq_steps, self.committed, self.steps = 0, 0.0, 0, 0, 0
-        self.prefill_seconds, self.sequences, self.spec_steps = 0.0, 0, 0
+        self.seq_steps, self.committed, self.spec_steps = 0, 0, 0
         self.acc_weighted, self.branch_counts = None, {}
         self.outputs_by_batch: dict[int, dict[int, list]] = {}  # batch -> repeat -> tokens
-        self.repeat_seconds: dict[int, float] = {}  # repeat -> seconds of its decodes
         self.decodes: dict[int, dict[int, dict]] = {}  # batch -> repeat -> one decode
 
     def add(self, gen, repeat: int = 0, batch: int = 0):
         s = gen.stats
-        self.tokens += s["tokens"]
-        self.seconds += s["seconds"]
-        self.repeat_seconds[repeat] = self.repeat_seconds.get(repeat, 0.0) + s["seconds"]
         self.decodes.setdefault(batch, {})[repeat] = {
             "seconds": s["seconds"],
             "prefill": s.get("prefill_seconds", 0.0),
@@ -154,9 +149,6 @@ class _Acc:
             "tokens": s["tokens"],
             "sequences": len(gen.tokens),
         }
-        self.steps += s["steps"]
-        self.prefill_seconds += s.get("prefill_seconds", 0.0)
-        self.sequences += len(gen.tokens)
         per_seq = np.asarray(s.get("committed_per_step") or [[]])
         # An active sequence commits >= 1 token per step, so nonzero entries are its steps.
         self.seq_steps += int((per_seq > 0).sum())
@@ -214,20 +206,25 @@ class _Acc:
     def row(self) -> dict:
         ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
         p = self.one_pass()
+        runs = [(r, d) for reps in self.decodes.values() for r, d in reps.items()]
+        total = {f: sum(d[f] for _, d in runs) for f in ("tokens", "seconds", "prefill", "n_steps")}
+        repeat_seconds = {}
+        for r, d in runs:
+            repeat_seconds[r] = repeat_seconds.get(r, 0.0) + d["seconds"]
         tokens, sequences, prefill = p["tokens"], p["sequences"], p["prefill"]
         speed = speed_fields(tokens, prefill + p["decode"], prefill, sequences)
         plain = speed_fields(tokens, prefill + p["whole"], prefill, sequences)
         return {
             "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
             "per_position_acceptance": ppa,
-            "tokens": self.tokens,
-            "seconds": self.seconds,
-            "prefill_seconds": self.prefill_seconds,
-            "steps": self.steps,
+            "tokens": total["tokens"],
+            "seconds": total["seconds"],
+            "prefill_seconds": total["prefill"],
+            "steps": total["n_steps"],
             "speculative_steps": self.spec_steps,
             "branch_counts": self.branch_counts,
             **speed,
-            "repeat_seconds": [v for _, v in sorted(self.repeat_seconds.items())],
+            "repeat_seconds": [v for _, v in sorted(repeat_seconds.items())],
             # The plain estimate beside the step-wise one: each batch's fastest whole decode.
             "fastest_repeat_tokens_per_s": plain["tokens_per_s"],
             "batches_timed_stepwise": p["stepwise"],

@@ -295,24 +295,24 @@ class Decoder:
                 {k: tuple(v) for k, v in raw["rows"].items()},
             )
         else:
-            prof = self.measure(batch, repeats=repeats, max_seconds=max_seconds)
-            if path:
-                _write_json_atomic(path, dataclasses.asdict(prof))
+            prof = self._keep(batch, self.measure(batch, repeats=repeats, max_seconds=max_seconds))
         self.profiles[batch] = prof
+        return prof
+
+    def _keep(self, batch: int, prof: CostProfile) -> CostProfile:
+        """Hold `prof` as this batch size's profile, and cache it on disk."""
+        self.profiles[batch] = prof
+        path = self._profile_path(batch)
+        if path:
+            _write_json_atomic(path, dataclasses.asdict(prof))
         return prof
 
     def refine_profile(
         self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
     ) -> CostProfile:
         """Measure again and keep each branch's faster time (`CostProfile.merged`); cached."""
-        prof = self.profile(batch).merged(
-            self.measure(batch, repeats=repeats, max_seconds=max_seconds)
-        )
-        self.profiles[batch] = prof
-        path = self._profile_path(batch)
-        if path:
-            _write_json_atomic(path, dataclasses.asdict(prof))
-        return prof
+        new = self.measure(batch, repeats=repeats, max_seconds=max_seconds)
+        return self._keep(batch, self.profile(batch).merged(new))
 
     def measure(
         self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
