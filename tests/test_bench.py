@@ -77,7 +77,9 @@ def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path, monkeypatch):
             max_new_tokens=4, output_dir=str(tmp_path / f"{within}{keep}"), eos_ids=(),
             profile_repeats=1, repeats=3, repeats_within_seconds=within, plots=False,
         )  # fmt: skip
-        assert {len(r["repeat_seconds"]) for r in res["rows"]} == {want}, within
+        # AR is always repeated (whether flex is depends on timing: within 2x of the fastest).
+        ar = next(r for r in res["rows"] if r["mode"] == "ar")
+        assert len(ar["repeat_seconds"]) == want, within
         assert all(r["outputs_match_ar"] and r["batches_timed_stepwise"] for r in res["rows"])
 
 
