@@ -57,9 +57,8 @@ def test_repeats_only_for_modes_near_the_fastest(tiny_run):
     res, _, _ = tiny_run
     for bs in (1, 3):
         rows = [r for r in res["rows"] if r["batch_size"] == bs]
-        fastest = max(rows, key=lambda r: r["tokens_per_s"])
         ar = next(r for r in rows if r["mode"] == "ar")  # the baseline: always repeated
-        assert len(fastest["repeat_seconds"]) == len(ar["repeat_seconds"]) == 2
+        assert len(ar["repeat_seconds"]) == 2
         for r in rows:
             assert len(r["repeat_seconds"]) in (1, 2)
             # Step by step, the row is at least as fast as its fastest whole decodes.
