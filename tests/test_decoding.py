@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from flexdraft_jax.decoding import ar, engine, verify
+from flexdraft_jax.decoding import decoder as decoder_mod
 from flexdraft_jax.decoding.decoder import CostProfile, Decoder
 from flexdraft_jax.decoding.sampling import SamplingParams
 from flexdraft_jax.models import layouts
@@ -599,5 +600,40 @@ def test_cost_profiles_merge_to_each_branchs_faster_time():
     b = CostProfile(4, {"ar1": 1.0, "seq2": 3.2, "seq4": 1.8, "par2": 2.0}, 2.2)
     m = a.merged(b)
     assert m.branches == {"ar1": 1.0, "seq2": 3.0, "seq4": 1.8, "par2": 2.0}
-    assert m.draft_pass == pytest.approx(0.8)  # the cheapest sequential step minus the AR step
+    assert m.draft_pass == pytest.approx(1.0)  # the smaller of the two measured
     assert m.rows == a.rows and m.batch_size == 4
+
+
+def test_profile_times_speculative_steps_with_drafts_and_the_refill_apart(tiny_llama, monkeypatch):
+    """A speculative step after an AR step first runs a draft pass. The profile times every
+    speculative branch with its drafts in hand, and the draft pass as the difference of the
+    first one's two runs (without drafts, then with), so no branch carries the refill's cost."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    dec = decoder(cfg, target, draft, dcfg, mode="flex")
+    st = dec.static(2)
+    assert decoder_mod.profile_plan(st.branches) == [(0, "time"), (1, "refill")] + [
+        (i, "time") for i in range(1, len(st.branches))
+    ]
+    assert decoder_mod.profile_plan((("seq", 2), ("seq", 4))) == [(0, "time"), (1, "time")]
+    # A fake clock: each branch run advances it by that branch's cost, plus 5 without drafts.
+    cost = {("ar", 1): 1.0, ("seq", 2): 2.0, ("seq", 4): 4.0, ("par", 2): 2.5, ("par", 4): 4.5}
+    seen, launch, clock = [], dec._launch, [0.0]
+
+    def recording(st_, idx, state, costs):
+        br, has = st_.branches[idx], bool(state.has_drafts)
+        seen.append((br, has))
+        clock[0] += cost[br] + (5.0 if br[0] != "ar" and not has else 0.0)
+        return launch(st_, idx, state, costs)
+
+    monkeypatch.setattr(dec, "_launch", recording)
+    monkeypatch.setattr(decoder_mod.time, "perf_counter", lambda: clock[0])
+    prof = dec.measure(2, repeats=3)
+    n = len(st.branches) + 1  # runs per round
+    timed = seen[len(st.branches) :]  # after each branch's compile run
+    assert len(timed) == 3 * n
+    for rnd in (timed[k : k + n] for k in range(0, len(timed), n)):
+        assert rnd[0][0] == ("ar", 1) and rnd[1] == (("seq", 2), False)
+        assert rnd[2:] == [(br, True) for br in st.branches[1:]]
+    assert prof.branches == {decoder_mod.branch_name(b): cost[b] for b in st.branches}
+    assert prof.draft_pass == pytest.approx(5.0)

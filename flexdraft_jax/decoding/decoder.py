@@ -53,14 +53,26 @@ class CostProfile:
         """Each branch at the faster of two measurements (load from elsewhere only adds time;
         measured minutes apart, a burst of it rarely covers both)."""
         times = {k: min(v, other.branches.get(k, v)) for k, v in self.branches.items()}
-        return CostProfile(self.batch_size, times, _draft_pass(times), dict(self.rows))
+        draft_pass = min(self.draft_pass, other.draft_pass)
+        return CostProfile(self.batch_size, times, draft_pass, dict(self.rows))
 
 
-def _draft_pass(times: dict[str, float]) -> float:
-    """The refill cost: a sequential step minus the AR step (its verify of one row)."""
-    seq = [v for k, v in times.items() if k.startswith("seq")]
-    ar = times.get("ar1", min(times.values()))
-    return max(min(seq) - ar, 0.0) if seq else 0.0
+def profile_plan(branches) -> list[tuple[int, str]]:
+    """One round of `Decoder.measure`: (branch index, "time" | "refill") in run order.
+
+    A speculative step that follows an AR step has no drafts and first runs a draft pass (the
+    refill). So the first speculative branch after AR runs twice: once timed as "refill" (draft
+    pass included), then as "time" with its drafts in hand, like every other speculative branch.
+    The refill's cost is the difference of the two."""
+    plan, after_ar = [], False
+    for i, (kind, _) in enumerate(branches):
+        if kind == "ar":
+            after_ar = True
+        elif after_ar:
+            plan.append((i, "refill"))
+            after_ar = False
+        plan.append((i, "time"))
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,24 +352,27 @@ class Decoder:
             runs.append(run)
         # Branches interleaved round by round, and the fastest sample of each kept: load from
         # elsewhere on a shared machine only ever adds time, and hits every branch alike.
-        samples = [[] for _ in runs]
+        # A speculative branch is timed with drafts in hand; the one after AR also without
+        # them, which times the draft pass it then runs first (`profile_plan`).
+        plan = profile_plan(st.branches)
+        samples = {(i, what): [] for i, what in plan}
         t_start = time.perf_counter()
         for r in range(repeats):
             if max_seconds is not None and r >= 2 and time.perf_counter() - t_start > max_seconds:
                 break
-            for run, out in zip(runs, samples):
+            for i, what in plan:
                 state = jax.block_until_ready(_rewind(state, ctx))
                 t0 = time.perf_counter()
-                state = run(state)
+                state = runs[i](state)
                 jax.block_until_ready(state.cache.lengths)
-                out.append(time.perf_counter() - t0)
-        times = {
-            branch_name(br): float(np.min(x)) if x else 0.0 for br, x in zip(st.branches, samples)
-        }
+                samples[i, what].append(time.perf_counter() - t0)
+        fastest = {key: float(np.min(x)) if x else 0.0 for key, x in samples.items()}
+        times = {branch_name(br): fastest[i, "time"] for i, br in enumerate(st.branches)}
+        refill = [fastest[key] - fastest[key[0], "time"] for key in fastest if key[1] == "refill"]
         self._warm.add(batch)
         w = self.dcfg.block_size
         rows = {branch_name(b): engine.branch_rows(b, w) for b in st.branches}
-        return CostProfile(batch, times, _draft_pass(times), rows)
+        return CostProfile(batch, times, max(refill[0], 0.0) if refill else 0.0, rows)
 
 
 def _rewind(state: engine.DecodeState, ctx: int) -> engine.DecodeState:
