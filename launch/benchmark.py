@@ -53,6 +53,15 @@ flags.DEFINE_float(
 flags.DEFINE_bool("no_calibration", False, "Ablation: decode without the calibration MLP.")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers generate on the same weights.")
 flags.DEFINE_integer("repeats", 3, "Timed decodes per batch (the fastest counts).", lower_bound=1)
+flags.DEFINE_float(
+    "repeats_within_seconds", None,
+    "Repeats after the second only while a batch size's timed decodes took less (default: all).",
+    lower_bound=0.0,
+)  # fmt: skip
+flags.DEFINE_integer("profile_repeats", 5, "Rounds of the flex cost profile.", lower_bound=1)
+flags.DEFINE_float(
+    "profile_seconds", None, "Stop profile rounds (after two) once this long.", lower_bound=0.0
+)
 flags.DEFINE_integer("cache_len", None, "KV cache slots (default: fits prompt + output).")
 flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, cost profiles.")
 
@@ -95,6 +104,9 @@ def main(_):
         output_dir=F.output_dir,
         cache_len=F.cache_len,
         repeats=F.repeats,
+        repeats_within_seconds=F.repeats_within_seconds,
+        profile_repeats=F.profile_repeats,
+        profile_seconds=F.profile_seconds,
         meta={"checkpoint": F.checkpoint or "embedded", "draft": draft_path or "untrained",
               "prompts": F.prompts_file or "humaneval", "chat": chat},
     )  # fmt: skip

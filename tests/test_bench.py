@@ -250,10 +250,11 @@ def test_rows_time_each_step_at_its_fastest_repeat():
     from flexdraft_jax.decoding.ar import Generation
 
     def gen(steps, branches=None, prefill=1.0):
+        branches = branches or ["ar1"] * len(steps)
         stats = {
             "tokens": 20, "seconds": prefill + sum(steps), "prefill_seconds": prefill,
-            "steps": len(steps), "step_seconds": steps,
-            "branch_per_step": branches or ["ar1"] * len(steps),
+            "steps": len(steps), "step_seconds": steps, "branch_per_step": branches,
+            "branch_counts": {b: branches.count(b) for b in set(branches)},
         }  # fmt: skip
         return Generation([[1] * 10, [2] * 10], stats)
 
@@ -273,6 +274,9 @@ def test_rows_time_each_step_at_its_fastest_repeat():
     assert row["e2e_tokens_per_s"] == pytest.approx(40 / (decode + prefill))
     assert row["fastest_repeat_tokens_per_s"] == pytest.approx((40 - 4) / (11.5 - 2.0))
     assert row["step_seconds"] == pytest.approx(decode / 5)  # steps of one pass
+    # Counts are of one pass (each batch's first decode), not summed over repeats.
+    assert (row["steps"], row["tokens"], row["branch_counts"]) == (5, 40, {"ar1": 5})
+    assert row["seconds"] == pytest.approx(decode + prefill)
 
 
 def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):

@@ -123,7 +123,8 @@ KEEP_PREFILLED_BYTES = 4 << 30
 
 
 class _Acc:
-    """Sums the stats of one mode's decodes at one batch size, and times them robustly.
+    """Sums the stats of one mode's decodes at one batch size (one pass over the batches), and
+    times them robustly.
 
     Repeats decode the same batch with the same seed (mostly from one prefilled state), so they
     take the same steps (checked by the branch each step ran). A row's decode time is, batch by
@@ -149,6 +150,9 @@ class _Acc:
             "tokens": s["tokens"],
             "sequences": len(gen.tokens),
         }
+        self.outputs_by_batch.setdefault(batch, {})[repeat] = list(gen.tokens)
+        if repeat:  # the same steps again (same seed): counted once, from the first decode
+            return
         per_seq = np.asarray(s.get("committed_per_step") or [[]])
         # An active sequence commits >= 1 token per step, so nonzero entries are its steps.
         self.seq_steps += int((per_seq > 0).sum())
@@ -163,7 +167,6 @@ class _Acc:
             )
         for k, v in s.get("branch_counts", {}).items():
             self.branch_counts[k] = self.branch_counts.get(k, 0) + v
-        self.outputs_by_batch.setdefault(batch, {})[repeat] = list(gen.tokens)
 
     @property
     def outputs(self) -> list:
@@ -206,21 +209,22 @@ class _Acc:
     def row(self) -> dict:
         ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
         p = self.one_pass()
-        runs = [(r, d) for reps in self.decodes.values() for r, d in reps.items()]
-        total = {f: sum(d[f] for _, d in runs) for f in ("tokens", "seconds", "prefill", "n_steps")}
         repeat_seconds = {}
-        for r, d in runs:
-            repeat_seconds[r] = repeat_seconds.get(r, 0.0) + d["seconds"]
+        for reps in self.decodes.values():
+            for r, d in reps.items():
+                repeat_seconds[r] = repeat_seconds.get(r, 0.0) + d["seconds"]
         tokens, sequences, prefill = p["tokens"], p["sequences"], p["prefill"]
         speed = speed_fields(tokens, prefill + p["decode"], prefill, sequences)
         plain = speed_fields(tokens, prefill + p["whole"], prefill, sequences)
+        # Counts are of one pass over the batches (repeats take the same steps); seconds are
+        # the pass as timed (each step at its fastest repeat).
         return {
             "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
             "per_position_acceptance": ppa,
-            "tokens": total["tokens"],
-            "seconds": total["seconds"],
-            "prefill_seconds": total["prefill"],
-            "steps": total["n_steps"],
+            "tokens": tokens,
+            "seconds": prefill + p["decode"],
+            "prefill_seconds": prefill,
+            "steps": p["steps"],
             "speculative_steps": self.spec_steps,
             "branch_counts": self.branch_counts,
             **speed,
