@@ -19,6 +19,7 @@ import pytest
 
 from flexdraft_jax import pipeline
 from flexdraft_jax.bench import harness, report
+from flexdraft_jax.bench import rows as bench_rows
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
@@ -258,7 +259,7 @@ def test_rows_time_each_step_at_its_fastest_repeat():
         }  # fmt: skip
         return Generation([[1] * 10, [2] * 10], stats)
 
-    acc = harness._Acc()
+    acc = bench_rows.Acc()
     # Batch 0: a burst of load hits a different step in each repeat; batch 1: the second repeat
     # took other branches, so its fastest whole decode counts.
     acc.add(gen([1.0, 5.0, 1.0], prefill=2.0), repeat=0, batch=0)

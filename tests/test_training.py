@@ -22,6 +22,7 @@ from flexdraft_jax.decoding import ar
 from flexdraft_jax.models import transformer as T
 from flexdraft_jax.models.config import ModelConfig
 from flexdraft_jax.training import data, losses, trainer
+from flexdraft_jax.training import step as train_step
 from flexdraft_jax.training.defaults import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,7 +258,7 @@ def test_cached_clean_pass_equals_the_full_step(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     assert os.listdir(tmp_path / "wdTrue" / "clean_cache")  # written for the next run to reuse
     with pytest.raises(ValueError, match="cache_clean keeps only deep-layer"):
-        trainer.make_train_step(
+        train_step.make_train_step(
             cfg,
             plain["dcfg"],
             tiny_config(tmp_path, cache_clean=True, kl_weight=1.0).train,
@@ -300,7 +301,7 @@ def test_restricted_draft_vocabulary_training(tmp_path):
 
 def test_stage_names_are_checked():
     with pytest.raises(ValueError, match="unknown stage"):
-        trainer.trainable_keys("everything")
+        train_step.trainable_keys("everything")
     assert base_config().train.stage == "attention"
 
 

@@ -27,14 +27,14 @@ import os
 import time
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
+from flexdraft_jax.bench.hf_peer import hf_row
+from flexdraft_jax.bench.rows import Acc, speedups
 from flexdraft_jax.decoding import engine
 from flexdraft_jax.decoding.decoder import Decoder
 from flexdraft_jax.decoding.sampling import SamplingParams
 
-HF_MODE = "hf_transformers"
 log = logging.getLogger(__name__)
 
 
@@ -122,140 +122,6 @@ def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None)
 KEEP_PREFILLED_BYTES = 4 << 30
 
 
-class _Acc:
-    """Sums the stats of one mode's decodes at one batch size (one pass over the batches), and
-    times them robustly.
-
-    Repeats decode the same batch with the same seed (mostly from one prefilled state), so they
-    take the same steps (checked by the branch each step ran). A row's decode time is, batch by
-    batch, the sum over steps of each step's fastest repeat: on a shared machine, load from
-    elsewhere comes in bursts of seconds that only ever add time, and it must hit the same step
-    in every repeat to count. Where the repeats' steps differ, the batch counts its fastest
-    whole decode."""
-
-    def __init__(self):
-        self.seq_steps, self.committed, self.spec_steps = 0, 0, 0
-        self.acc_weighted, self.branch_counts = None, {}
-        self.outputs_by_batch: dict[int, dict[int, list]] = {}  # batch -> repeat -> tokens
-        self.decodes: dict[int, dict[int, dict]] = {}  # batch -> repeat -> one decode
-
-    def add(self, gen, repeat: int = 0, batch: int = 0):
-        s = gen.stats
-        self.decodes.setdefault(batch, {})[repeat] = {
-            "seconds": s["seconds"],
-            "prefill": s.get("prefill_seconds", 0.0),
-            "steps": s.get("step_seconds"),
-            "branches": s.get("branch_per_step"),
-            "n_steps": s["steps"],
-            "tokens": s["tokens"],
-            "sequences": len(gen.tokens),
-        }
-        self.outputs_by_batch.setdefault(batch, {})[repeat] = list(gen.tokens)
-        if repeat:  # the same steps again (same seed): counted once, from the first decode
-            return
-        per_seq = np.asarray(s.get("committed_per_step") or [[]])
-        # An active sequence commits >= 1 token per step, so nonzero entries are its steps.
-        self.seq_steps += int((per_seq > 0).sum())
-        self.committed += int(per_seq.sum())
-        ppa = np.asarray(s.get("per_position_acceptance", []), np.float64)
-        # Weighted by speculative steps: an AR step verifies nothing (flex may take only those).
-        w = sum(v for k, v in s.get("branch_counts", {}).items() if not k.startswith("ar"))
-        self.spec_steps += w
-        if ppa.size and w:
-            self.acc_weighted = (
-                ppa * w if self.acc_weighted is None else self.acc_weighted + ppa * w
-            )
-        for k, v in s.get("branch_counts", {}).items():
-            self.branch_counts[k] = self.branch_counts.get(k, 0) + v
-
-    @property
-    def outputs(self) -> list:
-        """The first repeat's outputs, batch after batch."""
-        return [t for i in sorted(self.outputs_by_batch) for t in self.outputs_by_batch[i][0]]
-
-    def same_outputs(self, reference: list) -> bool:
-        """Every repeat of every batch decoded `reference`'s tokens (`outputs` of another)."""
-        start, same = 0, True
-        for i in sorted(self.outputs_by_batch):
-            reps = self.outputs_by_batch[i]
-            ref = reference[start : start + len(reps[0])]
-            start += len(reps[0])
-            same = same and all(out == ref for out in reps.values())
-        return same and start == len(reference)
-
-    def one_pass(self) -> dict:
-        """One pass over the batches: tokens, sequences and steps (of each batch's first decode);
-        prefill seconds; decode seconds step by step and by the fastest whole decode (see the
-        class docstring); and how many batches were timed step by step."""
-        out = dict(tokens=0, sequences=0, steps=0, prefill=0.0, decode=0.0, whole=0.0, stepwise=0)
-        for reps in self.decodes.values():
-            runs = [reps[r] for r in sorted(reps)]
-            for k, f in (("tokens", "tokens"), ("sequences", "sequences"), ("steps", "n_steps")):
-                out[k] += runs[0][f]
-            out["prefill"] += min(r["prefill"] for r in runs)
-            whole = min(r["seconds"] - r["prefill"] for r in runs)
-            out["whole"] += whole
-            steps = [r["steps"] for r in runs]
-            aligned = all(s is not None and len(s) == len(steps[0]) for s in steps) and all(
-                r["branches"] == runs[0]["branches"] for r in runs
-            )
-            if aligned and steps[0]:
-                out["decode"] += float(np.min(np.asarray(steps, np.float64), axis=0).sum())
-                out["stepwise"] += 1
-            else:
-                out["decode"] += whole
-        return out
-
-    def row(self) -> dict:
-        ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
-        p = self.one_pass()
-        repeat_seconds = {}
-        for reps in self.decodes.values():
-            for r, d in reps.items():
-                repeat_seconds[r] = repeat_seconds.get(r, 0.0) + d["seconds"]
-        tokens, sequences, prefill = p["tokens"], p["sequences"], p["prefill"]
-        speed = speed_fields(tokens, prefill + p["decode"], prefill, sequences)
-        plain = speed_fields(tokens, prefill + p["whole"], prefill, sequences)
-        # Counts are of one pass over the batches (repeats take the same steps); seconds are
-        # the pass as timed (each step at its fastest repeat).
-        return {
-            "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
-            "per_position_acceptance": ppa,
-            "tokens": tokens,
-            "seconds": prefill + p["decode"],
-            "prefill_seconds": prefill,
-            "steps": p["steps"],
-            "speculative_steps": self.spec_steps,
-            "branch_counts": self.branch_counts,
-            **speed,
-            "repeat_seconds": [v for _, v in sorted(repeat_seconds.items())],
-            # The plain estimate beside the step-wise one: each batch's fastest whole decode.
-            "fastest_repeat_tokens_per_s": plain["tokens_per_s"],
-            "batches_timed_stepwise": p["stepwise"],
-            # Decode step at the row's timing, to hold against the profile's forced steps.
-            "step_seconds": p["decode"] / max(p["steps"], 1),
-        }
-
-
-def speed_fields(tokens: int, seconds: float, prefill_seconds: float, sequences: int) -> dict:
-    """Decode speed (the prefill and the first token it yields excluded) and end to end."""
-    dec_tok, dec_s = max(tokens - sequences, 0), max(seconds - prefill_seconds, 0.0)
-    return {
-        "tokens_per_s": dec_tok / dec_s if dec_s > 0 else 0.0,
-        "seconds_per_token": dec_s / max(dec_tok, 1),
-        "e2e_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "e2e_seconds_per_token": seconds / max(tokens, 1),
-    }
-
-
-def _speedups(row: dict, ar_row: dict) -> dict:
-    return {
-        "speedup_vs_ar": ar_row["seconds_per_token"] / max(row["seconds_per_token"], 1e-12),
-        "e2e_speedup_vs_ar": ar_row["e2e_seconds_per_token"]
-        / max(row["e2e_seconds_per_token"], 1e-12),
-    }
-
-
 def _branch_subset(rel: dict, mode: str) -> dict:
     prefixes = {"ar": ("ar",), "sequential": ("seq",), "parallel": ("par",)}.get(mode)
     if prefixes is None:  # flex / paper: every branch (paper uses one kind per batch size)
@@ -299,7 +165,7 @@ def run_benchmark(
 
     prompts: token-id lists. `hf_source` is the target checkpoint (None = the embedded GGUF) for
     the `transformers` peer row. `repeats` timed decodes per batch, all with the same seed
-    (tokens/s: each step at its fastest repeat, see `_Acc`); with `repeats_within_seconds`,
+    (tokens/s: each step at its fastest repeat, see `rows.Acc`); with `repeats_within_seconds`,
     repeats after the second run only while a batch size's timed decodes have taken less than
     that (extra precision where decodes are cheap)."""
     from flexdraft_jax.bench import report
@@ -404,7 +270,7 @@ def run_benchmark(
         # decode: noise cannot change the verdict on a slower one (saves minutes at batch 64).
         # With `repeats_within_seconds`, a third repeat (and later) only while this batch
         # size's timed decodes have taken less than that.
-        accs = {n: _Acc() for n in names}
+        accs = {n: Acc() for n in names}
         pres, keep, timed = {}, None, list(names)
         t_timed = time.perf_counter()
         with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
@@ -453,7 +319,7 @@ def run_benchmark(
                 batch_size=bs,
                 temperature=temperature,
                 num_batches=len(batches),
-                **_speedups(row, ar_row),
+                **speedups(row, ar_row),
                 step_seconds_vs_ar=row["step_seconds"] / max(ar_row["step_seconds"], 1e-12),
                 outputs_match_ar=accs[spec.name].same_outputs(accs[ar_name].outputs)
                 and accs[ar_name].same_outputs(accs[ar_name].outputs)
@@ -519,108 +385,3 @@ def _devices() -> str:
 
     d = jax.devices()
     return f"{len(d)}x {d[0].device_kind} ({os.cpu_count()} host cores)"
-
-
-# ----------------------------------------------------------------------------- transformers peer
-
-
-def load_hf_model(source: str | None):
-    """The same target in `transformers` (torch, float32): HF directory, .gguf file or embedded."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    if source is None:
-        from flexdraft_jax.checkpoints.default import default_gguf_path
-
-        source = default_gguf_path()
-    if os.path.isdir(source):
-        model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
-    elif source.endswith(".gguf"):
-        model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(source) or ".",
-            gguf_file=os.path.basename(source),
-            torch_dtype=torch.float32,
-        )
-    else:
-        raise ValueError(
-            f"hf baseline: expected a Hugging Face directory or a .gguf file: {source}"
-        )
-    return model.eval()
-
-
-_HF_CACHE: dict = {}
-
-
-def hf_generate(model, batch, max_new_tokens: int, eos_ids, pad_id: int = 0):
-    """Greedy `generate` on a left-padded batch -> (tokens per prompt up to its EOS, seconds)."""
-    import torch
-
-    width = max(len(p) for p in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, p in enumerate(batch):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    eos = list(eos_ids)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos or None,
-            pad_token_id=pad_id,
-        )
-    secs = time.perf_counter() - t0
-    tokens = []
-    for row in out[:, width:].tolist():
-        cut = len(row)
-        for j, t in enumerate(row):
-            if t in eos:
-                cut = j + 1
-                break
-        tokens.append(row[:cut])
-    return tokens, secs
-
-
-def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, repeats, temp):
-    """The `transformers` peer row at one batch size (greedy; warm-up decode excluded)."""
-    if temp != 0.0:
-        log.warning("hf baseline is greedy only; temperature %s ignored for it", temp)
-    key = source or "<embedded>"
-    if key not in _HF_CACHE:
-        _HF_CACHE.clear()
-        _HF_CACHE[key] = load_hf_model(source)
-    model = _HF_CACHE[key]
-    eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    hf_generate(model, batches[0], min(2, max_new_tokens), eos)  # warm-up
-    outputs, tokens, seconds, prefill, seqs = [], 0, 0.0, 0.0, 0
-    for _ in tqdm(range(repeats), desc="transformers generate", leave=False):
-        outputs = []
-        for b in batches:
-            prefill += hf_generate(model, b, 1, eos)[1]  # the prefill and its first token
-            toks, secs = hf_generate(model, b, max_new_tokens, eos)
-            outputs.extend(toks)
-            tokens += sum(len(t) for t in toks)
-            seconds += secs
-            seqs += len(b)
-    row = {
-        "mode": HF_MODE,
-        "engine_mode": HF_MODE,
-        "batch_size": len(batches[0]),
-        "temperature": 0.0,
-        "num_batches": len(batches),
-        "tau": 1.0,
-        "per_position_acceptance": [],
-        "tokens": tokens,
-        "seconds": seconds,
-        "prefill_seconds": prefill,  # measured as a separate 1-token generate per batch
-        **speed_fields(tokens, seconds, prefill, seqs),
-        "outputs_match_ar": (outputs == ar_outputs) if ar_outputs is not None else None,
-        "branch_counts": {},
-        "step_cost": {},
-        "rows_per_branch": {},
-    }
-    return {**row, **_speedups(row, ar_row)}

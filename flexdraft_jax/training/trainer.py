@@ -15,8 +15,9 @@ never computed, and gradients reach exactly the trainable subset of the draft (t
 argument that is never written; tests check it is bit-identical after training).
 
 Cost (SmolLM2-135M, 2 CPU cores): the clean pass is ~90% of a step, so batches are cropped to
-their longest sequence (length buckets, one executable per width) and anchors are dense. Caching
-the clean pass across epochs (DESIGN §2.5) is the next lever.
+their longest sequence (length buckets, one executable per width) and anchors are dense; with
+`train.cache_clean` the deep-layer clean K/V is computed once for all epochs (`clean_cache`). The
+step itself (loss, gradients of the trainable subset, update) is `training.step`.
 
 Writes to `workdir`: checkpoints/ (orbax: step, draft, optimizer state; the data order and anchors
 are functions of (seed, step), so resuming is exact), metrics.jsonl, and draft_release/ (the final
@@ -36,33 +37,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from flexdraft_jax import sharding as shd
-from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 from flexdraft_jax.training import data as data_lib
-from flexdraft_jax.training import losses
+from flexdraft_jax.training.step import make_optimizer, make_train_step, trainable_keys
 
 log = logging.getLogger(__name__)
 
-STAGES = {
-    "attention": ("mask_embedding", "layers"),
-    "calibration": ("calibration",),
-    "joint": ("mask_embedding", "layers", "calibration"),
-}
 BATCH_KEYS = ("tokens", "lengths", "loss_mask", "anchors", "anchor_valid")
-
-
-def trainable_keys(stage: str) -> tuple[str, ...]:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    return STAGES[stage]
 
 
 # ----------------------------------------------------------------------------- target
@@ -157,143 +145,6 @@ def global_batch(local: dict, mesh, global_batch_size: int, keys=BATCH_KEYS) -> 
         sh = NamedSharding(mesh, shd.batch_spec(x.ndim))
         out[k] = jax.make_array_from_process_local_data(sh, x, (global_batch_size, *x.shape[1:]))
     return out
-
-
-# ----------------------------------------------------------------------------- optimizer, step
-
-
-def make_optimizer(tc):
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=tc.lr,
-        warmup_steps=tc.warmup_steps,
-        decay_steps=max(tc.steps, tc.warmup_steps + 1),
-        end_value=tc.lr * tc.end_lr_ratio,
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
-    )
-    return tx, schedule
-
-
-def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule, vocab=None):
-    """step(state, target, batch) -> (state, metrics). state = {step, draft, opt_state}.
-
-    vocab: token ids of a restricted draft vocabulary (`tf.restrict_draft_vocab`): the draft
-    logits, the CE and the argmax run over them only; labels outside it are left out of the
-    loss and count as misses in the accuracies (decoding with that vocabulary cannot draft them).
-    """
-    keys = trainable_keys(tc.stage)
-    lookup = None
-    if vocab is not None:
-        if tc.kl_weight > 0:
-            raise ValueError("train.draft_vocab_size > 0 needs train.kl_weight == 0 (CE only)")
-        vocab = np.asarray(vocab, np.int32)
-        lookup = np.full(cfg.vocab_size, -1, np.int32)
-        lookup[vocab] = np.arange(len(vocab), dtype=np.int32)
-    w = dcfg.block_size
-    weights = losses.position_weights(w, tc.gamma)
-    use_calibration = "calibration" in keys
-    if tc.bonus not in ("data", "target"):
-        raise ValueError(f"train.bonus must be 'data' or 'target', got {tc.bonus!r}")
-    need_target_rows = tc.kl_weight > 0 or (use_calibration and tc.bonus == "target")
-    if tc.get("cache_clean") and need_target_rows:
-        raise ValueError(
-            "train.cache_clean keeps only deep-layer K/V: it needs train.kl_weight == 0 and "
-            f"train.bonus == 'data' (got kl_weight={tc.kl_weight}, bonus={tc.bonus!r})"
-        )
-
-    def step(state, target, batch):
-        tokens, anchors = batch["tokens"], batch["anchors"]
-        b, t = tokens.shape
-        a = anchors.shape[1]
-        zeros = jnp.zeros((b,), jnp.int32)
-        if "clean_k" in batch:  # precomputed deep-layer K/V (training.clean_cache)
-            dt = target["embed"]["embedding"].dtype
-            kv = [jnp.moveaxis(batch[n], 1, 0).astype(dt) for n in ("clean_k", "clean_v")]
-            cache, h_clean = tf.KVCache(kv[0], kv[1], batch["lengths"]), None
-        else:
-            # Clean pass: frozen target, causal, K/V of every layer into a cache of capacity T.
-            lay = layouts.causal(zeros, t)
-            cache = tf.init_cache(cfg, b, t, dtype=target["embed"]["embedding"].dtype)
-            h_clean, _, cache = tf.forward(
-                cfg, target, tokens, lay.positions, lay.meta, cache, zeros, return_hidden=True
-            )
-        labels, valid = losses.slot_targets(
-            tokens, batch["lengths"], batch["loss_mask"], anchors, batch["anchor_valid"], w
-        )
-        scored = valid
-        if lookup is not None:  # labels as indices into the draft vocabulary
-            sub = jnp.asarray(lookup)[labels]
-            scored = valid & (sub >= 0)
-            labels = jnp.maximum(sub, 0)
-        target_logits = None
-        if need_target_rows:  # target at clean rows p + j - 1 (j = 0: the row choosing token p)
-            rows = jnp.clip(anchors[:, :, None] + jnp.arange(w) - 1, 0, t - 1).reshape(b, a * w)
-            h_rows = jnp.take_along_axis(h_clean, rows[..., None], axis=1)
-            target_logits = tf.lm_head(cfg, target, h_rows).reshape(b, a, w, -1)
-        if use_calibration and tc.bonus == "target":
-            bonus = jnp.argmax(target_logits[:, :, 0], axis=-1).astype(jnp.int32)
-        else:
-            bonus = jnp.take_along_axis(tokens, anchors, axis=1)  # the committed token at p
-        # Mask rows only, against the clean cache: group a sees slots < anchors[a].
-        mlay = layouts.training(0, anchors, w)
-        frozen = {k: v for k, v in state["draft"].items() if k not in keys}
-
-        def loss_fn(trainable):
-            draft = {**frozen, **trainable}
-            _, hm, _ = tf.forward(
-                cfg,
-                target,
-                tokens[:, :0],
-                mlay.positions,
-                mlay.meta,
-                cache,
-                zeros,
-                draft=draft,
-                dcfg=dcfg,
-                mask_positions=mlay.mask_positions,
-            )
-            hm = hm.reshape(b * a, w, cfg.hidden_size)
-            head = draft if vocab is None else tf.restrict_draft_vocab(cfg, target, draft, vocab)
-            logits = tf.draft_logits(
-                cfg, target, head, hm, bonus.reshape(b * a), use_calibration
-            ).reshape(b, a, w, -1)
-            loss, metrics = losses.draft_loss(
-                logits,
-                labels,
-                scored,
-                weights,
-                target_logits,
-                ce_weight=tc.ce_weight,
-                kl_weight=tc.kl_weight,
-            )
-            if lookup is not None:  # accuracies over every valid slot (out-of-vocabulary: miss)
-                hit = ((jnp.argmax(logits, axis=-1) == labels) & scored).astype(jnp.float32)
-                mask = valid.astype(jnp.float32)
-                count = jnp.maximum(mask.sum(axis=(0, 1)), 1.0)
-                metrics["acc_per_slot"] = hit.sum(axis=(0, 1)) / count
-                metrics["acc"] = hit.sum() / jnp.maximum(mask.sum(), 1.0)
-                metrics["in_vocab"] = (scored.sum() / jnp.maximum(valid.sum(), 1)).astype(
-                    jnp.float32
-                )
-            return loss, metrics
-
-        trainable = {k: state["draft"][k] for k in keys}
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = schedule(state["step"])
-        new_state = {
-            "step": state["step"] + 1,
-            "draft": {**state["draft"], **trainable},
-            "opt_state": opt_state,
-        }
-        return new_state, metrics
-
-    return step
 
 
 def draft_init(cfg: ModelConfig, dcfg: DraftConfig, target, key) -> dict:

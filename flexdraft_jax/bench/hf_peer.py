@@ -1,0 +1,121 @@
+"""The `transformers` peer row (`--hf_baseline`): `generate` on the same weights, torch float32.
+
+Greedy only; timed like the engine's rows (a warm-up decode excluded, the prefill measured as a
+separate one-token `generate` per batch) and compared with AR's outputs token for token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from tqdm.auto import tqdm
+
+from flexdraft_jax.bench.rows import speed_fields, speedups
+
+log = logging.getLogger(__name__)
+
+HF_MODE = "hf_transformers"
+
+
+def load_hf_model(source: str | None):
+    """The same target in `transformers` (torch, float32): HF directory, .gguf file or embedded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if source is None:
+        from flexdraft_jax.checkpoints.default import default_gguf_path
+
+        source = default_gguf_path()
+    if os.path.isdir(source):
+        model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    elif source.endswith(".gguf"):
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(source) or ".",
+            gguf_file=os.path.basename(source),
+            torch_dtype=torch.float32,
+        )
+    else:
+        raise ValueError(
+            f"hf baseline: expected a Hugging Face directory or a .gguf file: {source}"
+        )
+    return model.eval()
+
+
+_HF_CACHE: dict = {}
+
+
+def hf_generate(model, batch, max_new_tokens: int, eos_ids, pad_id: int = 0):
+    """Greedy `generate` on a left-padded batch -> (tokens per prompt up to its EOS, seconds)."""
+    import torch
+
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    eos = list(eos_ids)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos or None,
+            pad_token_id=pad_id,
+        )
+    secs = time.perf_counter() - t0
+    tokens = []
+    for row in out[:, width:].tolist():
+        cut = len(row)
+        for j, t in enumerate(row):
+            if t in eos:
+                cut = j + 1
+                break
+        tokens.append(row[:cut])
+    return tokens, secs
+
+
+def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, repeats, temp):
+    """The `transformers` peer row at one batch size (greedy; warm-up decode excluded)."""
+    if temp != 0.0:
+        log.warning("hf baseline is greedy only; temperature %s ignored for it", temp)
+    key = source or "<embedded>"
+    if key not in _HF_CACHE:
+        _HF_CACHE.clear()
+        _HF_CACHE[key] = load_hf_model(source)
+    model = _HF_CACHE[key]
+    eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    hf_generate(model, batches[0], min(2, max_new_tokens), eos)  # warm-up
+    outputs, tokens, seconds, prefill, seqs = [], 0, 0.0, 0.0, 0
+    for _ in tqdm(range(repeats), desc="transformers generate", leave=False):
+        outputs = []
+        for b in batches:
+            prefill += hf_generate(model, b, 1, eos)[1]  # the prefill and its first token
+            toks, secs = hf_generate(model, b, max_new_tokens, eos)
+            outputs.extend(toks)
+            tokens += sum(len(t) for t in toks)
+            seconds += secs
+            seqs += len(b)
+    row = {
+        "mode": HF_MODE,
+        "engine_mode": HF_MODE,
+        "batch_size": len(batches[0]),
+        "temperature": 0.0,
+        "num_batches": len(batches),
+        "tau": 1.0,
+        "per_position_acceptance": [],
+        "tokens": tokens,
+        "seconds": seconds,
+        "prefill_seconds": prefill,  # measured as a separate 1-token generate per batch
+        **speed_fields(tokens, seconds, prefill, seqs),
+        "outputs_match_ar": (outputs == ar_outputs) if ar_outputs is not None else None,
+        "branch_counts": {},
+        "step_cost": {},
+        "rows_per_branch": {},
+    }
+    return {**row, **speedups(row, ar_row)}

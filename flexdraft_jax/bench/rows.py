@@ -1,0 +1,145 @@
+"""A benchmark row: one mode's decodes at one batch size, summed and timed (DESIGN §5).
+
+`Acc` collects the decodes (every repeat of every batch) and turns them into a row: tau and
+per-position acceptance, counts of one pass over the batches, and decode speed with each step at
+its fastest repeat. `speed_fields` and `speedups` are the speed columns every row shares, the
+`transformers` peer's included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Acc:
+    """Sums the stats of one mode's decodes at one batch size (one pass over the batches), and
+    times them robustly.
+
+    Repeats decode the same batch with the same seed (mostly from one prefilled state), so they
+    take the same steps (checked by the branch each step ran). A row's decode time is, batch by
+    batch, the sum over steps of each step's fastest repeat: on a shared machine, load from
+    elsewhere comes in bursts of seconds that only ever add time, and it must hit the same step
+    in every repeat to count. Where the repeats' steps differ, the batch counts its fastest
+    whole decode."""
+
+    def __init__(self):
+        self.seq_steps, self.committed, self.spec_steps = 0, 0, 0
+        self.acc_weighted, self.branch_counts = None, {}
+        self.outputs_by_batch: dict[int, dict[int, list]] = {}  # batch -> repeat -> tokens
+        self.decodes: dict[int, dict[int, dict]] = {}  # batch -> repeat -> one decode
+
+    def add(self, gen, repeat: int = 0, batch: int = 0):
+        s = gen.stats
+        self.decodes.setdefault(batch, {})[repeat] = {
+            "seconds": s["seconds"],
+            "prefill": s.get("prefill_seconds", 0.0),
+            "steps": s.get("step_seconds"),
+            "branches": s.get("branch_per_step"),
+            "n_steps": s["steps"],
+            "tokens": s["tokens"],
+            "sequences": len(gen.tokens),
+        }
+        self.outputs_by_batch.setdefault(batch, {})[repeat] = list(gen.tokens)
+        if repeat:  # the same steps again (same seed): counted once, from the first decode
+            return
+        per_seq = np.asarray(s.get("committed_per_step") or [[]])
+        # An active sequence commits >= 1 token per step, so nonzero entries are its steps.
+        self.seq_steps += int((per_seq > 0).sum())
+        self.committed += int(per_seq.sum())
+        ppa = np.asarray(s.get("per_position_acceptance", []), np.float64)
+        # Weighted by speculative steps: an AR step verifies nothing (flex may take only those).
+        w = sum(v for k, v in s.get("branch_counts", {}).items() if not k.startswith("ar"))
+        self.spec_steps += w
+        if ppa.size and w:
+            self.acc_weighted = (
+                ppa * w if self.acc_weighted is None else self.acc_weighted + ppa * w
+            )
+        for k, v in s.get("branch_counts", {}).items():
+            self.branch_counts[k] = self.branch_counts.get(k, 0) + v
+
+    @property
+    def outputs(self) -> list:
+        """The first repeat's outputs, batch after batch."""
+        return [t for i in sorted(self.outputs_by_batch) for t in self.outputs_by_batch[i][0]]
+
+    def same_outputs(self, reference: list) -> bool:
+        """Every repeat of every batch decoded `reference`'s tokens (`outputs` of another)."""
+        start, same = 0, True
+        for i in sorted(self.outputs_by_batch):
+            reps = self.outputs_by_batch[i]
+            ref = reference[start : start + len(reps[0])]
+            start += len(reps[0])
+            same = same and all(out == ref for out in reps.values())
+        return same and start == len(reference)
+
+    def one_pass(self) -> dict:
+        """One pass over the batches: tokens, sequences and steps (of each batch's first decode);
+        prefill seconds; decode seconds step by step and by the fastest whole decode (see the
+        class docstring); and how many batches were timed step by step."""
+        out = dict(tokens=0, sequences=0, steps=0, prefill=0.0, decode=0.0, whole=0.0, stepwise=0)
+        for reps in self.decodes.values():
+            runs = [reps[r] for r in sorted(reps)]
+            for k, f in (("tokens", "tokens"), ("sequences", "sequences"), ("steps", "n_steps")):
+                out[k] += runs[0][f]
+            out["prefill"] += min(r["prefill"] for r in runs)
+            whole = min(r["seconds"] - r["prefill"] for r in runs)
+            out["whole"] += whole
+            steps = [r["steps"] for r in runs]
+            aligned = all(s is not None and len(s) == len(steps[0]) for s in steps) and all(
+                r["branches"] == runs[0]["branches"] for r in runs
+            )
+            if aligned and steps[0]:
+                out["decode"] += float(np.min(np.asarray(steps, np.float64), axis=0).sum())
+                out["stepwise"] += 1
+            else:
+                out["decode"] += whole
+        return out
+
+    def row(self) -> dict:
+        ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
+        p = self.one_pass()
+        repeat_seconds = {}
+        for reps in self.decodes.values():
+            for r, d in reps.items():
+                repeat_seconds[r] = repeat_seconds.get(r, 0.0) + d["seconds"]
+        tokens, sequences, prefill = p["tokens"], p["sequences"], p["prefill"]
+        speed = speed_fields(tokens, prefill + p["decode"], prefill, sequences)
+        plain = speed_fields(tokens, prefill + p["whole"], prefill, sequences)
+        # Counts are of one pass over the batches (repeats take the same steps); seconds are
+        # the pass as timed (each step at its fastest repeat).
+        return {
+            "tau": self.committed / self.seq_steps if self.seq_steps else 1.0,
+            "per_position_acceptance": ppa,
+            "tokens": tokens,
+            "seconds": prefill + p["decode"],
+            "prefill_seconds": prefill,
+            "steps": p["steps"],
+            "speculative_steps": self.spec_steps,
+            "branch_counts": self.branch_counts,
+            **speed,
+            "repeat_seconds": [v for _, v in sorted(repeat_seconds.items())],
+            # The plain estimate beside the step-wise one: each batch's fastest whole decode.
+            "fastest_repeat_tokens_per_s": plain["tokens_per_s"],
+            "batches_timed_stepwise": p["stepwise"],
+            # Decode step at the row's timing, to hold against the profile's forced steps.
+            "step_seconds": p["decode"] / max(p["steps"], 1),
+        }
+
+
+def speed_fields(tokens: int, seconds: float, prefill_seconds: float, sequences: int) -> dict:
+    """Decode speed (the prefill and the first token it yields excluded) and end to end."""
+    dec_tok, dec_s = max(tokens - sequences, 0), max(seconds - prefill_seconds, 0.0)
+    return {
+        "tokens_per_s": dec_tok / dec_s if dec_s > 0 else 0.0,
+        "seconds_per_token": dec_s / max(dec_tok, 1),
+        "e2e_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "e2e_seconds_per_token": seconds / max(tokens, 1),
+    }
+
+
+def speedups(row: dict, ar_row: dict) -> dict:
+    return {
+        "speedup_vs_ar": ar_row["seconds_per_token"] / max(row["seconds_per_token"], 1e-12),
+        "e2e_speedup_vs_ar": ar_row["e2e_seconds_per_token"]
+        / max(row["e2e_seconds_per_token"], 1e-12),
+    }
