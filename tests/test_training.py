@@ -411,6 +411,41 @@ def test_teacher_forced_tau_with_a_restricted_draft_vocabulary(tmp_path):
     assert tau(T.restrict_draft_vocab(cfg, target, draft, others))["tau"] == 1.0
 
 
+def test_decoded_tau_walks_the_runs_as_greedy_decoding_does(tmp_path):
+    """Teacher-forced runs walked as decoding walks them (from bonus p to p + run + 1) give the
+    step count of the engine's greedy decode with threshold 0 on the same prompts, and a tau that
+    differs from the position mean."""
+    from flexdraft_jax.decoding.decoder import Decoder
+    from flexdraft_jax.decoding.engine import EngineConfig
+    from flexdraft_jax.models.config import DraftConfig
+    from flexdraft_jax.training import clean_cache, evaluate
+
+    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
+    target = sharp_target(cfg)
+    dcfg = DraftConfig(depth=2, block_size=4, calib_rank=16)
+    draft = T.init_draft(cfg, dcfg, target, jax.random.PRNGKey(0))
+    prompts = data.synthetic_prompts(4, cfg.vocab_size, 3, 8, seed=4)
+    new = 24
+    responses = ar.generate(cfg, target, prompts, new).tokens
+    packed = data.pack(list(zip(prompts, responses)), 40)
+    k, v = clean_cache.precompute(cfg, 2, target, packed.tokens, packed.lengths, dtype="float32")
+    held = {"tokens": packed.tokens, "lengths": packed.lengths, "loss_mask": packed.loss_mask}
+    held.update(clean_k=k, clean_v=v)
+    res = evaluate.teacher_forced_tau(cfg, dcfg, target, draft, held, use_calibration=True)
+    ecfg = EngineConfig(mode="sequential", threshold=0.0)
+    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=64, eos_ids=(), profile_dir=None)
+    gens = [dec.generate([p], new) for p in prompts]
+    assert [g.tokens[0] for g in gens] == [list(r) for r in responses]  # lossless, so same data
+    assert res["decoded_steps"] == sum(g.stats["steps"] for g in gens)
+    assert 1.0 < res["decoded_tau"] and res["decoded_tau"] != res["tau"]
+    # The walk itself: at 5 (run 2) it jumps to 8 (run 0), then past a gap to 20 (run 1), which
+    # jumps over 21.
+    assert evaluate._walk(np.array([5, 6, 7, 8, 20, 21]), np.array([2, 0, 1, 0, 1, 3])) == (
+        3 + 1 + 2,
+        3,
+    )
+
+
 def test_clean_cache_reuses_the_rows_of_a_cached_prefix(tmp_path):
     """Grown data (sequences appended) reuses the cached prefix's K/V rows and computes the rest:
     the result equals a fresh clean pass, and a marker planted in the prefix file is carried over

@@ -364,11 +364,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         if draft_vocab is not None:  # as decoding will use it
             draft = tf.restrict_draft_vocab(cfg, target, draft, draft_vocab)
         res = evaluate.teacher_forced_tau(cfg, dcfg, target, draft, heldout, use_calibration=calib)
-        log.info("step %d: held-out tau %.3f (%d anchors)", done, res["tau"], res["anchors"])
+        log.info(
+            "step %d: held-out tau %.3f (%d anchors), decoded %.3f",
+            done, res["tau"], res["anchors"], res["decoded_tau"],
+        )  # fmt: skip
         rec = {
             "step": done,
             "train_minutes": minutes,
             "heldout_tau": res["tau"],
+            "heldout_decoded_tau": res["decoded_tau"],
             "heldout_acceptance": res["per_position_acceptance"],
         }
         if calib:  # the same draft without its calibration MLP: the ablation
