@@ -199,23 +199,29 @@ def tau_curve_plot(metrics_path: str, out_png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts, nocalib = [], []
+    pts, nocalib, decoded = [], [], []
     with open(metrics_path) as f:
         for line in f:
             rec = json.loads(line)
-            if "heldout_tau" in rec:
-                pts.append((rec["train_minutes"], rec["heldout_tau"]))
-            if "heldout_tau_nocalib" in rec:
-                nocalib.append((rec["train_minutes"], rec["heldout_tau_nocalib"]))
+            for key, out in (
+                ("heldout_tau", pts),
+                ("heldout_tau_nocalib", nocalib),
+                ("heldout_decoded_tau", decoded),
+            ):
+                if key in rec:
+                    out.append((rec["train_minutes"], rec[key]))
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(*zip(*pts), marker="o", label="with calibration" if nocalib else None)
+    ax.plot(*zip(*pts), marker="o", label="with calibration" if nocalib or decoded else None)
     if nocalib:
         ax.plot(*zip(*nocalib), marker=".", linestyle="--", label="without calibration")
+    if decoded:
+        ax.plot(*zip(*decoded), marker="x", linestyle=":", label="decoded (the decoding walk)")
+    if nocalib or decoded:
         ax.legend()
     ax.set_xlabel("training minutes")
-    ax.set_ylabel("held-out tau (teacher-forced, greedy)")
+    ax.set_ylabel("held-out tau (greedy)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out_png + ".tmp.png"
