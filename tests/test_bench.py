@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from flexdraft_jax import pipeline
-from flexdraft_jax.bench import harness, report
+from flexdraft_jax.bench import harness, hf_peer, report
 from flexdraft_jax.bench import rows as bench_rows
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
@@ -214,7 +214,7 @@ def test_launch_benchmark_turns_file_and_hf_baseline(tmp_path):
     )
     stdout, res = _run_launch(tmp_path, f"--prompts_file={path}", "--hf_baseline")
     assert res["config"]["chat"] is True
-    hf = next(r for r in res["rows"] if r["mode"] == harness.HF_MODE)
+    hf = next(r for r in res["rows"] if r["mode"] == hf_peer.HF_MODE)
     assert hf["tokens_per_s"] > 0 and hf["speedup_vs_ar"] > 0
     assert "hf_transformers" in stdout
 
