@@ -368,11 +368,12 @@ class Decoder:
                 samples[i, what].append(time.perf_counter() - t0)
         fastest = {key: float(np.min(x)) if x else 0.0 for key, x in samples.items()}
         times = {branch_name(br): fastest[i, "time"] for i, br in enumerate(st.branches)}
-        refill = [fastest[key] - fastest[key[0], "time"] for key in fastest if key[1] == "refill"]
+        after_ar = [i for i, what in plan if what == "refill"]  # at most one: one AR branch
+        refill = fastest[after_ar[0], "refill"] - fastest[after_ar[0], "time"] if after_ar else 0.0
         self._warm.add(batch)
         w = self.dcfg.block_size
         rows = {branch_name(b): engine.branch_rows(b, w) for b in st.branches}
-        return CostProfile(batch, times, max(refill[0], 0.0) if refill else 0.0, rows)
+        return CostProfile(batch, times, max(refill, 0.0), rows)
 
 
 def _rewind(state: engine.DecodeState, ctx: int) -> engine.DecodeState:

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
+def kv_cache(clean_k, clean_v, lengths, dtype) -> tf.KVCache:
+    """Precomputed K/V [B, D, T, K, Dh] as the deep layers' cache (layer axis first), in `dtype`."""
+    k, v = (jnp.moveaxis(x, 1, 0).astype(dtype) for x in (clean_k, clean_v))
+    return tf.KVCache(k, v, lengths)
+
+
 def cache_key(model_id: str, tokens: np.ndarray, depth: int, dtype: str) -> str:
     h = hashlib.sha1()
     h.update(f"{model_id}|{depth}|{dtype}|{tokens.shape}".encode())

@@ -30,6 +30,7 @@ import numpy as np
 
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
+from flexdraft_jax.training import clean_cache
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,7 @@ def _block_hits(
     b, t = tokens.shape
     a = anchors.shape[1]
     w = dcfg.block_size
-    dt = target["embed"]["embedding"].dtype
-    cache = tf.KVCache(
-        jnp.moveaxis(clean_k, 1, 0).astype(dt), jnp.moveaxis(clean_v, 1, 0).astype(dt), lengths
-    )
+    cache = clean_cache.kv_cache(clean_k, clean_v, lengths, target["embed"]["embedding"].dtype)
     lay = layouts.training(0, anchors, w)
     _, hm, _ = tf.forward(
         cfg,
@@ -123,9 +121,10 @@ def teacher_forced_tau(
         )
         lead = np.cumprod(ok, axis=-1)  # [b, A, W-1]
         v = valid[sl]
-        runs.append(lead.sum(-1)[v])
-        for i in range(lead.shape[0]):
-            t_i, s_i = _walk(anchors[sl][i][v[i]], lead[i].sum(-1)[v[i]])
+        run = lead.sum(-1)  # [b, A]
+        runs.append(run[v])
+        for pos, r, ok_a in zip(anchors[sl], run, v):
+            t_i, s_i = _walk(pos[ok_a], r[ok_a])
             walked, steps = walked + t_i, steps + s_i
         prev = np.concatenate([np.ones_like(lead[..., :1]), lead[..., :-1]], axis=-1)
         tried += (prev * v[..., None]).sum((0, 1))
@@ -155,7 +154,6 @@ def heldout_set(
 ) -> dict:
     """Greedy target responses to HumanEval prompts (chat template), packed, with clean K/V."""
     from flexdraft_jax.pipeline import humaneval_prompts
-    from flexdraft_jax.training import clean_cache
     from flexdraft_jax.training import data as data_lib
 
     prompts = [data_lib.encode_prompt(tokenizer, p, True) for p in humaneval_prompts(num_prompts)]

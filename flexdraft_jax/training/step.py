@@ -16,7 +16,7 @@ import optax
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
-from flexdraft_jax.training import losses
+from flexdraft_jax.training import clean_cache, losses
 
 STAGES = {
     "attention": ("mask_embedding", "layers"),
@@ -80,8 +80,8 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
         zeros = jnp.zeros((b,), jnp.int32)
         if "clean_k" in batch:  # precomputed deep-layer K/V (training.clean_cache)
             dt = target["embed"]["embedding"].dtype
-            kv = [jnp.moveaxis(batch[n], 1, 0).astype(dt) for n in ("clean_k", "clean_v")]
-            cache, h_clean = tf.KVCache(kv[0], kv[1], batch["lengths"]), None
+            cache = clean_cache.kv_cache(batch["clean_k"], batch["clean_v"], batch["lengths"], dt)
+            h_clean = None
         else:
             # Clean pass: frozen target, causal, K/V of every layer into a cache of capacity T.
             lay = layouts.causal(zeros, t)
