@@ -76,6 +76,34 @@ def test_draft_loss_perfect_prediction_and_kl():
     np.testing.assert_allclose(m["acc_per_slot"], [0.0, 1.0, 1.0, 1.0])
 
 
+def test_topk_kl_is_the_kl_to_the_renormalised_top_k():
+    """k = V gives the full KL of `draft_loss`; a smaller k (and ids the draft cannot produce)
+    gives the KL to the target's distribution renormalised over the usable ids (numpy)."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((2, 3, 4, 16)) * 2, jnp.float32)
+    target = jnp.asarray(rng.standard_normal((2, 3, 4, 16)) * 2, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 16, (2, 3, 4)), jnp.int32)
+    valid = jnp.asarray(rng.random((2, 3, 4)) < 0.8)
+    w = losses.position_weights(4, 2.0)
+    tlogp = jax.nn.log_softmax(target, axis=-1)
+    top, ids = jax.lax.top_k(tlogp, 16)
+    full = losses.draft_loss(logits, labels, valid, w, target, kl_weight=0.5)
+    ok = jnp.ones(ids.shape, bool)
+    viatop = losses.draft_loss(logits, labels, valid, w, kl_weight=0.5, target_topk=(ids, top, ok))
+    np.testing.assert_allclose(full[0], viatop[0], rtol=1e-5)
+    np.testing.assert_allclose(full[1]["kl"], viatop[1]["kl"], rtol=1e-5)
+
+    top, ids = jax.lax.top_k(tlogp, 5)
+    ok = jnp.asarray(rng.random(ids.shape) < 0.7).at[0, 0, 0].set(False)  # one row: no usable id
+    got = np.asarray(losses.topk_kl(jax.nn.log_softmax(logits, -1), ids, top, ok))
+    p = np.where(np.asarray(ok), np.exp(np.asarray(top, np.float64)), 0.0)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    logq = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(ids), -1)
+    want = np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - logq), 0.0), -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got[0, 0, 0] == 0.0 and (got >= -1e-6).all()
+
+
 def test_pack_and_anchors_stay_in_the_response():
     examples = [([1, 2, 3], [4, 5, 6, 7]), ([1] * 9, [2, 3]), ([1, 2], list(range(3, 20)))]
     packed = data.pack(examples, seq_len=10)
@@ -227,6 +255,20 @@ def test_tiny_model_learns_and_target_is_untouched(tmp_path):
     )
     assert out2["history"][-1]["loss"] < out2["history"][0]["loss"]
 
+    # A new calibration rank starts its MLP afresh; a stage that keeps the MLP frozen refuses it.
+    config3 = tiny_config(
+        tmp_path, stage="calibration", steps=3, log_every=1, init_from=str(tmp_path / "wd")
+    )
+    config3.draft.calib_rank = 2 * config.draft.calib_rank
+    out3 = trainer.train(config3, str(tmp_path / "wd3"), target=(cfg, params, None))
+    d3 = out3["state"]["draft"]
+    assert d3["calibration"]["fc1"]["kernel"].shape[1] == config3.draft.calib_rank
+    for a, b in zip(jax.tree.leaves(d1["layers"]), jax.tree.leaves(d3["layers"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config3.train.stage = "attention"
+    with pytest.raises(ValueError, match="calib_rank"):
+        trainer.train(config3, str(tmp_path / "wd4"), target=(cfg, params, None))
+
 
 def test_cached_clean_pass_equals_the_full_step(tmp_path):
     """train.cache_clean (deep-layer K/V computed once) trains exactly like the per-step clean
@@ -257,7 +299,7 @@ def test_cached_clean_pass_equals_the_full_step(tmp_path):
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     assert os.listdir(tmp_path / "wdTrue" / "clean_cache")  # written for the next run to reuse
-    with pytest.raises(ValueError, match="cache_clean keeps only deep-layer"):
+    with pytest.raises(ValueError, match="needs train.kl_topk > 0"):
         train_step.make_train_step(
             cfg,
             plain["dcfg"],
@@ -265,6 +307,42 @@ def test_cached_clean_pass_equals_the_full_step(tmp_path):
             None,
             None,
         )
+
+
+def test_kl_to_the_cached_top_k_equals_the_live_kl(tmp_path):
+    """KL to the target's top-k kept by the clean cache trains exactly like the top-k of a live
+    clean pass; with k = V both equal the KL to the whole distribution (tiny vocabulary: 64)."""
+    outs = {}
+    for name, kw in (
+        ("full", dict(kl_topk=0)),
+        ("live", dict(kl_topk=64)),
+        ("cached", dict(kl_topk=64, cache_clean=True, cache_clean_dtype="float32")),
+        ("cached8", dict(kl_topk=8, cache_clean=True, cache_clean_dtype="float32")),
+    ):
+        config = tiny_config(
+            tmp_path, stage="joint", steps=5, log_every=1, ckpt_every=1000, kl_weight=1.0, **kw
+        )
+        cfg = ModelConfig(**dict(config.model.tiny))
+        outs[name] = trainer.train(
+            config, str(tmp_path / name), target=(cfg, sharp_target(cfg), None)
+        )
+    for name in ("live", "cached"):
+        for k in ("loss", "kl", "ce"):
+            np.testing.assert_allclose(
+                [h[k] for h in outs["full"]["history"]],
+                [h[k] for h in outs[name]["history"]],
+                rtol=1e-4,
+                err_msg=f"{name} {k}",
+            )
+        for a, b in zip(
+            jax.tree.leaves(outs["full"]["state"]["draft"]),
+            jax.tree.leaves(outs[name]["state"]["draft"]),
+        ):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    files = os.listdir(tmp_path / "cached8" / "clean_cache")
+    assert any(f.endswith(".top8_ids.npy") for f in files), files
+    # Renormalised over 8 ids the KL differs (same first step, same draft): k reaches the loss.
+    assert abs(outs["cached8"]["history"][0]["kl"] - outs["full"]["history"][0]["kl"]) > 1e-3
 
 
 def test_restricted_draft_vocabulary_training(tmp_path):

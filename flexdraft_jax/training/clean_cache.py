@@ -6,8 +6,11 @@ step, `precompute` runs it once per sequence and keeps K/V [N, D, T, K, Dh] (bfl
 on disk in the workdir, memory-mapped), and each step runs only the mask rows against it. With
 SmolLM2-135M on 2 CPU cores the clean pass was about half of a step (more with long sequences).
 
-Used when the loss needs nothing else from the clean rows: `train.kl_weight == 0` and
-`train.bonus == "data"` (the bonus is the token at the anchor, which the batch carries).
+With `topk > 0` the same pass also keeps the target's top-k next-token distribution at every row
+(token ids and log-probabilities at temperature 1, [N, T, k]): the soft labels of a KL loss
+(`train.kl_topk`), so distillation to the target's distribution needs no clean pass per step
+either. Without it the cache serves CE only; `train.bonus` must be "data" (the bonus is the
+token at the anchor, which the batch carries).
 """
 
 from __future__ import annotations
@@ -43,16 +46,24 @@ def cache_key(model_id: str, tokens: np.ndarray, depth: int, dtype: str) -> str:
     return h.hexdigest()[:20]
 
 
-def _load(path: str, dtype: str):
+def _parts(topk: int) -> tuple[str, ...]:
+    """File suffixes of one cache entry: K, V and, with top-k, ids and log-probs."""
+    return ("k", "v") + ((f"top{topk}_ids", f"top{topk}_logp") if topk else ())
+
+
+def _load(path: str, dtype: str, topk: int = 0):
     # .npy has no bfloat16: such files read back as 2-byte voids; view them as bfloat16.
-    return tuple(np.load(f"{path}.{n}.npy", mmap_mode="r").view(DTYPES[dtype]) for n in ("k", "v"))
+    kv = tuple(np.load(f"{path}.{n}.npy", mmap_mode="r").view(DTYPES[dtype]) for n in ("k", "v"))
+    return kv + tuple(np.load(f"{path}.{n}.npy", mmap_mode="r") for n in _parts(topk)[2:])
 
 
-def _exists(path: str) -> bool:
-    return os.path.exists(path + ".k.npy") and os.path.exists(path + ".v.npy")
+def _exists(path: str, topk: int = 0) -> bool:
+    return all(os.path.exists(f"{path}.{n}.npy") for n in _parts(topk))
 
 
-def _longest_cached_prefix(cache_dir, name, ident, tokens, depth, dtype) -> tuple[int, str | None]:
+def _longest_cached_prefix(
+    cache_dir, name, ident, tokens, depth, dtype, topk=0
+) -> tuple[int, str | None]:
     """(m, path) of the cache of the longest proper prefix tokens[:m] already in `cache_dir`."""
     best, best_path = 0, None
     if not os.path.isdir(cache_dir):
@@ -64,7 +75,7 @@ def _longest_cached_prefix(cache_dir, name, ident, tokens, depth, dtype) -> tupl
         if not best < m < len(tokens):
             continue
         path = os.path.join(cache_dir, name + cache_key(ident, tokens[:m], depth, dtype))
-        if f == os.path.basename(path) + ".k.npy" and _exists(path):
+        if f == os.path.basename(path) + ".k.npy" and _exists(path, topk):
             best, best_path = m, path
     return best, best_path
 
@@ -82,8 +93,11 @@ def precompute(
     cache_dir=None,
     ident=None,
     name="",
+    topk=0,
 ):
-    """(k, v): numpy [N, depth, T, K, Dh] of layers L-depth..L-1 for every sequence.
+    """(k, v): numpy [N, depth, T, K, Dh] of layers L-depth..L-1 for every sequence; with
+    `topk > 0`, (k, v, ids, logp): also the target's top-k next-token ids (int32 [N, T, topk]) and
+    log-probabilities (float32, temperature 1) at every row.
 
     Sequences are processed longest-first in batches cropped to their longest length (rounded up
     to `bucket`); positions past a sequence's length hold zeros and are never visible. With
@@ -96,21 +110,24 @@ def precompute(
         raise ValueError(f"clean cache dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if cache_dir is not None and ident is None:
         raise ValueError("a clean cache on disk needs `ident` (the model's identity) for its key")
+    if topk < 0 or topk > cfg.vocab_size:
+        raise ValueError(f"clean cache topk must be in [0, {cfg.vocab_size}], got {topk}")
     path = None
     n, t = tokens.shape
     shape = (n, depth, t, cfg.num_kv_heads, cfg.head_dim)
-    k_all = np.zeros(shape, DTYPES[dtype])
-    v_all = np.zeros(shape, DTYPES[dtype])
+    out = [np.zeros(shape, DTYPES[dtype]), np.zeros(shape, DTYPES[dtype])]
+    if topk:
+        out += [np.zeros((n, t, topk), np.int32), np.full((n, t, topk), -np.inf, np.float32)]
     first = 0
     if cache_dir is not None:
         path = os.path.join(cache_dir, name + cache_key(ident, tokens, depth, dtype))
-        if _exists(path):
+        if _exists(path, topk):
             log.info("clean pass: reusing %s", path)
-            return _load(path, dtype)
-        first, prefix = _longest_cached_prefix(cache_dir, name, ident, tokens, depth, dtype)
+            return _load(path, dtype, topk)
+        first, prefix = _longest_cached_prefix(cache_dir, name, ident, tokens, depth, dtype, topk)
         if prefix is not None:
             log.info("clean pass: reusing the first %d of %d sequences from %s", first, n, prefix)
-            for arr, old in zip((k_all, v_all), _load(prefix, dtype)):
+            for arr, old in zip(out, _load(prefix, dtype, topk)):
                 arr[:first] = old
 
     @jax.jit
@@ -119,21 +136,30 @@ def precompute(
         zeros = jnp.zeros((b,), jnp.int32)
         lay = layouts.causal(zeros, w)
         cache = tf.init_cache(cfg, b, w, dtype=target["embed"]["embedding"].dtype)
-        _, _, cache = tf.forward(cfg, target, toks, lay.positions, lay.meta, cache, zeros)
-        return cache.k[-depth:], cache.v[-depth:]  # [D, b, w, K, Dh]
+        h, _, cache = tf.forward(
+            cfg, target, toks, lay.positions, lay.meta, cache, zeros, return_hidden=bool(topk)
+        )
+        kv = (cache.k[-depth:], cache.v[-depth:])  # [D, b, w, K, Dh]
+        if not topk:
+            return kv
+        logp = jax.nn.log_softmax(tf.lm_head(cfg, target, h).astype(jnp.float32), axis=-1)
+        top, ids = jax.lax.top_k(logp, topk)
+        return kv + (ids.astype(jnp.int32), top)
 
     order = first + np.argsort(-lengths[first:], kind="stable")
     for i in tqdm(range(0, n - first, batch_size), desc="clean pass", unit="batch"):
         idx = order[i : i + batch_size]
         w = min(t, -(-int(lengths[idx].max()) // bucket) * bucket)
-        k, v = run(target, jnp.asarray(tokens[idx, :w]))
-        k_all[idx, :, :w] = np.asarray(k).transpose(1, 0, 2, 3, 4).astype(k_all.dtype)
-        v_all[idx, :, :w] = np.asarray(v).transpose(1, 0, 2, 3, 4).astype(v_all.dtype)
+        got = run(target, jnp.asarray(tokens[idx, :w]))
+        for arr, x in zip(out[:2], got[:2]):
+            arr[idx, :, :w] = np.asarray(x).transpose(1, 0, 2, 3, 4).astype(arr.dtype)
+        for arr, x in zip(out[2:], got[2:]):
+            arr[idx, :w] = np.asarray(x)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        for kind, arr in (("k", k_all), ("v", v_all)):
+        for kind, arr in zip(_parts(topk), out):
             tmp = f"{path}.{kind}.tmp.npy"
             np.save(tmp, arr)
             os.replace(tmp, f"{path}.{kind}.npy")
         log.info("clean pass: %s K/V of %d sequences written to %s", dtype, n, path)
-    return k_all, v_all
+    return tuple(out)

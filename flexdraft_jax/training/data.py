@@ -49,6 +49,8 @@ _TOPIC_TEMPLATES = (
     "docstring and a test:\n\n{doc}",
 )
 # Modules whose import has side effects or is slow; we only read their docstrings.
+# batch keys of `Dataset.clean_kv`'s arrays, in order
+CLEAN_KEYS = ("clean_k", "clean_v", "topk_ids", "topk_logp")
 _SKIP_MODULES = ("antigravity", "this", "idlelib", "tkinter", "turtle", "test", "lib2to3", "pydoc")
 
 
@@ -434,7 +436,9 @@ class Dataset:
             seed,
         )
         self.length_bucket, self.sort_window = length_bucket, max(1, sort_window)
-        self.clean_kv = None  # optional (k, v) [N, D, T, K, Dh] from training.clean_cache
+        # optional, from training.clean_cache: (k, v) [N, D, T, K, Dh], then the target's top-k
+        # (ids, logp) [N, T, k] when the cache keeps them
+        self.clean_kv = None
         self.steps_per_epoch = n // batch_size
         self._epoch_cache: tuple[int, np.ndarray] | None = None
 
@@ -491,9 +495,12 @@ class Dataset:
         }
         if self.clean_kv is not None:
             order = np.argsort(idx)  # memory-mapped rows: read them in file order
-            for name, arr in zip(("clean_k", "clean_v"), self.clean_kv):
-                rows = np.empty((len(idx), *arr.shape[1:2], width, *arr.shape[3:]), arr.dtype)
-                rows[order] = arr[np.sort(idx), :, :width]
+            for name, arr in zip(CLEAN_KEYS, self.clean_kv):
+                t_axis = 2 if arr.ndim == 5 else 1  # K/V [N, D, T, ..], top-k [N, T, k]
+                shape = list(arr.shape)
+                shape[0], shape[t_axis] = len(idx), width
+                rows = np.empty(shape, arr.dtype)
+                rows[order] = arr[(np.sort(idx),) + (slice(None),) * (t_axis - 1) + (slice(width),)]
                 full[name] = rows
         per = self.batch_size // process_count
         return {k: v[process_index * per : (process_index + 1) * per] for k, v in full.items()}

@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.98
     c.train.ce_weight = 1.0
     c.train.kl_weight = 0.0
+    # > 0: the KL is to the target's top-k next-token distribution (renormalised), which
+    # train.cache_clean then keeps on disk with the K/V; 0: to the whole distribution (live)
+    c.train.kl_topk = 0
     c.train.gamma = 0.0  # position decay exp(-(j-1)/gamma); 0 = uniform
     c.train.bonus = "data"  # calibration bonus: token at p ("data") or target argmax at p-1
     c.train.cache_clean = False  # precompute deep-layer clean K/V once (needs kl 0, bonus "data")

@@ -52,15 +52,18 @@ def draft_loss(
     *,
     ce_weight: float = 1.0,
     kl_weight: float = 0.0,
+    target_topk=None,
 ):
     """Weighted CE and/or KL over valid slots.
 
     logits [B, A, W, V] (draft, possibly calibrated); labels int32[B, A, W]; valid bool[B, A, W];
-    weights [W]; target_logits [B, A, W, V] (target at rows p + j - 1) when kl_weight > 0.
+    weights [W]; target_logits [B, A, W, V] (target at rows p + j - 1) when kl_weight > 0, or
+    instead target_topk = (ids, logp, ok) [B, A, W, k]: the target's top-k at those rows, ids
+    indexing the last axis of `logits`, ok marking the ids the draft can produce (`topk_kl`).
     Returns (loss, metrics) with per-slot accuracy / CE [W] (slot 0 reported as 0).
     """
-    if kl_weight > 0 and target_logits is None:
-        raise ValueError("kl_weight > 0 needs the target's logits")
+    if kl_weight > 0 and target_logits is None and target_topk is None:
+        raise ValueError("kl_weight > 0 needs the target's logits or its top-k")
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [B, A, W]
     mask = valid.astype(jnp.float32)
@@ -76,6 +79,11 @@ def draft_loss(
         metrics["kl"] = kl_mean
         if kl_weight > 0:
             loss = loss + kl_weight * kl_mean
+    elif target_topk is not None:
+        kl = topk_kl(logp, *target_topk)
+        kl_mean = (kl * w).sum() / denom
+        metrics["kl"] = kl_mean
+        loss = loss + kl_weight * kl_mean
     hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     count = mask.sum(axis=(0, 1))  # [W]
     metrics["acc_per_slot"] = (hit * mask).sum(axis=(0, 1)) / jnp.maximum(count, 1.0)
@@ -84,3 +92,17 @@ def draft_loss(
     metrics["slots"] = mask.sum()
     metrics["loss"] = loss
     return loss, metrics
+
+
+def topk_kl(logp, ids, target_logp, ok):
+    """KL(p || q) per slot, p the target's top-k renormalised over the ids the draft can produce.
+
+    logp [..., V]: the draft's log-probabilities; ids int32[..., k] into V; target_logp [..., k]
+    (log-probabilities over the whole vocabulary, e.g. from `jax.lax.top_k`); ok bool[..., k].
+    A slot with no usable id gets 0.
+    """
+    t = jnp.where(ok, target_logp.astype(jnp.float32), -1e30)
+    logp_t = t - jax.scipy.special.logsumexp(t, axis=-1, keepdims=True)
+    p = jnp.where(ok, jnp.exp(logp_t), 0.0)
+    logq = jnp.take_along_axis(logp, ids, axis=-1)
+    return jnp.sum(p * (jnp.where(ok, logp_t, 0.0) - logq), axis=-1)

@@ -54,10 +54,13 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
     loss and count as misses in the accuracies (decoding with that vocabulary cannot draft them).
     """
     keys = trainable_keys(tc.stage)
+    topk = tc.get("kl_topk", 0) if tc.kl_weight > 0 else 0
     lookup = None
     if vocab is not None:
-        if tc.kl_weight > 0:
-            raise ValueError("train.draft_vocab_size > 0 needs train.kl_weight == 0 (CE only)")
+        if tc.kl_weight > 0 and not topk:
+            raise ValueError(
+                "train.draft_vocab_size > 0 with train.kl_weight > 0 needs train.kl_topk > 0"
+            )
         vocab = np.asarray(vocab, np.int32)
         lookup = np.full(cfg.vocab_size, -1, np.int32)
         lookup[vocab] = np.arange(len(vocab), dtype=np.int32)
@@ -66,11 +69,14 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
     use_calibration = "calibration" in keys
     if tc.bonus not in ("data", "target"):
         raise ValueError(f"train.bonus must be 'data' or 'target', got {tc.bonus!r}")
-    need_target_rows = tc.kl_weight > 0 or (use_calibration and tc.bonus == "target")
+    need_target_rows = (tc.kl_weight > 0 and not topk) or (
+        use_calibration and tc.bonus == "target"
+    )
     if tc.get("cache_clean") and need_target_rows:
         raise ValueError(
-            "train.cache_clean keeps only deep-layer K/V: it needs train.kl_weight == 0 and "
-            f"train.bonus == 'data' (got kl_weight={tc.kl_weight}, bonus={tc.bonus!r})"
+            "train.cache_clean keeps deep-layer K/V (and the target's top-k with train.kl_topk): "
+            "it needs train.kl_topk > 0 when train.kl_weight > 0, and train.bonus == 'data' "
+            f"(got kl_weight={tc.kl_weight}, kl_topk={topk}, bonus={tc.bonus!r})"
         )
 
     def step(state, target, batch):
@@ -78,6 +84,7 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
         b, t = tokens.shape
         a = anchors.shape[1]
         zeros = jnp.zeros((b,), jnp.int32)
+        rows = jnp.clip(anchors[:, :, None] + jnp.arange(w) - 1, 0, t - 1).reshape(b, a * w)
         if "clean_k" in batch:  # precomputed deep-layer K/V (training.clean_cache)
             dt = target["embed"]["embedding"].dtype
             cache = clean_cache.kv_cache(batch["clean_k"], batch["clean_v"], batch["lengths"], dt)
@@ -97,11 +104,24 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
             sub = jnp.asarray(lookup)[labels]
             scored = valid & (sub >= 0)
             labels = jnp.maximum(sub, 0)
-        target_logits = None
-        if need_target_rows:  # target at clean rows p + j - 1 (j = 0: the row choosing token p)
-            rows = jnp.clip(anchors[:, :, None] + jnp.arange(w) - 1, 0, t - 1).reshape(b, a * w)
+        target_logits = target_topk = None
+        if need_target_rows or (topk and "topk_ids" not in batch):
+            # the target at clean rows p + j - 1 (j = 0: the row choosing token p)
             h_rows = jnp.take_along_axis(h_clean, rows[..., None], axis=1)
             target_logits = tf.lm_head(cfg, target, h_rows).reshape(b, a, w, -1)
+        if topk:  # the target's top-k at rows p + j - 1: cached, or from the live clean pass
+            if "topk_ids" in batch:
+                take = lambda x: jnp.take_along_axis(x, rows[..., None], axis=1)
+                ids = take(batch["topk_ids"]).reshape(b, a, w, topk)
+                tlogp = take(batch["topk_logp"]).reshape(b, a, w, topk)
+            else:
+                logq = jax.nn.log_softmax(target_logits.astype(jnp.float32), axis=-1)
+                tlogp, ids = jax.lax.top_k(logq, topk)
+            ok = jnp.ones(ids.shape, bool)
+            if lookup is not None:
+                sub = jnp.asarray(lookup)[ids]
+                ok, ids = sub >= 0, jnp.maximum(sub, 0)
+            target_topk = (ids, tlogp, ok)
         if use_calibration and tc.bonus == "target":
             bonus = jnp.argmax(target_logits[:, :, 0], axis=-1).astype(jnp.int32)
         else:
@@ -134,9 +154,10 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
                 labels,
                 scored,
                 weights,
-                target_logits,
+                None if topk else target_logits,
                 ce_weight=tc.ce_weight,
                 kl_weight=tc.kl_weight,
+                target_topk=target_topk,
             )
             if lookup is not None:  # accuracies over every valid slot (out-of-vocabulary: miss)
                 hit = ((jnp.argmax(logits, axis=-1) == labels) & scored).astype(jnp.float32)

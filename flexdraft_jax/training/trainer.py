@@ -186,23 +186,33 @@ def check_config_sharding(config, min_bytes: int = 4 * 2**20) -> list[str]:
     return bad
 
 
-def load_init_draft(path: str, cfg: ModelConfig, dcfg: DraftConfig) -> dict:
-    """A draft to start from: a release-format directory, or a previous stage's workdir."""
+def load_init_draft(
+    path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibration: dict | None = None
+) -> dict:
+    """A draft to start from: a release-format directory, or a previous stage's workdir.
+
+    fresh_calibration: when given (a stage that trains the calibration MLP), a draft whose
+    calibration rank differs from `dcfg.calib_rank` is accepted and gets this MLP instead of its
+    own; depth and block size must always match."""
     from flexdraft_jax.checkpoints import release
 
     if os.path.isdir(os.path.join(path, "draft_release")):
         path = os.path.join(path, "draft_release")
     got, draft = release.load_release(path, cfg)
-    if (got.depth, got.block_size, got.calib_rank) != (
-        dcfg.depth,
-        dcfg.block_size,
-        dcfg.calib_rank,
-    ):
+    rank_ok = got.calib_rank == dcfg.calib_rank or fresh_calibration is not None
+    if (got.depth, got.block_size) != (dcfg.depth, dcfg.block_size) or not rank_ok:
         raise ValueError(
             f"draft at {path} has depth={got.depth}, block_size={got.block_size}, "
             f"calib_rank={got.calib_rank}; the config asks for depth={dcfg.depth}, "
             f"block_size={dcfg.block_size}, calib_rank={dcfg.calib_rank}"
         )
+    if got.calib_rank != dcfg.calib_rank:
+        log.info(
+            "calibration rank %d -> %d: the calibration MLP starts afresh",
+            got.calib_rank,
+            dcfg.calib_rank,
+        )
+        draft = dict(draft, calibration=fresh_calibration)
     return draft
 
 
@@ -269,8 +279,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             dtype=tc.cache_clean_dtype,
             cache_dir=os.path.join(workdir, "clean_cache"),
             ident=ident,
+            topk=tc.get("kl_topk", 0) if tc.kl_weight > 0 else 0,
         )
-        batch_keys = BATCH_KEYS + ("clean_k", "clean_v")
+        batch_keys = BATCH_KEYS + data_lib.CLEAN_KEYS[: len(dataset.clean_kv)]
     log.info("%d steps per epoch of %d sequences", dataset.steps_per_epoch, tc.batch_size)
     vocab_order = data_lib.vocab_by_frequency(dataset.packed, cfg.vocab_size)
     n_vocab = tc.get("draft_vocab_size", 0)
@@ -292,8 +303,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     target_sh = jax.tree.map(lambda x: x.sharding, target)
     batch_sh = {k: NamedSharding(mesh, shd.batch_spec(2)) for k in BATCH_KEYS}
     batch_sh["lengths"] = NamedSharding(mesh, shd.batch_spec(1))
-    for k in batch_keys[len(BATCH_KEYS) :]:
-        batch_sh[k] = NamedSharding(mesh, shd.batch_spec(5))
+    for k, arr in zip(batch_keys[len(BATCH_KEYS) :], dataset.clean_kv or ()):
+        batch_sh[k] = NamedSharding(mesh, shd.batch_spec(arr.ndim))
 
     # ---------------------------------------------------------------- sharded init
     def init_state(target, key, draft=None):
@@ -302,7 +313,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         return {"step": jnp.zeros((), jnp.int32), "draft": draft, "opt_state": opt_state}
 
     if tc.init_from:
-        start = load_init_draft(tc.init_from, cfg, dcfg)
+        fresh = None
+        if "calibration" in keys:  # a new calibration rank may start afresh
+            fresh = jax.device_get(jax.jit(init_draft)(target, key)["calibration"])
+        start = load_init_draft(tc.init_from, cfg, dcfg, fresh)
         start = jax.tree.map(
             lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: x[i]),
             start,
