@@ -4,7 +4,9 @@
 
 Reads the last workdir's draft_release/ and every workdir's metrics.jsonl and progress.json, and
 writes OUTPUT/{config.json, model.safetensors, provenance.json} atomically. The provenance records
-the training command, steps, minutes and the held-out tau of each stage.
+the training command, steps, minutes and the held-out tau of each stage, and (unless
+--heldout_prompts=0) the held-out tau of the draft as it ships: stored dtype, decoding's draft
+vocabulary, teacher-forced and along the greedy decoding walk (`training.evaluate`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -27,6 +30,11 @@ flags.DEFINE_string("output", None, "Release-format directory to write.")
 flags.DEFINE_string("checkpoint", None, "Target the draft belongs to (default: embedded SmolLM2).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
 flags.DEFINE_multi_string("note", [], "Free-text lines for the provenance (commands, data).")
+flags.DEFINE_integer("heldout_prompts", 24, "HumanEval prompts of the held-out check (0: none).")
+flags.DEFINE_integer("heldout_new_tokens", 96, "Greedy response tokens per held-out prompt.")
+flags.DEFINE_string(
+    "distill_cache", "~/.cache/flexdraft_jax/distill", "Where held-out responses are cached."
+)
 flags.mark_flags_as_required(["workdirs", "output"])
 
 
@@ -57,13 +65,55 @@ def stage_summary(workdir: str) -> dict:
     }
 
 
+def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, workdir: str) -> dict:
+    """Held-out tau of the draft as decoding will use it: rounded to the stored dtype, its head
+    restricted to `EngineConfig.draft_vocab_size` ids. The clean pass is cached in `workdir`."""
+    import jax
+    import jax.numpy as jnp
+
+    from flexdraft_jax.decoding.engine import EngineConfig
+    from flexdraft_jax.models import transformer as tf
+    from flexdraft_jax.training import evaluate
+
+    target = jax.tree.map(jnp.asarray, target)
+    stored = jax.tree.map(lambda x: jnp.asarray(x).astype(F.dtype).astype(jnp.float32), draft)
+    n = EngineConfig.draft_vocab_size
+    if vocab is not None and 0 < n < len(vocab):
+        stored = tf.restrict_draft_vocab(cfg, target, stored, vocab[:n])
+    held = evaluate.heldout_set(
+        cfg, dcfg, target, tokenizer, num_prompts=F.heldout_prompts,
+        max_new_tokens=F.heldout_new_tokens, seq_len=512, workdir=workdir,
+        cache_dir=os.path.expanduser(F.distill_cache),
+    )  # fmt: skip
+    res = evaluate.teacher_forced_tau(cfg, dcfg, target, stored, held, use_calibration=True)
+    r4 = lambda x: round(float(x), 4)
+    return {
+        "prompts": F.heldout_prompts,
+        "max_new_tokens": F.heldout_new_tokens,
+        "draft_vocab_size": n if vocab is not None else 0,
+        "tau": r4(res["tau"]),
+        "decoded_tau": r4(res["decoded_tau"]),
+        "decoded_steps": res["decoded_steps"],
+        "per_position_acceptance": [r4(a) for a in res["per_position_acceptance"]],
+        "decoded_acceptance": [r4(a) for a in res["decoded_acceptance"]],
+    }
+
+
 def main(_):
-    cfg, _, _ = load_checkpoint(F.checkpoint)
+    cfg, params, tokenizer = load_checkpoint(F.checkpoint)
     last = F.workdirs[-1]
     dcfg, draft = pipeline.load_draft(last, cfg, None)
     vocab = draft.pop("vocab", None)
     recorded = draft.pop("acceptance", None)
     stages = [stage_summary(w) for w in F.workdirs]
+    heldout = None
+    if F.heldout_prompts > 0:  # before anything is written: a failure leaves no partial output
+        # a training workdir keeps (and reuses) the held-out clean pass; a release dir stays as is
+        is_workdir = os.path.isdir(os.path.join(last, "draft_release"))
+        with tempfile.TemporaryDirectory() as tmp:
+            cache_in = last if is_workdir else tmp
+            heldout = heldout_summary(cfg, params, tokenizer, dcfg, draft, vocab, cache_in)
+        print(f"held-out: tau {heldout['tau']}, decoded tau {heldout['decoded_tau']}")
     # Flex decoding's prior: the last workdir's held-out acceptance at its final step.
     acceptance = stages[-1]["final_heldout_acceptance"]
     out = release.save_release(
@@ -79,6 +129,7 @@ def main(_):
             "dtype": F.dtype,
         },
         "stages": stages,
+        "heldout": heldout,
         "total_train_minutes": round(sum(s["train_minutes"] for s in stages), 2),
         "notes": F.note,
     }

@@ -518,10 +518,47 @@ def test_decoded_tau_walks_the_runs_as_greedy_decoding_does(tmp_path):
     assert 1.0 < res["decoded_tau"] and res["decoded_tau"] != res["tau"]
     # The walk itself: at 5 (run 2) it jumps to 8 (run 0), then past a gap to 20 (run 1), which
     # jumps over 21.
-    assert evaluate._walk(np.array([5, 6, 7, 8, 20, 21]), np.array([2, 0, 1, 0, 1, 3])) == (
-        3 + 1 + 2,
-        3,
+    assert evaluate._walk(np.array([5, 6, 7, 8, 20, 21]), np.array([2, 0, 1, 0, 1, 3])) == [
+        2,
+        0,
+        1,
+    ]
+    # The walk's slot-1 acceptance counts the engine's hits: every step tries slot 1.
+    hits = sum(g.stats["per_position_acceptance"][0] * g.stats["steps"] for g in gens)
+    assert hits > 0
+    np.testing.assert_allclose(res["decoded_acceptance"][0] * res["decoded_steps"], hits)
+
+
+def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
+    """launch/export_draft.py on the shipped release (the embedded target, 2 held-out prompts):
+    the same bytes come out, with the held-out tau of that draft in the provenance; the release it
+    read is left as it was. A missing workdir is an error that writes nothing."""
+    import shutil
+
+    src = tmp_path / "release"
+    shutil.copytree(os.path.join(ROOT, "drafts", "smollm2_135m"), src)
+    before = sorted(os.listdir(src))
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "export_draft.py"), f"--output={out}"]
+    cmd += ["--heldout_prompts=2", "--heldout_new_tokens=24", f"--distill_cache={tmp_path / 'd'}"]
+    proc = subprocess.run(cmd + [f"--workdirs={src}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "model.safetensors", "rb") as a, open(src / "model.safetensors", "rb") as b:
+        assert a.read() == b.read()
+    with open(out / "provenance.json") as f:
+        held = json.load(f)["heldout"]
+    assert held["prompts"] == 2 and held["draft_vocab_size"] == 8192
+    assert held["decoded_steps"] > 0 and held["tau"] > 1.0 and held["decoded_tau"] > 1.0
+    assert len(held["decoded_acceptance"]) == len(held["per_position_acceptance"]) == 7
+    assert f"decoded tau {held['decoded_tau']}" in proc.stdout
+    assert sorted(os.listdir(src)) == before  # no clean cache left in a release directory
+    bad = subprocess.run(
+        cmd[:2] + [f"--output={tmp_path / 'bad'}", f"--workdirs={tmp_path / 'none'}"],
+        capture_output=True,
+        text=True,
     )
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_clean_cache_reuses_the_rows_of_a_cached_prefix(tmp_path):

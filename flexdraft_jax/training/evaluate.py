@@ -68,24 +68,28 @@ def _block_hits(
     return ok & (pos < lengths[:, None, None]) & valid[:, :, None]
 
 
-def _walk(positions: np.ndarray, runs: np.ndarray) -> tuple[int, int]:
-    """(tokens, steps) of greedy decoding through consecutive anchor positions with these runs:
-    a step at bonus position p commits its run of drafts and the next bonus, so the next step
-    sits at p + run + 1. A gap in the positions starts the next response."""
-    tokens = steps = 0
+def _walk(positions: np.ndarray, runs: np.ndarray) -> list[int]:
+    """The runs greedy decoding meets walking through consecutive anchor positions with these
+    runs: a step at bonus position p commits its run of drafts and the next bonus, so the next
+    step sits at p + run + 1 (tokens = sum(run + 1), steps = len). A gap in the positions starts
+    the next response."""
+    met = []
     nxt = None
     for p, r in zip(positions.tolist(), runs.tolist()):
         if nxt is not None and p < nxt:
             continue  # jumped over by the step before
-        steps, tokens, nxt = steps + 1, tokens + r + 1, p + r + 1
-    return tokens, steps
+        met.append(r)
+        nxt = p + r + 1
+    return met
 
 
 def teacher_forced_tau(
     cfg, dcfg, target, draft, heldout, *, use_calibration: bool, batch_size: int = 4
 ) -> dict:
     """Mean tau over every response position of the held-out sequences (`tau`), the tau of the
-    greedy decoding walk through them (`decoded_tau`, `decoded_steps`), per-slot acceptance.
+    greedy decoding walk through them (`decoded_tau`, `decoded_steps`), and the conditional
+    acceptance of each draft slot over every position (`per_position_acceptance`) and over the
+    walk's steps only (`decoded_acceptance`).
 
     heldout: tokens [N, T], lengths [N], loss_mask [N, T], clean_k/clean_v [N, D, T, K, Dh].
     """
@@ -101,7 +105,7 @@ def teacher_forced_tau(
         p = np.nonzero(cand[i])[0]
         anchors[i, : len(p)], valid[i, : len(p)] = p, True
     runs, tried, hit = [], np.zeros(w - 1), np.zeros(w - 1)
-    walked, steps = 0, 0  # tokens and steps of the decoding walk
+    met = []  # runs the decoding walk meets, one per step
     for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
         ok = np.asarray(
@@ -124,17 +128,21 @@ def teacher_forced_tau(
         run = lead.sum(-1)  # [b, A]
         runs.append(run[v])
         for pos, r, ok_a in zip(anchors[sl], run, v):
-            t_i, s_i = _walk(pos[ok_a], r[ok_a])
-            walked, steps = walked + t_i, steps + s_i
+            met += _walk(pos[ok_a], r[ok_a])
         prev = np.concatenate([np.ones_like(lead[..., :1]), lead[..., :-1]], axis=-1)
         tried += (prev * v[..., None]).sum((0, 1))
         hit += (lead * v[..., None]).sum((0, 1))
     runs = np.concatenate(runs)
+    met = np.asarray(met, np.int64)
+    j = np.arange(1, w)
+    walk_tried = (met[:, None] >= j - 1).sum(0)
+    walk_hit = (met[:, None] >= j).sum(0)
     return {
         "tau": float(1.0 + runs.mean()),
-        "decoded_tau": walked / max(steps, 1),
-        "decoded_steps": steps,
+        "decoded_tau": float((met + 1).sum() / max(met.size, 1)),
+        "decoded_steps": int(met.size),
         "per_position_acceptance": (hit / np.maximum(tried, 1)).tolist(),
+        "decoded_acceptance": (walk_hit / np.maximum(walk_tried, 1)).tolist(),
         "anchors": int(runs.size),
     }
 
