@@ -69,9 +69,7 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
     use_calibration = "calibration" in keys
     if tc.bonus not in ("data", "target"):
         raise ValueError(f"train.bonus must be 'data' or 'target', got {tc.bonus!r}")
-    need_target_rows = (tc.kl_weight > 0 and not topk) or (
-        use_calibration and tc.bonus == "target"
-    )
+    need_target_rows = (tc.kl_weight > 0 and not topk) or (use_calibration and tc.bonus == "target")
     if tc.get("cache_clean") and need_target_rows:
         raise ValueError(
             "train.cache_clean keeps deep-layer K/V (and the target's top-k with train.kl_topk): "
