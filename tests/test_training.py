@@ -95,13 +95,14 @@ def test_topk_kl_is_the_kl_to_the_renormalised_top_k():
 
     top, ids = jax.lax.top_k(tlogp, 5)
     ok = jnp.asarray(rng.random(ids.shape) < 0.7).at[0, 0, 0].set(False)  # one row: no usable id
+    top = top.at[0, 1, 0].set(-jnp.inf)  # a row the cache left empty: no usable id either
     got = np.asarray(losses.topk_kl(jax.nn.log_softmax(logits, -1), ids, top, ok))
-    p = np.where(np.asarray(ok), np.exp(np.asarray(top, np.float64)), 0.0)
+    p = np.where(np.asarray(ok), np.exp(np.asarray(top, np.float64)), 0.0)  # exp(-inf) = 0
     p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
     logq = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(ids), -1)
     want = np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - logq), 0.0), -1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert got[0, 0, 0] == 0.0 and (got >= -1e-6).all()
+    assert got[0, 0, 0] == 0.0 and got[0, 1, 0] == 0.0 and (got >= -1e-6).all()
 
 
 def test_pack_and_anchors_stay_in_the_response():
@@ -559,6 +560,43 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_clean_cache_top_k_from_the_response_rows(tmp_path):
+    """The cache's top-k equals the top-k of the target's own log-probabilities (a plain forward)
+    at every row from `topk_from` up to the sequence's end, and is empty before it; its K/V are
+    the plain cache's."""
+    from flexdraft_jax.training import clean_cache
+
+    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
+    target = sharp_target(cfg)
+    prompts = data.synthetic_prompts(5, cfg.vocab_size, 3, 9, seed=6)
+    responses = ar.generate(cfg, target, prompts, 12).tokens
+    packed = data.pack(list(zip(prompts, responses)), 32)
+    toks, lens = packed.tokens, packed.lengths
+    start = packed.loss_mask.argmax(1) - 1
+    kw = dict(batch_size=2, dtype="float32", bucket=8)
+    k, v, ids, logp = clean_cache.precompute(
+        cfg, 2, target, toks, lens, topk=4, topk_from=start, **kw
+    )
+    k0, v0 = clean_cache.precompute(cfg, 2, target, toks, lens, **kw)
+    np.testing.assert_array_equal(k, k0)
+    np.testing.assert_array_equal(v, v0)
+    for i in range(len(toks)):
+        n = int(lens[i])
+        logits = T.forward(cfg, target, jnp.asarray(toks[i : i + 1, :n]), *_causal(n))[0][0]
+        want_lp, want_ids = jax.lax.top_k(jax.nn.log_softmax(logits, -1), 4)
+        s0 = int(start[i])
+        np.testing.assert_array_equal(ids[i, s0:n], np.asarray(want_ids)[s0:])
+        np.testing.assert_allclose(logp[i, s0:n], np.asarray(want_lp)[s0:], atol=1e-4)
+        assert np.isneginf(logp[i, :s0]).all() and np.isneginf(logp[i, n:]).all()
+
+
+def _causal(n):
+    from flexdraft_jax.models import layouts
+
+    lay = layouts.causal(jnp.zeros((1,), jnp.int32), n)
+    return lay.positions, lay.meta
 
 
 def test_clean_cache_reuses_the_rows_of_a_cached_prefix(tmp_path):

@@ -15,6 +15,7 @@ token at the anchor, which the batch carries).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -94,10 +95,13 @@ def precompute(
     ident=None,
     name="",
     topk=0,
+    topk_from=None,
 ):
     """(k, v): numpy [N, depth, T, K, Dh] of layers L-depth..L-1 for every sequence; with
     `topk > 0`, (k, v, ids, logp): also the target's top-k next-token ids (int32 [N, T, topk]) and
-    log-probabilities (float32, temperature 1) at every row.
+    log-probabilities (float32, temperature 1) at every row from `topk_from[i]` on (int [N],
+    e.g. the row before the response: the loss reads no earlier row; default 0). Earlier rows
+    hold id 0 and log-probability -inf.
 
     Sequences are processed longest-first in batches cropped to their longest length (rounded up
     to `bucket`); positions past a sequence's length hold zeros and are never visible. With
@@ -130,8 +134,10 @@ def precompute(
             for arr, old in zip(out, _load(prefix, dtype, topk)):
                 arr[:first] = old
 
-    @jax.jit
-    def run(target, toks):
+    starts = np.zeros(n, np.int64) if topk_from is None else np.asarray(topk_from, np.int64)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def run(target, toks, start, rows):
         b, w = toks.shape
         zeros = jnp.zeros((b,), jnp.int32)
         lay = layouts.causal(zeros, w)
@@ -142,6 +148,9 @@ def precompute(
         kv = (cache.k[-depth:], cache.v[-depth:])  # [D, b, w, K, Dh]
         if not topk:
             return kv
+        # the lm_head (and top-k) only on `rows` rows from each sequence's start
+        at = jnp.minimum(start[:, None] + jnp.arange(rows), w - 1)
+        h = jnp.take_along_axis(h, at[..., None], axis=1)
         logp = jax.nn.log_softmax(tf.lm_head(cfg, target, h).astype(jnp.float32), axis=-1)
         top, ids = jax.lax.top_k(logp, topk)
         return kv + (ids.astype(jnp.int32), top)
@@ -150,11 +159,15 @@ def precompute(
     for i in tqdm(range(0, n - first, batch_size), desc="clean pass", unit="batch"):
         idx = order[i : i + batch_size]
         w = min(t, -(-int(lengths[idx].max()) // bucket) * bucket)
-        got = run(target, jnp.asarray(tokens[idx, :w]))
+        start = np.minimum(starts[idx], lengths[idx])
+        rows = min(w, -(-int((lengths[idx] - start).max()) // bucket) * bucket) if topk else 0
+        got = run(target, jnp.asarray(tokens[idx, :w]), jnp.asarray(start, jnp.int32), rows)
         for arr, x in zip(out[:2], got[:2]):
             arr[idx, :, :w] = np.asarray(x).transpose(1, 0, 2, 3, 4).astype(arr.dtype)
         for arr, x in zip(out[2:], got[2:]):
-            arr[idx, :w] = np.asarray(x)
+            x = np.asarray(x)
+            for r, (j, s0, n_i) in enumerate(zip(idx, start, lengths[idx])):
+                arr[j, s0:n_i] = x[r, : n_i - s0]
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         for kind, arr in zip(_parts(topk), out):

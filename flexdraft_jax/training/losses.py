@@ -99,8 +99,9 @@ def topk_kl(logp, ids, target_logp, ok):
 
     logp [..., V]: the draft's log-probabilities; ids int32[..., k] into V; target_logp [..., k]
     (log-probabilities over the whole vocabulary, e.g. from `jax.lax.top_k`); ok bool[..., k].
-    A slot with no usable id gets 0.
+    Ids with a log-probability of -inf are unusable too; a slot with no usable id gets 0.
     """
+    ok = ok & jnp.isfinite(target_logp)
     t = jnp.where(ok, target_logp.astype(jnp.float32), -1e30)
     logp_t = t - jax.scipy.special.logsumexp(t, axis=-1, keepdims=True)
     p = jnp.where(ok, jnp.exp(logp_t), 0.0)

@@ -280,6 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             cache_dir=os.path.join(workdir, "clean_cache"),
             ident=ident,
             topk=tc.get("kl_topk", 0) if tc.kl_weight > 0 else 0,
+            topk_from=np.maximum(p.loss_mask.argmax(axis=1) - 1, 0),  # the loss reads no earlier
         )
         batch_keys = BATCH_KEYS + data_lib.CLEAN_KEYS[: len(dataset.clean_kv)]
     log.info("%d steps per epoch of %d sequences", dataset.steps_per_epoch, tc.batch_size)
