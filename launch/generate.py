@@ -47,7 +47,8 @@ flags.DEFINE_integer("cache_len", 1024, "KV cache capacity per sequence.")
 flags.DEFINE_integer(
     "draft_vocab_size",
     EngineConfig.draft_vocab_size,
-    "Draft among this many of the draft's most frequent tokens (0 = whole vocabulary).",
+    "Draft among this many of the draft's most frequent tokens (0 = whole vocabulary; default: "
+    "the size the draft was trained over, as its release records it).",
     lower_bound=0,
 )
 flags.DEFINE_string("output_json", None, "Write generations and stats here (atomically).")

@@ -144,7 +144,7 @@ def test_parse_mode():
         harness.parse_mode("turbo")
     with pytest.raises(ValueError, match="unknown option"):
         harness.parse_mode("flex:fast")
-    assert harness.parse_mode("flex").draft_vocab_size == 8192
+    assert harness.parse_mode("flex").draft_vocab_size is None  # the draft's recorded size
     s = harness.parse_mode("flex:dv=0")
     assert s.draft_vocab_size == 0 and s.engine_config(0.0).draft_vocab_size == 0
     with pytest.raises(ValueError, match="draft vocabulary size"):

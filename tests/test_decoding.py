@@ -272,6 +272,31 @@ def test_greedy_with_a_restricted_draft_vocabulary_equals_ar(tiny_llama):
     assert "head" not in full.draft and "vocab" not in full.draft
 
 
+def test_default_draft_vocabulary_is_the_one_the_draft_was_trained_over(tiny_llama, monkeypatch):
+    """No explicit size: the release's recorded size (0 = all), else DEFAULT_DRAFT_VOCAB capped at
+    the vocabulary; an explicit size overrides the record. The engine config says which it used."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    vocab = np.random.default_rng(1).permutation(cfg.vocab_size).astype(np.int32)
+
+    def used(extra, **kw):
+        dec = decoder(cfg, target, dict(draft, vocab=vocab, **extra), dcfg, mode="flex", **kw)
+        n = dec.draft["head"]["ids"].size if "head" in dec.draft else 0
+        assert dec.ecfg.draft_vocab_size == n
+        if n:
+            np.testing.assert_array_equal(dec.draft["head"]["ids"], vocab[:n])
+        return n
+
+    assert used({"vocab_size": 7}) == 7
+    assert used({"vocab_size": 0}) == 0
+    assert used({"vocab_size": 7}, draft_vocab_size=5) == 5
+    assert used({"vocab_size": 7}, draft_vocab_size=0) == 0
+    monkeypatch.setattr(engine, "DEFAULT_DRAFT_VOCAB", 11)  # the real one exceeds this vocabulary
+    assert used({}) == 11
+    monkeypatch.setattr(engine, "DEFAULT_DRAFT_VOCAB", cfg.vocab_size)
+    assert used({}) == 0
+
+
 # ----------------------------------------------------------------------------- compilation
 
 

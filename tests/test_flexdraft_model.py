@@ -661,9 +661,18 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
     dcfg2, back = pipeline.load_draft(out, cfg, target)
     np.testing.assert_array_equal(back.pop("vocab"), order)
     _assert_trees_equal(jax.tree.map(np.asarray, back), draft)
+    assert "vocab_size" not in back and release.load_draft_vocab_size(out, cfg) is None
+    # The number of leading ids the draft was trained over: decoding's default vocabulary.
+    sized = release.save_release(str(tmp_path / "s"), cfg, dcfg, draft, vocab=order, vocab_size=9)
+    assert release.load_draft_vocab_size(sized, cfg) == 9
+    assert pipeline.load_draft(sized, cfg, target)[1]["vocab_size"] == 9
     for bad, why in (([1, 1, 2], "distinct"), ([cfg.vocab_size], "distinct"), ([], "non-empty")):
         with pytest.raises(ValueError, match=why):
             release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, vocab=np.array(bad))
+        assert not os.path.exists(tmp_path / "bad")
+    for kw in (dict(vocab=order, vocab_size=cfg.vocab_size + 1), dict(vocab_size=4)):
+        with pytest.raises(ValueError, match="vocab_size"):
+            release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, **kw)
         assert not os.path.exists(tmp_path / "bad")
 
 

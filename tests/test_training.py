@@ -374,6 +374,9 @@ def test_restricted_draft_vocabulary_training(tmp_path):
     assert all(0.5 < h["in_vocab"] < 1.0 for h in half["history"])  # frequent tokens first
     order = release.load_draft_vocab(str(tmp_path / "v32" / "draft_release"), cfg)
     assert sorted(order.tolist()) == list(range(64))
+    # The size trained over is recorded: decoding's default draft vocabulary (0: all).
+    for n in (0, 32):
+        assert release.load_draft_vocab_size(str(tmp_path / f"v{n}" / "draft_release"), cfg) == n
     # The out-of-vocabulary slots are misses: accuracy cannot beat the in-vocabulary share.
     assert all(h["acc"] <= h["in_vocab"] + 1e-6 for h in half["history"])
 

@@ -39,6 +39,7 @@ from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
 CONFIG_KEYS = ("flexdraft_config", "dflash_config")  # the first is written, both are read
 ACCEPTANCE_KEY = "heldout_acceptance"  # ours, optional: see `save_release`
+VOCAB_SIZE_KEY = "draft_vocab_size"  # ours, optional: see `save_release`
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,6 +67,27 @@ def load_draft_vocab(path: str, cfg: ModelConfig) -> np.ndarray | None:
             if "draft_vocab" in f.keys():
                 return _check_vocab(f.get_tensor("draft_vocab"), cfg, fname)
     return None
+
+
+def _check_vocab_size(n, vocab_len: int, where: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= vocab_len:
+        raise ValueError(
+            f"{where}: draft_vocab_size must be an integer in [0, {vocab_len}] (the leading ids of "
+            f"the draft vocabulary the draft was trained over; 0 = all), got {n!r}"
+        )
+    return int(n)
+
+
+def load_draft_vocab_size(path: str, cfg: ModelConfig) -> int | None:
+    """The number of leading `draft_vocab` ids the draft was trained over (0: all), as its
+    config.json records it; None if it records none."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        return None
+    n = _read_flexdraft_config(directory).get(VOCAB_SIZE_KEY)
+    if n is None:
+        return None
+    return _check_vocab_size(n, cfg.vocab_size, os.path.join(directory, "config.json"))
 
 
 def _check_acceptance(acc, block_size: int, where: str) -> np.ndarray:
@@ -346,11 +368,14 @@ def save_release(
     overwrite: bool = True,
     vocab=None,
     acceptance=None,
+    vocab_size=None,
 ) -> str:
     """Write `draft` as a release-format directory (config.json + model.safetensors) at `path`.
 
     vocab: optional token ids ordered by how often the draft should propose them (stored as the
     `draft_vocab` tensor; `decoding` keeps the first `EngineConfig.draft_vocab_size` of them).
+    vocab_size: optional, with `vocab`: how many of those ids the draft was trained over (0: all;
+    stored in config.json, read by `load_draft_vocab_size`): decoding's default draft vocabulary.
     acceptance: optional held-out conditional acceptance of each draft position (block_size - 1
     values; stored in config.json, read by `load_acceptance`): flex decoding's starting estimate.
 
@@ -368,7 +393,12 @@ def save_release(
     tensors = release_tensors(cfg, dcfg, draft, _DTYPES[dtype])
     if vocab is not None:
         tensors["draft_vocab"] = _check_vocab(np.asarray(vocab), cfg, "vocab")
+    if vocab_size is not None and vocab is None:
+        raise ValueError("vocab_size needs the draft vocabulary (vocab) it counts ids of")
     config = release_config(cfg, dcfg, dtype)
+    if vocab_size is not None:
+        n = _check_vocab_size(vocab_size, len(tensors["draft_vocab"]), "vocab_size")
+        config[CONFIG_KEYS[0]][VOCAB_SIZE_KEY] = n
     if acceptance is not None:
         acc = _check_acceptance(acceptance, dcfg.block_size, "acceptance")
         config[CONFIG_KEYS[0]][ACCEPTANCE_KEY] = [round(float(a), 4) for a in acc]

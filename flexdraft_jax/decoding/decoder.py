@@ -113,12 +113,19 @@ class Decoder:
         if draft is None and ecfg.mode != "ar":
             raise ValueError(f"mode {ecfg.mode!r} needs draft parameters")
         acceptance = None
-        if draft is not None and ("vocab" in draft or "acceptance" in draft):
+        if draft is not None and {"vocab", "vocab_size", "acceptance"} & draft.keys():
+            # from `pipeline.load_draft`: vocab, vocab_size and acceptance as a release stores them
             draft = dict(draft)
             acceptance = draft.pop("acceptance", None)
             vocab = draft.pop("vocab", None)
-            if vocab is not None and 0 < ecfg.draft_vocab_size < len(vocab):
-                draft = tf.restrict_draft_vocab(cfg, target, draft, vocab[: ecfg.draft_vocab_size])
+            recorded = draft.pop("vocab_size", None)
+            n = ecfg.draft_vocab_size
+            if n is None:  # the size the draft was trained over, when its release records it
+                n = engine.DEFAULT_DRAFT_VOCAB if recorded is None else int(recorded)
+            n = 0 if vocab is None or n >= len(vocab) else n
+            ecfg = dataclasses.replace(ecfg, draft_vocab_size=n)
+            if n:
+                draft = tf.restrict_draft_vocab(cfg, target, draft, vocab[:n])
         if ecfg.alpha_init == "draft":  # the draft's recorded held-out acceptance, else 0.5
             prior = 0.5 if acceptance is None else tuple(float(a) for a in acceptance)
             if isinstance(prior, tuple) and len(prior) != dcfg.block_size - 1:

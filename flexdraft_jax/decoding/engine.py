@@ -35,6 +35,10 @@ from flexdraft_jax.models.config import DraftConfig, ModelConfig
 MODES = ("ar", "sequential", "parallel", "flex", "paper")
 
 
+# The draft vocabulary of a release that stores one but not the size it was trained over.
+DEFAULT_DRAFT_VOCAB = 8192
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     mode: str = "flex"
@@ -83,9 +87,10 @@ class EngineConfig:
     lookahead: int | None = None
     # Drafts are picked among the first this-many ids of the draft's vocabulary (token ids by
     # training frequency, stored with a release): the draft pass's lm_head and calibration output
-    # layer shrink by V / N. Verification uses the whole vocabulary, so it stays lossless. 0, or a
-    # draft without a stored vocabulary: the whole vocabulary.
-    draft_vocab_size: int = 8192
+    # layer shrink by V / N. Verification uses the whole vocabulary, so it stays lossless. None:
+    # the size the release records (the one it was trained over), else DEFAULT_DRAFT_VOCAB. 0, or
+    # a draft without a stored vocabulary: the whole vocabulary.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -106,7 +111,7 @@ class EngineConfig:
             raise ValueError(f"alpha_prior_weight must be > 0, got {self.alpha_prior_weight}")
         if self.spec_margin < 0:
             raise ValueError(f"spec_margin must be >= 0, got {self.spec_margin}")
-        if self.draft_vocab_size < 0:
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
         if self.rule not in verify.RULES:
             raise ValueError(f"unknown verification rule {self.rule!r}; choose from {verify.RULES}")

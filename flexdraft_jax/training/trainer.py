@@ -470,7 +470,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         release_dir = os.path.join(workdir, "draft_release")
         final = [r for r in history if r.get("step") == done and "heldout_acceptance" in r]
         acceptance = final[-1]["heldout_acceptance"] if final else None
-        export_release(release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance)
+        export_release(release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab)
     return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
 
 
@@ -511,10 +511,14 @@ def _summarise(host: list[dict], step: int, seconds: float, tokens: int) -> dict
     return rec
 
 
-def export_release(path: str, cfg, dcfg, draft, vocab=None, acceptance=None) -> None:
+def export_release(
+    path: str, cfg, dcfg, draft, vocab=None, acceptance=None, vocab_size=None
+) -> None:
     from flexdraft_jax.checkpoints import release
 
     host = jax.tree.map(_to_host, draft)
     if jax.process_index() == 0:
-        release.save_release(path, cfg, dcfg, host, vocab=vocab, acceptance=acceptance)
+        release.save_release(
+            path, cfg, dcfg, host, vocab=vocab, acceptance=acceptance, vocab_size=vocab_size
+        )
         log.info("draft exported to %s", path)
