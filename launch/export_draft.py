@@ -65,6 +65,12 @@ def stage_summary(workdir: str) -> dict:
         "heldout_tau_curve": [
             [r["step"], round(r["train_minutes"], 2), round(r["heldout_tau"], 4)] for r in evals
         ],
+        # Along the greedy decoding walk (`training.evaluate`; runs that log it).
+        "heldout_decoded_tau_curve": [
+            [r["step"], round(r["train_minutes"], 2), round(r["heldout_decoded_tau"], 4)]
+            for r in evals
+            if "heldout_decoded_tau" in r
+        ],
         # The same draft evaluated without its calibration MLP (stages that train it).
         "heldout_tau_nocalib_curve": [
             [r["step"], round(r["train_minutes"], 2), round(r["heldout_tau_nocalib"], 4)]

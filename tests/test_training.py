@@ -556,6 +556,21 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
     assert len(held["decoded_acceptance"]) == len(held["per_position_acceptance"]) == 7
     assert f"decoded tau {held['decoded_tau']}" in proc.stdout
     assert sorted(os.listdir(src)) == before  # no clean cache left in a release directory
+    # From a training workdir: its metrics become the stage's curves.
+    wd = tmp_path / "wd"
+    shutil.copytree(src, wd / "draft_release")
+    recs = [
+        {"step": 5, "loss": 3.0, "train_minutes": 0.5},
+        {"step": 5, "train_minutes": 0.5, "heldout_tau": 1.5, "heldout_decoded_tau": 1.25},
+    ]
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    proc = subprocess.run(cmd + [f"--workdirs={wd}", "--heldout_prompts=0"], capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "provenance.json") as f:
+        prov = json.load(f)
+    assert prov["heldout"] is None and prov["stages"][0]["steps"] == 5
+    assert prov["stages"][0]["heldout_tau_curve"] == [[5, 0.5, 1.5]]
+    assert prov["stages"][0]["heldout_decoded_tau_curve"] == [[5, 0.5, 1.25]]
     bad = subprocess.run(
         cmd[:2] + [f"--output={tmp_path / 'bad'}", f"--workdirs={tmp_path / 'none'}"],
         capture_output=True,
