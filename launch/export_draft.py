@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.checkpoints import release  # noqa: E402
 from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
-from flexdraft_jax.decoding.engine import DEFAULT_DRAFT_VOCAB  # noqa: E402
+from flexdraft_jax.decoding.engine import draft_vocab_in_use  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")
@@ -117,12 +117,9 @@ def main(_):
     last = F.workdirs[-1]
     dcfg, draft = pipeline.load_draft(last, cfg, None)
     vocab = draft.pop("vocab", None)
-    n_vocab = draft.pop("vocab_size", None)
-    if F.draft_vocab_size is not None:
-        n_vocab = F.draft_vocab_size
-    elif n_vocab is None:
-        n_vocab = DEFAULT_DRAFT_VOCAB
-    n_vocab = 0 if vocab is None or n_vocab >= len(vocab) else int(n_vocab)
+    n_vocab = draft_vocab_in_use(
+        F.draft_vocab_size, draft.pop("vocab_size", None), None if vocab is None else len(vocab)
+    )
     recorded = draft.pop("acceptance", None)
     stages = [stage_summary(w) for w in F.workdirs]
     heldout = None

@@ -586,11 +586,7 @@ def test_clean_cache_top_k_from_the_response_rows(tmp_path):
     the plain cache's."""
     from flexdraft_jax.training import clean_cache
 
-    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
-    target = sharp_target(cfg)
-    prompts = data.synthetic_prompts(5, cfg.vocab_size, 3, 9, seed=6)
-    responses = ar.generate(cfg, target, prompts, 12).tokens
-    packed = data.pack(list(zip(prompts, responses)), 32)
+    cfg, target, packed = _tiny_packed(tmp_path, 5, 9, 12, seed=6)
     toks, lens = packed.tokens, packed.lengths
     start = packed.loss_mask.argmax(1) - 1
     kw = dict(batch_size=2, dtype="float32", bucket=8)
@@ -610,6 +606,16 @@ def test_clean_cache_top_k_from_the_response_rows(tmp_path):
         assert np.isneginf(logp[i, :s0]).all() and np.isneginf(logp[i, n:]).all()
 
 
+def _tiny_packed(tmp_path, n, max_prompt, new, seed):
+    """(cfg, target, packed): the tiny target's greedy responses to `n` synthetic prompts of 3 to
+    `max_prompt` tokens, packed into sequences of 32."""
+    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
+    target = sharp_target(cfg)
+    prompts = data.synthetic_prompts(n, cfg.vocab_size, 3, max_prompt, seed=seed)
+    responses = ar.generate(cfg, target, prompts, new).tokens
+    return cfg, target, data.pack(list(zip(prompts, responses)), 32)
+
+
 def _causal(n):
     from flexdraft_jax.models import layouts
 
@@ -623,11 +629,7 @@ def test_clean_cache_reuses_the_rows_of_a_cached_prefix(tmp_path):
     (so those rows really were read, not recomputed). A different prefix is not reused."""
     from flexdraft_jax.training import clean_cache
 
-    cfg = ModelConfig(**dict(tiny_config(tmp_path).model.tiny))
-    target = sharp_target(cfg)
-    prompts = data.synthetic_prompts(6, cfg.vocab_size, 3, 8, seed=5)
-    responses = ar.generate(cfg, target, prompts, 16).tokens
-    packed = data.pack(list(zip(prompts, responses)), 32)
+    cfg, target, packed = _tiny_packed(tmp_path, 6, 8, 16, seed=5)
     toks, lens = packed.tokens, packed.lengths
     run = lambda t, n, **kw: clean_cache.precompute(
         cfg, 2, target, t, n, batch_size=2, dtype="float32", **kw

@@ -78,16 +78,21 @@ def _check_vocab_size(n, vocab_len: int, where: str) -> int:
     return int(n)
 
 
+def _recorded(path: str, key: str):
+    """(value, config.json path) of an optional key of the release's flexdraft config, or
+    (None, None) when the release has no config.json or no such key."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    where = os.path.join(directory, "config.json")
+    if not os.path.exists(where):
+        return None, None
+    return _read_flexdraft_config(directory).get(key), where
+
+
 def load_draft_vocab_size(path: str, cfg: ModelConfig) -> int | None:
     """The number of leading `draft_vocab` ids the draft was trained over (0: all), as its
     config.json records it; None if it records none."""
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    if not os.path.exists(os.path.join(directory, "config.json")):
-        return None
-    n = _read_flexdraft_config(directory).get(VOCAB_SIZE_KEY)
-    if n is None:
-        return None
-    return _check_vocab_size(n, cfg.vocab_size, os.path.join(directory, "config.json"))
+    n, where = _recorded(path, VOCAB_SIZE_KEY)
+    return None if n is None else _check_vocab_size(n, cfg.vocab_size, where)
 
 
 def _check_acceptance(acc, block_size: int, where: str) -> np.ndarray:
@@ -105,13 +110,8 @@ def _check_acceptance(acc, block_size: int, where: str) -> np.ndarray:
 
 def load_acceptance(path: str, block_size: int) -> np.ndarray | None:
     """The held-out acceptance per draft position a release records (None if it has none)."""
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    if not os.path.exists(os.path.join(directory, "config.json")):
-        return None
-    acc = _read_flexdraft_config(directory).get(ACCEPTANCE_KEY)
-    if acc is None:
-        return None
-    return _check_acceptance(acc, block_size, os.path.join(directory, "config.json"))
+    acc, where = _recorded(path, ACCEPTANCE_KEY)
+    return None if acc is None else _check_acceptance(acc, block_size, where)
 
 
 def _resolve(path: str) -> tuple[str, list[str]]:

@@ -118,11 +118,11 @@ class Decoder:
             draft = dict(draft)
             acceptance = draft.pop("acceptance", None)
             vocab = draft.pop("vocab", None)
-            recorded = draft.pop("vocab_size", None)
-            n = ecfg.draft_vocab_size
-            if n is None:  # the size the draft was trained over, when its release records it
-                n = engine.DEFAULT_DRAFT_VOCAB if recorded is None else int(recorded)
-            n = 0 if vocab is None or n >= len(vocab) else n
+            n = engine.draft_vocab_in_use(
+                ecfg.draft_vocab_size,
+                draft.pop("vocab_size", None),
+                None if vocab is None else len(vocab),
+            )
             ecfg = dataclasses.replace(ecfg, draft_vocab_size=n)
             if n:
                 draft = tf.restrict_draft_vocab(cfg, target, draft, vocab[:n])

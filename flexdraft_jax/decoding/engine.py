@@ -39,6 +39,16 @@ MODES = ("ar", "sequential", "parallel", "flex", "paper")
 DEFAULT_DRAFT_VOCAB = 8192
 
 
+def draft_vocab_in_use(requested: int | None, recorded: int | None, vocab_len: int | None) -> int:
+    """How many leading ids of a draft's vocabulary (`vocab_len` ids; None: it stores none) the
+    draft pass uses: `requested` (EngineConfig.draft_vocab_size), else the size the release
+    records, else DEFAULT_DRAFT_VOCAB; 0 (the whole vocabulary) when that covers every id."""
+    n = requested
+    if n is None:
+        n = DEFAULT_DRAFT_VOCAB if recorded is None else int(recorded)
+    return 0 if vocab_len is None or n >= vocab_len else n
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     mode: str = "flex"

@@ -49,8 +49,6 @@ _TOPIC_TEMPLATES = (
     "docstring and a test:\n\n{doc}",
 )
 # Modules whose import has side effects or is slow; we only read their docstrings.
-# batch keys of `Dataset.clean_kv`'s arrays, in order
-CLEAN_KEYS = ("clean_k", "clean_v", "topk_ids", "topk_logp")
 _SKIP_MODULES = ("antigravity", "this", "idlelib", "tkinter", "turtle", "test", "lib2to3", "pydoc")
 
 
@@ -405,6 +403,10 @@ def sample_anchors(loss_mask, lengths, num_anchors: int, rng: np.random.Generato
             anchors[i, :k] = np.sort(rng.choice(pos, size=k, replace=False))
             valid[i, :k] = True
     return anchors, valid
+
+
+# batch keys of `Dataset.clean_kv`'s arrays, in order
+CLEAN_KEYS = ("clean_k", "clean_v", "topk_ids", "topk_logp")
 
 
 class Dataset:

@@ -104,7 +104,7 @@ def teacher_forced_tau(
     for i in range(n):
         p = np.nonzero(cand[i])[0]
         anchors[i, : len(p)], valid[i, : len(p)] = p, True
-    runs, tried, hit = [], np.zeros(w - 1), np.zeros(w - 1)
+    runs = []
     met = []  # runs the decoding walk meets, one per step
     for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
@@ -129,22 +129,25 @@ def teacher_forced_tau(
         runs.append(run[v])
         for pos, r, ok_a in zip(anchors[sl], run, v):
             met += _walk(pos[ok_a], r[ok_a])
-        prev = np.concatenate([np.ones_like(lead[..., :1]), lead[..., :-1]], axis=-1)
-        tried += (prev * v[..., None]).sum((0, 1))
-        hit += (lead * v[..., None]).sum((0, 1))
     runs = np.concatenate(runs)
     met = np.asarray(met, np.int64)
-    j = np.arange(1, w)
-    walk_tried = (met[:, None] >= j - 1).sum(0)
-    walk_hit = (met[:, None] >= j).sum(0)
     return {
         "tau": float(1.0 + runs.mean()),
         "decoded_tau": float((met + 1).sum() / max(met.size, 1)),
         "decoded_steps": int(met.size),
-        "per_position_acceptance": (hit / np.maximum(tried, 1)).tolist(),
-        "decoded_acceptance": (walk_hit / np.maximum(walk_tried, 1)).tolist(),
+        "per_position_acceptance": _acceptance(runs, w),
+        "decoded_acceptance": _acceptance(met, w),
         "anchors": int(runs.size),
     }
+
+
+def _acceptance(runs: np.ndarray, w: int) -> list[float]:
+    """Conditional acceptance of draft slots 1..w-1 over steps with these runs of accepted
+    drafts: slot j is tried when the run reaches j - 1 and accepted when it reaches j."""
+    j = np.arange(1, w)
+    tried = (runs[:, None] >= j - 1).sum(0)
+    hit = (runs[:, None] >= j).sum(0)
+    return (hit / np.maximum(tried, 1)).tolist()
 
 
 def heldout_set(

@@ -46,6 +46,11 @@ def make_optimizer(tc):
     return tx, schedule
 
 
+def kl_topk(tc) -> int:
+    """K of the KL to the target's top-K (`train.kl_topk`), 0 when there is no such KL."""
+    return tc.get("kl_topk", 0) if tc.kl_weight > 0 else 0
+
+
 def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule, vocab=None):
     """step(state, target, batch) -> (state, metrics). state = {step, draft, opt_state}.
 
@@ -54,7 +59,7 @@ def make_train_step(cfg: ModelConfig, dcfg: DraftConfig, tc, optimizer, schedule
     loss and count as misses in the accuracies (decoding with that vocabulary cannot draft them).
     """
     keys = trainable_keys(tc.stage)
-    topk = tc.get("kl_topk", 0) if tc.kl_weight > 0 else 0
+    topk = kl_topk(tc)
     lookup = None
     if vocab is not None:
         if tc.kl_weight > 0 and not topk:

@@ -46,7 +46,7 @@ from flexdraft_jax import sharding as shd
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 from flexdraft_jax.training import data as data_lib
-from flexdraft_jax.training.step import make_optimizer, make_train_step, trainable_keys
+from flexdraft_jax.training.step import kl_topk, make_optimizer, make_train_step, trainable_keys
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +186,12 @@ def check_config_sharding(config, min_bytes: int = 4 * 2**20) -> list[str]:
     return bad
 
 
-def load_init_draft(
-    path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibration: dict | None = None
-) -> dict:
+def load_init_draft(path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibration=None) -> dict:
     """A draft to start from: a release-format directory, or a previous stage's workdir.
 
     fresh_calibration: when given (a stage that trains the calibration MLP), a draft whose
-    calibration rank differs from `dcfg.calib_rank` is accepted and gets this MLP instead of its
-    own; depth and block size must always match."""
+    calibration rank differs from `dcfg.calib_rank` is accepted and gets `fresh_calibration()`
+    instead of its own MLP; depth and block size must always match."""
     from flexdraft_jax.checkpoints import release
 
     if os.path.isdir(os.path.join(path, "draft_release")):
@@ -212,7 +210,7 @@ def load_init_draft(
             got.calib_rank,
             dcfg.calib_rank,
         )
-        draft = dict(draft, calibration=fresh_calibration)
+        draft = dict(draft, calibration=fresh_calibration())
     return draft
 
 
@@ -279,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             dtype=tc.cache_clean_dtype,
             cache_dir=os.path.join(workdir, "clean_cache"),
             ident=ident,
-            topk=tc.get("kl_topk", 0) if tc.kl_weight > 0 else 0,
+            topk=kl_topk(tc),
             topk_from=np.maximum(p.loss_mask.argmax(axis=1) - 1, 0),  # the loss reads no earlier
         )
         batch_keys = BATCH_KEYS + data_lib.CLEAN_KEYS[: len(dataset.clean_kv)]
@@ -316,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     if tc.init_from:
         fresh = None
         if "calibration" in keys:  # a new calibration rank may start afresh
-            fresh = jax.device_get(jax.jit(init_draft)(target, key)["calibration"])
+            fresh = lambda: jax.device_get(jax.jit(init_draft)(target, key)["calibration"])
         start = load_init_draft(tc.init_from, cfg, dcfg, fresh)
         start = jax.tree.map(
             lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: x[i]),
