@@ -83,6 +83,35 @@ def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path, monkeypatch):
         assert all(r["outputs_match_ar"] and r["batches_timed_stepwise"] for r in res["rows"])
 
 
+def test_each_batch_is_prefilled_once_per_mode(tmp_path, monkeypatch):
+    """The warm-up's prefilled batches are the first timed pass's; later repeats decode from
+    them again while they fit in memory, else prefill anew."""
+    cfg, target, dcfg, draft = tiny()
+    starts = []
+    start = harness.Decoder.start
+
+    def counted(self, prompts, *a, **k):
+        starts.append((self.ecfg.mode, tuple(map(tuple, prompts))))
+        return start(self, prompts, *a, **k)
+
+    monkeypatch.setattr(harness.Decoder, "start", counted)
+    batches = [PROMPTS[:2], PROMPTS[2:4], [PROMPTS[4], PROMPTS[0]]]
+    for keep in (True, False):
+        monkeypatch.setattr(harness, "KEEP_PREFILLED_BYTES", (1 << 40) if keep else 0)
+        starts.clear()
+        res = harness.run_benchmark(
+            cfg, target, None, draft, dcfg, PROMPTS, batch_sizes=(2,), modes=("sequential",),
+            max_new_tokens=6, output_dir=str(tmp_path / str(keep)), eos_ids=(),
+            profile_repeats=1, repeats=2, repeats_within_seconds=0.0, plots=False,
+        )  # fmt: skip
+        assert all(r["outputs_match_ar"] for r in res["rows"])
+        for mode in ("ar", "sequential"):
+            repeats = len(next(r for r in res["rows"] if r["mode"] == mode)["repeat_seconds"])
+            for b in batches:
+                n = starts.count((mode, tuple(map(tuple, b))))
+                assert n == (1 if keep else repeats), (keep, mode, b)
+
+
 def test_results_json_fields(tiny_run):
     res, out, modes = tiny_run
     with open(os.path.join(out, report.RESULTS_FILE)) as f:

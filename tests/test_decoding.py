@@ -501,6 +501,32 @@ def test_a_prefilled_batch_decodes_again_from_the_same_state(tiny_llama):
     assert_step_times(again.stats)
 
 
+def test_a_capped_prefilled_batch_decodes_a_prefix_and_leaves_the_batch_intact(tiny_llama):
+    """A warm-up decode of 2 tokens from a prefilled batch; the batch then decodes in full."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="sequential"),
+                  cache_len=128, eos_ids=(), profile_dir=None)  # fmt: skip
+    want = ar.generate(cfg, target, PROMPTS, 12, eos_ids=()).tokens
+    pre = dec.start(PROMPTS, 12)
+    for n in (2, 1):
+        short = dec.decode(pre.capped(n), reuse=True)
+        assert short.tokens == [w[:n] for w in want]
+    assert pre.capped(50).max_new_tokens == 12
+    assert dec.decode(pre, reuse=False).tokens == want
+
+
+def test_prompt_width_buckets():
+    """Quarter-octave widths: under a quarter of a prefill is padding, with few compilations."""
+    widths = [ar.bucket(n) for n in range(1, 4097)]
+    assert widths[:8] == [8] * 8 and ar.bucket(75) == 80 and ar.bucket(129) == 160
+    for n, w in enumerate(widths, start=1):
+        assert w >= n and (n <= 8 or w < 1.25 * n), (n, w)
+    assert sorted(set(widths))[:13] == [8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+    assert len(set(widths)) == 4 * 9 + 1  # 4 per octave from 8 to 4096
+    assert ar.bucket(3, minimum=16) == 16
+
+
 def test_host_and_switch_dispatch_agree(tiny_llama):
     """Branch chosen on device and run by lax.switch, or its own executable launched by the host:
     the same branches, tokens and acceptance."""
