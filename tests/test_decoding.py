@@ -516,6 +516,23 @@ def test_a_capped_prefilled_batch_decodes_a_prefix_and_leaves_the_batch_intact(t
     assert dec.decode(pre, reuse=False).tokens == want
 
 
+def test_a_decode_follows_the_profile_as_it_is_when_it_decodes(tiny_llama):
+    """A benchmark refines its cost profile after prefilling the first batches: their decodes
+    must choose branches by the refined profile."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    b = len(PROMPTS)
+    cheap = {"ar1": 1.0, "seq2": 1.0, "seq4": 1.0, "par2": 9.0, "par4": 9.0}
+    dear = {k: 1.0 if k == "ar1" else 50.0 for k in cheap}
+    ecfg = engine.EngineConfig(mode="flex", buckets=(2, 4))
+    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(),
+                  profiles={b: CostProfile(b, dear, 5.0)}, profile_dir=None)  # fmt: skip
+    pre = dec.start(PROMPTS, 8)
+    assert set(dec.decode(pre).stats["branch_per_step"]) == {"ar1"}
+    dec.profiles[b] = CostProfile(b, cheap, 0.1)
+    assert "ar1" not in dec.decode(pre).stats["branch_per_step"][:1]
+
+
 def test_prompt_width_buckets():
     """Quarter-octave widths: under a quarter of a prefill is padding, with few compilations."""
     widths = [ar.bucket(n) for n in range(1, 4097)]

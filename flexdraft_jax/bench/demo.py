@@ -33,8 +33,8 @@ DEMO_BENCH = dict(
     modes=("ar", "sequential", "parallel", "flex"),
     max_new_tokens=32,
     # Timed decodes per mode and batch size (each step counts at its fastest repeat): a third
-    # only while a batch size's timed decodes took under a minute (batch 1-16, not 64).
-    repeats=3,
+    # and fourth only while a batch size's timed decodes took under a minute (batch 1-16, not 64).
+    repeats=4,
     repeats_within_seconds=60.0,
     # Rounds over the branches when profiling step costs: up to 10 while they take under 6 s
     # (batch 1: 10 rounds; batch 64, ~8 s a round: 2). The cost model's choices rest on them.

@@ -81,7 +81,6 @@ class Prefilled:
 
     st: engine.Static
     state: engine.DecodeState
-    costs: jnp.ndarray
     max_new_tokens: int
     prefill_seconds: float
 
@@ -198,18 +197,20 @@ class Decoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         st = self.static(len(prompts))
-        costs = jnp.asarray(self._costs(st, len(prompts)))
+        self._costs(st, len(prompts))  # the cost profile exists (measured now if need be)
         if self.ecfg.dispatch == "host" and len(prompts) not in self._warm:
             # Compile every branch now, so a decode's compilations do not depend on which
             # branches its acceptance pattern happens to reach.
             self.measure(len(prompts), repeats=0)
         state, seconds = self._prefill(st, prompts, max_new_tokens, seed)
-        return Prefilled(st, state, costs, max_new_tokens, seconds)
+        return Prefilled(st, state, max_new_tokens, seconds)
 
     def decode(self, pre: Prefilled, *, reuse: bool = True) -> Generation:
         """Decode from a prefilled batch. reuse: copy its state first (steps donate theirs), so
         `pre` can be decoded again; False consumes it."""
-        st, costs, max_new_tokens = pre.st, pre.costs, pre.max_new_tokens
+        st, max_new_tokens = pre.st, pre.max_new_tokens
+        # The profile as it is now (a benchmark refines it after prefilling its first batches).
+        costs = jnp.asarray(self._costs(st, len(pre.state.done)))
         state = pre.state
         if reuse:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, state))
