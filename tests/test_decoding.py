@@ -458,7 +458,7 @@ def test_acceptance_estimate_starts_at_the_drafts_prior_and_forgets(tiny_llama):
     )  # fmt: skip
     assert dec.ecfg.alpha_init == prior and "acceptance" not in dec.draft
     st = dec.static(len(PROMPTS))
-    state = dec._prefill(st, PROMPTS, 20, 0)
+    state, _ = dec._prefill(st, PROMPTS, 20, 0)
     np.testing.assert_allclose(state.alpha, prior, rtol=1e-6)
     prior = np.asarray(prior)
     state = dec._launch(st, st.branches.index(("seq", 4)), state, costs)[0]
@@ -531,6 +531,34 @@ def test_a_decode_follows_the_profile_as_it_is_when_it_decodes(tiny_llama):
     assert set(dec.decode(pre).stats["branch_per_step"]) == {"ar1"}
     dec.profiles[b] = CostProfile(b, cheap, 0.1)
     assert "ar1" not in dec.decode(pre).stats["branch_per_step"][:1]
+
+
+def test_flex_prefills_without_drafts_when_it_would_start_in_ar(tiny_llama):
+    """Where even drafts in hand would not pay, flex prefills like AR (no mask block) and stays
+    lossless; a later speculative step drafts first. Otherwise (and with the prior unknown
+    before the prefill) it drafts in the prefill."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    b = len(PROMPTS)
+    cheap = {"ar1": 1.0, "seq2": 1.0, "seq4": 1.0, "par2": 9.0, "par4": 9.0}
+    dear = {k: 1.0 if k == "ar1" else 50.0 for k in cheap}
+    want = ar.generate(cfg, target, PROMPTS, 12, eos_ids=()).tokens
+    for costs, alpha_init, drafts in (
+        (dear, 0.5, False), (cheap, 0.5, True), (dear, None, True),
+    ):  # fmt: skip
+        ecfg = engine.EngineConfig(mode="flex", buckets=(2, 4), alpha_init=alpha_init)
+        dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(),
+                      profiles={b: CostProfile(b, costs, 0.1)}, profile_dir=None)  # fmt: skip
+        pre = dec.start(PROMPTS, 12)
+        assert bool(pre.state.has_drafts) == drafts, (costs, alpha_init)
+        assert dec.decode(pre).tokens == want
+        if alpha_init is not None:  # (None: the prior is the random draft's low confidence)
+            dec.profiles[b] = CostProfile(b, cheap, 0.1)  # speculation pays: drafts first
+            gen = dec.decode(pre)
+            assert gen.tokens == want and gen.stats["branch_per_step"][0] != "ar1"
+    seq = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="sequential"),
+                  cache_len=128, eos_ids=(), profile_dir=None)  # fmt: skip
+    assert bool(seq.start(PROMPTS, 12).state.has_drafts)
 
 
 def test_prompt_width_buckets():

@@ -145,7 +145,7 @@ class Decoder:
         self.profiles = dict(profiles or {})
         self.profile_dir = profile_dir
         self._warm: set[int] = set()  # batch sizes whose branch executables are all compiled
-        self._prefills = {}  # (Static, batch, prompt width) -> compiled prefill
+        self._prefills = {}  # (Static, batch, prompt width, drafts) -> compiled prefill
         self._ar_costs = jnp.zeros((2,), jnp.float32)  # AR's (unread) costs: ar1 + draft pass
         self.lookahead = ecfg.lookahead
         if self.lookahead is None:
@@ -157,7 +157,9 @@ class Decoder:
 
     # ------------------------------------------------------------------ generation
 
-    def _prefill(self, st, prompts, max_new_tokens, seed) -> tuple[engine.DecodeState, float]:
+    def _prefill(
+        self, st, prompts, max_new_tokens, seed, drafts=True
+    ) -> tuple[engine.DecodeState, float]:
         """The prefilled state, and the seconds its run took (compilation excluded)."""
         lengths = validate_prompts(prompts, self.cfg.vocab_size)
         w = self.dcfg.block_size
@@ -179,10 +181,10 @@ class Decoder:
         )
         # Compiled ahead of time and kept, so the prefill's first run is timed like any other
         # (a benchmark's warm-up prefill then serves as its first timed one).
-        shape = (st, len(prompts), width)
+        shape = (st, len(prompts), width, drafts)
         exe = self._prefills.get(shape)
         if exe is None:
-            exe = self._prefills[shape] = engine.prefill.lower(st, *args).compile()
+            exe = self._prefills[shape] = engine.prefill.lower(st, *args, drafts=drafts).compile()
         t0 = time.perf_counter()
         state = jax.block_until_ready(exe(*args))
         return state, time.perf_counter() - t0
@@ -197,12 +199,12 @@ class Decoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         st = self.static(len(prompts))
-        self._costs(st, len(prompts))  # the cost profile exists (measured now if need be)
+        drafts = engine.prefill_drafts(st, self._costs(st, len(prompts)))
         if self.ecfg.dispatch == "host" and len(prompts) not in self._warm:
             # Compile every branch now, so a decode's compilations do not depend on which
             # branches its acceptance pattern happens to reach.
             self.measure(len(prompts), repeats=0)
-        state, seconds = self._prefill(st, prompts, max_new_tokens, seed)
+        state, seconds = self._prefill(st, prompts, max_new_tokens, seed, drafts)
         return Prefilled(st, state, max_new_tokens, seconds)
 
     def decode(self, pre: Prefilled, *, reuse: bool = True) -> Generation:

@@ -420,14 +420,38 @@ def needs_drafts(st: Static) -> bool:
     return any(k != "ar" for k, _ in st.branches)
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
-def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
-    """Prompt rows (padded, ragged lengths) + one mask block anchored at each prompt's end."""
+def prefill_drafts(st: Static, costs) -> bool:
+    """Whether the prefill runs the mask block (host side, before prefilling).
+
+    Not when the policy would take an AR step first even with drafts in hand at the longest
+    verify length: flex at a batch size where speculation does not pay then prefills like AR mode
+    (with the mask block a batch-4 demo prefill took 0.57 s, AR mode's 0.45 s), and a later probe
+    starts with a draft pass, as after any AR step. Needs the prior known before the prefill
+    (`alpha_init` not None)."""
+    kinds = [k for k, _ in st.branches]
+    if not needs_drafts(st) or "ar" not in kinds or st.ecfg.alpha_init is None:
+        return needs_drafts(st)
+    w = st.width
+    # The fields the policy reads, at their most favourable to drafting.
+    best = DecodeState._make([None] * len(DecodeState._fields))._replace(
+        v=jnp.asarray(w - 1, jnp.int32),
+        alpha=_alpha_prior(st.ecfg.alpha_init, w),
+        has_drafts=jnp.array(True),
+        ar_streak=jnp.zeros((), jnp.int32),
+        probe_every=jnp.asarray(st.ecfg.probe_interval, jnp.int32),
+    )
+    return kinds[int(choose_branch(st, best, jnp.asarray(costs)))] != "ar"
+
+
+@functools.partial(jax.jit, static_argnames=("st", "drafts"))
+def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, drafts=True):
+    """Prompt rows (padded, ragged lengths) + one mask block anchored at each prompt's end
+    (unless `drafts` is False: see `prefill_drafts`)."""
     b, t = tokens.shape
     w = st.width
     key, k_bonus, k_draft = jax.random.split(key, 3)
     # AR-only modes prefill without the mask block (a causal layout has no mask rows).
-    spec = needs_drafts(st)
+    spec = needs_drafts(st) and drafts
     zeros = jnp.zeros_like(lengths)
     lay = layouts.prefill_block(lengths, t, w) if spec else layouts.causal(zeros, t)
     h, hm, cache = tf.forward(
@@ -463,7 +487,7 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new):
         probe_every=jnp.asarray(st.ecfg.probe_interval, jnp.int32),
         max_new=jnp.asarray(max_new, jnp.int32),
     )
-    if needs_drafts(st):
+    if spec:
         cand, q, v, conf = _draft_block(st, target, draft, state, hm, bonus, k_draft)
         state = state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True))
         if st.ecfg.alpha_init is None:
