@@ -247,7 +247,8 @@ def run_benchmark(
         # Warm-up: compile each prompt-width bucket's prefill and the steps (a short decode per
         # bucket; max_new_tokens is traced, so the timed decodes reuse these compilations). The
         # prefill is compiled before it runs and timed without it, so the warm-up's prefilled
-        # batches are the first timed pass's (at batch 64 a prefill takes 10 s on this CPU).
+        # batches are the first timed pass's (at batch 64 a prefill takes ~8 s on this CPU),
+        # as long as they fit in KEEP_PREFILLED_BYTES.
         pres = {}  # (batch index, mode) -> a prefilled batch for the next timed decode
         widths = {}
         for i, b in enumerate(batches):
@@ -256,7 +257,9 @@ def run_benchmark(
             for i in widths.values():
                 pre = decoders[name].start(batches[i], max_new_tokens, seed=seed)
                 decoders[name].decode(pre.capped(2), reuse=True)
-                pres[i, name] = pre
+                size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
+                if size * len(widths) * len(names) <= KEEP_PREFILLED_BYTES:
+                    pres[i, name] = pre
         if prof:
             # Profiled again after the warm-up, each branch at its faster time: on a shared
             # machine a burst of load lasting seconds can cover a whole profile (seen: every
