@@ -248,8 +248,9 @@ def run_benchmark(
         # bucket; max_new_tokens is traced, so the timed decodes reuse these compilations). The
         # prefill is compiled before it runs and timed without it, so the warm-up's prefilled
         # batches are the first timed pass's (at batch 64 a prefill takes ~8 s on this CPU),
-        # as long as they fit in KEEP_PREFILLED_BYTES.
+        # when every batch's prefilled state, for every mode, fits in KEEP_PREFILLED_BYTES.
         pres = {}  # (batch index, mode) -> a prefilled batch for the next timed decode
+        keep = None
         widths = {}
         for i, b in enumerate(batches):
             widths.setdefault(_width_bucket(b), i)
@@ -257,8 +258,10 @@ def run_benchmark(
             for i in widths.values():
                 pre = decoders[name].start(batches[i], max_new_tokens, seed=seed)
                 decoders[name].decode(pre.capped(2), reuse=True)
-                size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
-                if size * len(widths) * len(names) <= KEEP_PREFILLED_BYTES:
+                if keep is None:
+                    size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
+                    keep = size * len(batches) * len(names) <= KEEP_PREFILLED_BYTES
+                if keep:
                     pres[i, name] = pre
         if prof:
             # Profiled again after the warm-up, each branch at its faster time: on a shared
@@ -285,7 +288,7 @@ def run_benchmark(
         # SLOW_SECONDS). With `repeats_within_seconds`, a third repeat (and later) only while
         # this batch size's timed decodes have taken less than that.
         accs = {n: Acc() for n in names}
-        keep, timed = None, list(names)
+        timed = list(names)
         t_timed = time.perf_counter()
         with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
             for r in range(repeats):
@@ -305,9 +308,6 @@ def run_benchmark(
                         pre = pres.pop((i, name), None)
                         if pre is None:
                             pre = decoders[name].start(b, max_new_tokens, seed=seed)
-                        if keep is None:
-                            size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
-                            keep = size * len(batches) * len(names) <= KEEP_PREFILLED_BYTES
                         reuse = keep and not last
                         gen = decoders[name].decode(pre, reuse=reuse)
                         if reuse:
