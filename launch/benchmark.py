@@ -55,7 +55,8 @@ flags.DEFINE_bool("hf_baseline", False, "Also time transformers generate on the 
 flags.DEFINE_integer("repeats", 3, "Timed decodes per batch (the fastest counts).", lower_bound=1)
 flags.DEFINE_float(
     "repeats_within_seconds", None,
-    "Repeats after the second only while a batch size's timed decodes took less (default: all).",
+    "A mode's repeats after the second only if that many of its decodes fit in this many seconds"
+    " (default: all).",
     lower_bound=0.0,
 )  # fmt: skip
 flags.DEFINE_integer("profile_repeats", 5, "Rounds of the flex cost profile.", lower_bound=1)

@@ -80,9 +80,25 @@ def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path, monkeypatch):
         assert all(r["outputs_match_ar"] and r["batches_timed_stepwise"] for r in res["rows"])
 
 
+def test_which_modes_are_repeated():
+    """The demo's batch 64 (first-pass decode seconds): sequential and parallel are far slower
+    than the fastest and are not repeated; AR and flex are, four times within a minute. Flex is
+    repeated even when a burst of load made its first pass slow; a mode whose four decodes would
+    not fit in the time allowed stops at two."""
+    names = ["ar", "sequential", "parallel", "flex"]
+    always = {"ar", "flex"}
+    first = {"ar": 6.5, "sequential": 20.8, "parallel": 39.8, "flex": 6.6}
+    assert harness._repeated(names, first, always, 4, 60.0) == (["ar", "flex"], ["ar", "flex"])
+    burst = dict(first, flex=21.0)
+    assert harness._repeated(names, burst, always, 4, 60.0) == (["ar", "flex"], ["ar"])
+    assert harness._repeated(names, burst, always, 4, None) == (["ar", "flex"], ["ar", "flex"])
+    cheap = {"ar": 1.0, "sequential": 2.4, "parallel": 4.9, "flex": 1.1}  # all under SLOW_SECONDS
+    assert harness._repeated(names, cheap, always, 4, 60.0) == (names, names)
+
+
 def test_repeats_only_for_modes_near_the_fastest(tmp_path, monkeypatch):
-    """With no slack at all every speculative mode counts as slow: only AR, the baseline, is
-    repeated."""
+    """With no slack at all every speculative mode but flex counts as slow: only AR (the
+    baseline) and flex (the subject) are repeated."""
     cfg, target, dcfg, draft = tiny()
     monkeypatch.setattr(harness, "SLOW_FACTOR", 0.0)
     monkeypatch.setattr(harness, "SLOW_SECONDS", 0.0)
@@ -92,7 +108,7 @@ def test_repeats_only_for_modes_near_the_fastest(tmp_path, monkeypatch):
         profile_repeats=1, repeats=3, plots=False,
     )  # fmt: skip
     got = {r["mode"]: len(r["repeat_seconds"]) for r in res["rows"]}
-    assert got == {"ar": 3, "flex": 1, "sequential": 1}
+    assert got == {"ar": 3, "flex": 3, "sequential": 1}
     assert all(r["outputs_match_ar"] for r in res["rows"])
 
 

@@ -33,7 +33,7 @@ DEMO_BENCH = dict(
     modes=("ar", "sequential", "parallel", "flex"),
     max_new_tokens=32,
     # Timed decodes per mode and batch size (each step counts at its fastest repeat): a third
-    # and fourth only while a batch size's timed decodes took under a minute (batch 1-16, not 64).
+    # and fourth for modes whose four decodes fit in a minute (at batch 64: AR and flex).
     repeats=4,
     repeats_within_seconds=60.0,
     # Rounds over the branches when profiling step costs: up to 10 while they take under 6 s

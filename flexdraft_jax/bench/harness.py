@@ -120,12 +120,23 @@ def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None)
 
 # Prefilled batches kept for the timed repeats of one batch size (all modes and batches).
 KEEP_PREFILLED_BYTES = 4 << 30
-# A mode's later repeats are skipped when its first pass's decode took over SLOW_FACTOR times the
-# fastest mode's and over SLOW_SECONDS: noise cannot change the verdict on it, and it costs
-# minutes at batch 64. Bursts of load on a shared machine have made one pass 2x slow (a mode
-# cut on such a pass kept its burst: flex at 0.49x of AR); cheap decodes are always repeated.
+# AR (the baseline) and flex (the subject) are always repeated. Another mode's later repeats are
+# skipped when its first pass's decode took over SLOW_FACTOR times the fastest mode's and over
+# SLOW_SECONDS: noise cannot change the verdict on it, and it costs minutes at batch 64. (Bursts of
+# load on a shared machine have made one pass 2x slow: a mode cut on such a pass keeps its burst,
+# as flex once did at 0.49x of AR.) Cheap decodes are always repeated.
 SLOW_FACTOR = 2.5
 SLOW_SECONDS = 5.0
+
+
+def _repeated(names, first: dict, always, repeats: int, within: float | None) -> tuple:
+    """The modes timed again after the first pass (`first`: each mode's first-pass decode
+    seconds), and those timed a third time and later (`repeats` of their decodes fit in `within`
+    seconds, or no limit)."""
+    cut = max(SLOW_FACTOR * min(first.values()), SLOW_SECONDS)
+    again = [n for n in names if n in always or first[n] <= cut]
+    later = [n for n in again if within is None or repeats * first[n] <= within]
+    return again, later
 
 
 def _branch_subset(rel: dict, mode: str) -> dict:
@@ -172,8 +183,8 @@ def run_benchmark(
     prompts: token-id lists. `hf_source` is the target checkpoint (None = the embedded GGUF) for
     the `transformers` peer row. `repeats` timed decodes per batch, all with the same seed
     (tokens/s: each step at its fastest repeat, see `rows.Acc`); with `repeats_within_seconds`,
-    repeats after the second run only while a batch size's timed decodes have taken less than
-    that (extra precision where decodes are cheap)."""
+    a mode's repeats after the second run only if `repeats` decodes as long as its first fit in
+    that many seconds (extra precision where decodes are cheap)."""
     from flexdraft_jax.bench import report
 
     del tokenizer  # prompts arrive encoded; kept in the signature for callers that decode outputs
@@ -283,24 +294,20 @@ def run_benchmark(
         # from elsewhere (seconds long) rarely covers one step's every repeat. Each batch is
         # prefilled once per mode (in the warm-up, for the first batch of each width) and its
         # decode repeated from that state (speed is the decode phase) while the prefilled states
-        # fit in KEEP_PREFILLED_BYTES; else each repeat prefills again. Repeats after the first
-        # only for AR and modes that are not far slower than the fastest (SLOW_FACTOR,
-        # SLOW_SECONDS). With `repeats_within_seconds`, a third repeat (and later) only while
-        # this batch size's timed decodes have taken less than that.
+        # fit in KEEP_PREFILLED_BYTES; else each repeat prefills again. Which modes are repeated:
+        # `_repeated` (AR and flex always; others unless far slower than the fastest; a third
+        # repeat and later only where they fit in `repeats_within_seconds`).
         accs = {n: Acc() for n in names}
         timed = list(names)
-        t_timed = time.perf_counter()
+        always = {ar_name} | {s.name for s in specs if s.mode == "flex"}
         with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
             for r in range(repeats):
-                if r >= 2 and repeats_within_seconds is not None:
-                    if time.perf_counter() - t_timed >= repeats_within_seconds:
-                        break
                 if r == 1:
                     first = {n: accs[n].one_pass()["whole"] for n in names}
-                    cut = max(SLOW_FACTOR * min(first.values()), SLOW_SECONDS)
-                    timed = [n for n in names if n == ar_name or first[n] <= cut]  # AR: baseline
-                    bar.total += len(batches) * len(timed)
-                elif r > 1:
+                    timed, later = _repeated(names, first, always, repeats, repeats_within_seconds)
+                elif r == 2:
+                    timed = later
+                if r > 0:
                     bar.total += len(batches) * len(timed)
                 last = r + 1 == repeats
                 for i, b in enumerate(batches):
