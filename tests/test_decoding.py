@@ -8,6 +8,7 @@ compiles a fixed set of functions; the flex policy follows the cost profile.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -368,11 +369,13 @@ def test_flex_follows_cost_profile(tiny_llama):
         k = 16 + lookahead
         assert steps[:k] == ["ar1"] * k and steps[k] != "ar1", (lookahead, steps)
     # Speculation predicted 3% faster than AR (acceptance 0.5 per slot: 1.875 tokens for seq4 at
-    # 1.82 AR steps) runs only without a margin; the default 5% margin keeps AR.
+    # 1.82 AR steps) runs only without a margin; the default 5% margin keeps AR. (Expected tokens
+    # from the acceptance alone: with "confidence" they would rest on this draft's confidences.)
     near = {"ar1": 1.0, "seq2": 9.0, "seq4": 1.875 / 1.03, "par2": 9.0, "par4": 9.0}
-    assert run(near, spec_margin=0.0)["branch_per_step"][0] == "seq4"
-    assert run(near)["branch_per_step"][0] == "ar1"
-    assert run({**near, "seq4": 1.875 / 1.10})["branch_per_step"][0] == "seq4"
+    kw = dict(gain="acceptance")
+    assert run(near, spec_margin=0.0, **kw)["branch_per_step"][0] == "seq4"
+    assert run(near, **kw)["branch_per_step"][0] == "ar1"
+    assert run({**near, "seq4": 1.875 / 1.10}, **kw)["branch_per_step"][0] == "seq4"
     # Low acceptance (a draft unrelated to the target): flex learns alpha and stops speculating.
     _, bad = random_draft(cfg, target, 4, noise=2.0, seed=21)
     low = run({"ar1": 1.0, "seq2": 1.4, "seq4": 1.8, "par2": 1.5, "par4": 1.9}, d=bad)
@@ -533,6 +536,68 @@ def test_a_decode_follows_the_profile_as_it_is_when_it_decodes(tiny_llama):
     assert "ar1" not in dec.decode(pre).stats["branch_per_step"][:1]
 
 
+def test_expected_tokens_of_the_drafts_in_hand(tiny_llama):
+    """DecodeState.gain: per sequence 1 + sum_v prod_j (confidence_j * ratio_j), ratio_j the
+    discounted (accepted + w * prior) / (tried confidence + w * prior) of position j, averaged
+    over active sequences; 1 (the draft's confidence as it is) before any verification."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, noise=0.002, seed=3)
+    b = len(PROMPTS)
+    ecfg = engine.EngineConfig(mode="flex", alpha_init=(0.6, 0.5, 0.4), alpha_prior_weight=2.0)
+    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(),
+                  profiles={b: CostProfile(b, {}, 0.0)}, profile_dir=None)  # fmt: skip
+    st = dec.static(b)
+
+    def want(state):
+        conf, seen = np.asarray(state.conf, np.float64), np.asarray(state.seen, np.float64)
+        w0 = 2.0 * np.asarray(state.alpha_prior, np.float64)
+        a = np.clip(conf * (seen[0] + w0) / (seen[2] + w0), 0.0, 1.0)
+        per_seq = 1.0 + np.cumsum(np.cumprod(a, axis=1), axis=1)
+        active = ~np.asarray(state.done)
+        return np.concatenate([[1.0], per_seq[active].mean(axis=0)])
+
+    state, _ = dec._prefill(st, PROMPTS, 20, 0)
+    assert float(np.asarray(state.conf).min()) > 0 and not np.asarray(state.seen).any()
+    np.testing.assert_allclose(state.gain, want(state), rtol=1e-5)
+    costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
+    state = dec._launch(st, st.branches.index(("seq", 4)), state, costs)[0]
+    seen = np.asarray(state.seen)
+    assert seen[1, 0] == b and 0 < seen[2, 0] <= b  # tries and their confidence, position 1
+    np.testing.assert_allclose(state.gain, want(state), rtol=1e-5)
+
+
+def test_flex_verifies_confident_drafts_further(tiny_llama):
+    """Whether to speculate rests on the running acceptance; which speculative branch, on the
+    drafts in hand: a confident block takes the longer verify, a doubtful one the shorter
+    (with gain "acceptance", the same branch either way)."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4)
+    b = len(PROMPTS)
+    dec = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="flex"), cache_len=128,
+                  eos_ids=(), profile_dir=None)  # fmt: skip
+    st = dec.static(b)
+    names = [decoder_mod.branch_name(x) for x in st.branches]
+    costs = jnp.asarray([1.0, 1.3, 1.5, 9.0, 9.0, 0.3])  # ar1 seq2 seq4 par2 par4, draft pass
+    assert names == ["ar1", "seq2", "seq4", "par2", "par4"]
+    confident = jnp.asarray([1.0, 1.9, 2.8, 3.7])
+    doubtful = jnp.asarray([1.0, 1.4, 1.45, 1.46])
+
+    def pick(gain, alpha, has_drafts=True, st=st):
+        return names[int(engine._policy(
+            st, jnp.int32(3), jnp.array(has_drafts), jnp.asarray(alpha), gain, jnp.int32(0),
+            jnp.int32(16), costs,
+        ))]  # fmt: skip
+
+    good = [0.8, 0.7, 0.6]  # seq4 at 2.78 tokens / 1.5 beats AR
+    assert pick(confident, good) == "seq4" and pick(doubtful, good) == "seq2"
+    assert pick(doubtful, [0.1, 0.1, 0.1]) == "ar1" == pick(confident, [0.1, 0.1, 0.1])
+    assert pick(doubtful, good, has_drafts=False) == "seq4"  # no drafts: by the acceptance
+    by_acceptance = dataclasses.replace(st, ecfg=dataclasses.replace(st.ecfg, gain="acceptance"))
+    assert pick(doubtful, good, st=by_acceptance) == "seq4"
+    with pytest.raises(ValueError, match="gain"):
+        engine.EngineConfig(gain="conf")
+
+
 def test_flex_prefills_without_drafts_when_it_would_start_in_ar(tiny_llama):
     """Where even drafts in hand would not pay, flex prefills like AR (no mask block) and stays
     lossless; a later speculative step drafts first. Otherwise (and with the prior unknown
@@ -546,7 +611,10 @@ def test_flex_prefills_without_drafts_when_it_would_start_in_ar(tiny_llama):
     for costs, alpha_init, drafts in (
         (dear, 0.5, False), (cheap, 0.5, True), (dear, None, True),
     ):  # fmt: skip
-        ecfg = engine.EngineConfig(mode="flex", buckets=(2, 4), alpha_init=alpha_init)
+        # (The random draft's confidence is near 0: expected tokens from the acceptance prior.)
+        ecfg = engine.EngineConfig(
+            mode="flex", buckets=(2, 4), alpha_init=alpha_init, gain="acceptance"
+        )
         dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(),
                       profiles={b: CostProfile(b, costs, 0.1)}, profile_dir=None)  # fmt: skip
         pre = dec.start(PROMPTS, 12)

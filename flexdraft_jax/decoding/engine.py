@@ -69,6 +69,15 @@ class EngineConfig:
     # noisy value (at batch 1, two early rejections froze flex in AR steps for the whole decode).
     alpha_decay: float = 0.95
     alpha_prior_weight: float = 8.0
+    # How flex picks among speculative branches once it speculates (whether to speculate rests
+    # on the running acceptance either way). "confidence": by the drafts in hand, their expected
+    # tokens per sequence from each draft's confidence (its max probability, as for the verify
+    # length) times the running ratio of accepted draft positions to the confidence they had
+    # (discounted and weighted like the acceptance; 1 until verified positions say otherwise): a
+    # confident block is verified further, a doubtful one less far. (SmolLM2's shipped draft,
+    # batch 1: acceptance of the first draft 0.12-0.24 at confidence 0.1-0.3, 0.85 above 0.9.)
+    # "acceptance": by the running per-position acceptance, the same for every block.
+    gain: str = "confidence"
     # flex: after this many AR steps in a row, try speculating again; each probe that does not
     # win doubles the interval (up to 1024 steps), so a losing drafter costs little.
     probe_interval: int = 16
@@ -119,6 +128,8 @@ class EngineConfig:
             raise ValueError(f"alpha_decay must be in (0, 1], got {self.alpha_decay}")
         if self.alpha_prior_weight <= 0:
             raise ValueError(f"alpha_prior_weight must be > 0, got {self.alpha_prior_weight}")
+        if self.gain not in GAINS:
+            raise ValueError(f"gain must be one of {GAINS}, got {self.gain!r}")
         if self.spec_margin < 0:
             raise ValueError(f"spec_margin must be >= 0, got {self.spec_margin}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
@@ -140,15 +151,20 @@ class EngineConfig:
         return tuple(out + [block_size])
 
 
+GAINS = ("confidence", "acceptance")
+
+
 class DecodeState(NamedTuple):
     cache: tf.KVCache
     cand: jnp.ndarray  # int32[B, W]
     q: jnp.ndarray  # float32[B, W-1, V] draft distributions (sampling) or [B, 1, 1] (greedy)
+    conf: jnp.ndarray  # float32[B, W-1] each draft's confidence (max probability)
+    gain: jnp.ndarray  # float32[W] expected committed tokens verifying 0..W-1 of the drafts
     v: jnp.ndarray  # int32[] verify length for the next step
     has_drafts: jnp.ndarray  # bool[]
     alpha: jnp.ndarray  # float32[W-1] running conditional acceptance per draft position
     alpha_prior: jnp.ndarray  # float32[W-1] its prior
-    seen: jnp.ndarray  # float32[2, W-1] discounted hits and tries behind alpha
+    seen: jnp.ndarray  # float32[3, W-1] discounted hits, tries and tried confidence
     out: jnp.ndarray  # int32[B, O] committed tokens (prefill bonus first)
     n_out: jnp.ndarray  # int32[B]
     done: jnp.ndarray  # bool[B]
@@ -206,8 +222,9 @@ def branch_rows(branch: tuple[str, int], block_size: int) -> tuple[int, int]:
 def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, key):
     """Calibrated drafts from a mask block's hidden states [B, W, H] and the bonus.
 
-    Returns (cand [B, W], q, v, conf [W-1]): greedy drafts or draws from q, the confidence verify
-    length, and the mean (over active sequences) max-probability of each slot.
+    Returns (cand [B, W], q, v, conf [B, W-1], gain [W], conf_mean [W-1]): greedy drafts or
+    draws from q, the confidence verify length, each draft's max-probability, the expected tokens
+    per verify length (`EngineConfig.gain`), and the mean confidence over active sequences.
     """
     # Slot 0 sits on the bonus's own position: its prediction is never used, so skip its lm_head.
     logits = tf.draft_logits(st.cfg, target, draft, hidden[:, 1:], bonus, st.ecfg.use_calibration)
@@ -229,7 +246,16 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     v = jnp.clip(v, 1, st.width - 1).astype(jnp.int32)
     n_active = jnp.maximum(active.sum(), 1)
     conf_mean = jnp.sum(jnp.where(active[:, None], conf, 0.0), axis=0) / n_active
-    return jnp.concatenate([bonus[:, None], drafts], axis=1), q, v, conf_mean
+    # Per sequence: acceptance of draft j given the ones before = its confidence times the
+    # running accepted / confidence ratio of position j; expected tokens 1 + sum of the products.
+    w0 = st.ecfg.alpha_prior_weight * state.alpha_prior
+    ratio = (state.seen[0] + w0) / jnp.maximum(state.seen[2] + w0, 1e-9)
+    a = jnp.clip(conf * ratio, 0.0, 1.0)
+    per_seq = 1.0 + jnp.cumsum(jnp.cumprod(a, axis=1), axis=1)  # [B, W-1]: verify 1..W-1
+    gain = jnp.sum(jnp.where(active[:, None], per_seq, 0.0), axis=0) / n_active
+    gain = jnp.concatenate([jnp.ones((1,), jnp.float32), gain.astype(jnp.float32)])
+    cand = jnp.concatenate([bonus[:, None], drafts], axis=1)
+    return cand, q, v, conf.astype(jnp.float32), gain, conf_mean
 
 
 def _draft_pass(st: Static, target, draft, cache):
@@ -247,8 +273,10 @@ def _refill(st: Static, target, draft, state: DecodeState):
     """Draft pass anchored at x0 (used when a speculative step follows an AR step)."""
     key, sub = jax.random.split(state.key)
     hm = _draft_pass(st, target, draft, state.cache)
-    cand, q, v, _ = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
-    return state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True), key=key)
+    cand, q, v, conf, gain, _ = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
+    return state._replace(
+        cand=cand, q=q, v=v, conf=conf, gain=gain, has_drafts=jnp.array(True), key=key
+    )
 
 
 # ----------------------------------------------------------------------------- commit
@@ -281,7 +309,9 @@ def _commit(st: Static, state: DecodeState, start, acc, bonus, v_used):
     tried_m = active[:, None] & (pos <= v_used) & (pos <= acc[:, None] + 1)
     hit_m = active[:, None] & (pos <= acc[:, None])
     tried_n, hit_n = tried_m.sum(0), hit_m.sum(0)
-    seen = st.ecfg.alpha_decay * state.seen + jnp.stack([hit_n, tried_n]).astype(jnp.float32)
+    conf_n = jnp.sum(jnp.where(tried_m, state.conf, 0.0), axis=0)
+    new = jnp.stack([hit_n.astype(jnp.float32), tried_n.astype(jnp.float32), conf_n])
+    seen = st.ecfg.alpha_decay * state.seen + new
     w0 = st.ecfg.alpha_prior_weight
     alpha = (seen[0] + w0 * state.alpha_prior) / (seen[1] + w0)
     return state._replace(
@@ -352,13 +382,15 @@ def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeS
         b, h = hm.shape[0], hm.shape[-1]
         groups = hm.reshape(b, rows, w, h)
         hidden = jnp.take_along_axis(groups, acc[:, None, None, None], axis=1)[:, 0]
-    cand, q, v, _ = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
+    cand, q, v, conf, gain, _ = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
     base = jnp.asarray(st.ecfg.probe_interval, jnp.int32)
     probe_every = jnp.where(probe, jnp.minimum(state.probe_every * 2, 1024), base)
     return state._replace(
         cand=cand,
         q=q,
         v=v,
+        conf=conf,
+        gain=gain,
         has_drafts=jnp.array(True),
         ar_streak=jnp.zeros((), jnp.int32),
         probe_every=probe_every,
@@ -386,31 +418,42 @@ def expected_tokens(alpha, v):
 
 def choose_branch(st: Static, state: DecodeState, costs):
     """Branch index on device. costs: float32[n_branches + 1] seconds (last: a draft pass)."""
+    return _policy(
+        st, state.v, state.has_drafts, state.alpha, state.gain, state.ar_streak,
+        state.probe_every, costs,
+    )  # fmt: skip
+
+
+def _policy(st: Static, v, has_drafts, alpha, gain_v, ar_streak, probe_every, costs):
+    """`choose_branch` over the state fields it reads.
+
+    Whether to speculate: expected tokens per second from the running acceptance (`alpha`),
+    against an AR step's. Which speculative branch, with drafts in hand under EngineConfig.gain
+    "confidence": the same rate from these drafts' own expected tokens (`gain_v`)."""
     kinds = [k for k, _ in st.branches]
     rows = jnp.asarray([r for _, r in st.branches])
     if kinds == ["ar"]:
         return jnp.zeros((), jnp.int32)
     if "ar" not in kinds:  # fixed kind: the smallest bucket that holds v + 1 rows
-        return jnp.argmax(rows >= state.v + 1).astype(jnp.int32)
-    gain = jnp.stack(
-        [
-            jnp.asarray(1.0)
-            if k == "ar"
-            else expected_tokens(state.alpha, jnp.minimum(state.v, r - 1))
-            for k, r in st.branches
-        ]
-    )
-    refill = jnp.where(state.has_drafts, 0.0, costs[-1])
-    cost = costs[:-1] + jnp.asarray([0.0 if k == "ar" else 1.0 for k in kinds]) * refill
+        return jnp.argmax(rows >= v + 1).astype(jnp.int32)
     is_ar = jnp.asarray([k == "ar" for k in kinds])
-    score = gain / jnp.maximum(cost, 1e-9) / jnp.where(is_ar, 1.0, 1.0 + st.ecfg.spec_margin)
-    ar_cost = jnp.maximum(jnp.min(jnp.where(is_ar, cost, jnp.inf)), 1e-9)
+    verified = jnp.minimum(v, rows - 1)  # drafts each branch verifies
+    gain = jnp.stack(
+        [jnp.asarray(1.0) if k == "ar" else expected_tokens(alpha, n)
+         for k, n in zip(kinds, verified)]
+    )  # fmt: skip
+    refill = jnp.where(has_drafts, 0.0, costs[-1])
+    cost = jnp.maximum(costs[:-1] + jnp.where(is_ar, 0.0, refill), 1e-9)
+    score = gain / cost / jnp.where(is_ar, 1.0, 1.0 + st.ecfg.spec_margin)
+    ar_cost = jnp.min(jnp.where(is_ar, cost, jnp.inf))
     probe_extra = jnp.min(jnp.where(is_ar, jnp.inf, cost)) / ar_cost - 1.0  # in AR steps
-    probing = (state.ar_streak >= state.probe_every) & (
-        state.ar_streak >= probe_extra / st.ecfg.probe_budget
-    )
+    probing = (ar_streak >= probe_every) & (ar_streak >= probe_extra / st.ecfg.probe_budget)
     score = jnp.where(is_ar & probing, -jnp.inf, score)
-    return jnp.argmax(score).astype(jnp.int32)
+    idx = jnp.argmax(score).astype(jnp.int32)
+    if st.ecfg.gain == "acceptance" or gain_v is None:
+        return idx
+    own = jnp.where(is_ar, -jnp.inf, gain_v[verified] / cost)
+    return jnp.where(is_ar[idx] | ~has_drafts, idx, jnp.argmax(own)).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- prefill and step
@@ -432,15 +475,15 @@ def prefill_drafts(st: Static, costs) -> bool:
     if not needs_drafts(st) or "ar" not in kinds or st.ecfg.alpha_init is None:
         return needs_drafts(st)
     w = st.width
-    # The fields the policy reads, at their most favourable to drafting.
-    best = DecodeState._make([None] * len(DecodeState._fields))._replace(
-        v=jnp.asarray(w - 1, jnp.int32),
-        alpha=_alpha_prior(st.ecfg.alpha_init, w),
-        has_drafts=jnp.array(True),
-        ar_streak=jnp.zeros((), jnp.int32),
-        probe_every=jnp.asarray(st.ecfg.probe_interval, jnp.int32),
-    )
-    return kinds[int(choose_branch(st, best, jnp.asarray(costs)))] != "ar"
+    # The policy at its most favourable to drafting: drafts in hand, the longest verify length,
+    # the prior acceptance (the drafts' confidence is not known before the prefill).
+    prior = _alpha_prior(st.ecfg.alpha_init, w)
+    branch = _policy(
+        st, jnp.asarray(w - 1, jnp.int32), jnp.array(True), prior, None,
+        jnp.zeros((), jnp.int32), jnp.asarray(st.ecfg.probe_interval, jnp.int32),
+        jnp.asarray(costs),
+    )  # fmt: skip
+    return kinds[int(branch)] != "ar"
 
 
 @functools.partial(jax.jit, static_argnames=("st", "drafts"))
@@ -471,11 +514,13 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
         cache=cache._replace(lengths=lengths),
         cand=jnp.zeros((b, w), jnp.int32).at[:, 0].set(bonus),
         q=q0,
+        conf=jnp.zeros((b, w - 1), jnp.float32),
+        gain=jnp.ones((w,), jnp.float32),
         v=jnp.asarray(w - 1, jnp.int32),
         has_drafts=jnp.array(False),
         alpha=prior,
         alpha_prior=prior,
-        seen=jnp.zeros((2, w - 1), jnp.float32),
+        seen=jnp.zeros((3, w - 1), jnp.float32),
         out=out,
         n_out=jnp.ones((b,), jnp.int32),
         done=jnp.broadcast_to(done, (b,)),
@@ -488,10 +533,14 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
         max_new=jnp.asarray(max_new, jnp.int32),
     )
     if spec:
-        cand, q, v, conf = _draft_block(st, target, draft, state, hm, bonus, k_draft)
-        state = state._replace(cand=cand, q=q, v=v, has_drafts=jnp.array(True))
-        if st.ecfg.alpha_init is None:
-            prior = jnp.clip(conf, 0.05, 0.95).astype(jnp.float32)
+        cand, q, v, conf, gain, conf_mean = _draft_block(
+            st, target, draft, state, hm, bonus, k_draft
+        )
+        state = state._replace(
+            cand=cand, q=q, v=v, conf=conf, gain=gain, has_drafts=jnp.array(True)
+        )
+        if st.ecfg.alpha_init is None:  # (gain does not depend on the prior before any verify)
+            prior = jnp.clip(conf_mean, 0.05, 0.95).astype(jnp.float32)
             state = state._replace(alpha=prior, alpha_prior=prior)
     return state
 
