@@ -42,6 +42,16 @@ def tiny(vocab=64, seed=0, peaky=50.0):
     return cfg, target, dcfg, draft
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_settling_rounds():
+    """Repeat counts here are the planned ones: the settling rounds (timing noise decides them)
+    are tested on their own."""
+    was = harness.SETTLE_ROUNDS
+    harness.SETTLE_ROUNDS = 0
+    yield
+    harness.SETTLE_ROUNDS = was
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     cfg, target, dcfg, draft = tiny()
@@ -94,6 +104,40 @@ def test_which_modes_are_repeated():
     assert harness._repeated(names, burst, always, 4, None) == (["ar", "flex"], ["ar", "flex"])
     cheap = {"ar": 1.0, "sequential": 2.4, "parallel": 4.9, "flex": 1.1}  # all under SLOW_SECONDS
     assert harness._repeated(names, cheap, always, 4, 60.0) == (names, names)
+
+
+def test_settling_repeat_is_one_that_cut_the_stepwise_time():
+    class Gen:
+        def __init__(self, steps):
+            self.tokens = [[1] * len(steps)]
+            n = len(steps)
+            self.stats = {"seconds": sum(steps), "step_seconds": steps, "steps": n,
+                          "tokens": n, "branch_per_step": ["ar1"] * n}  # fmt: skip
+
+    acc = bench_rows.Acc()
+    acc.add(Gen([1.0, 1.0, 2.0]), repeat=0)
+    assert not acc.settling(0.02)  # one repeat: nothing to compare
+    acc.add(Gen([1.0, 2.0, 1.0]), repeat=1)  # step-wise 3.0 against 4.0: cut by a quarter
+    assert acc.settling(0.02) and not acc.settling(0.3)
+    acc.add(Gen([1.01, 1.0, 1.0]), repeat=2)  # no step faster than before
+    assert not acc.settling(0.0) and acc.repeats() == 3
+
+
+def test_ar_and_flex_are_timed_again_while_settling(tmp_path, monkeypatch):
+    """Extra rounds (up to SETTLE_ROUNDS) for AR and flex only, while their latest repeat still
+    cut their step-wise time; none when it did not."""
+    cfg, target, dcfg, draft = tiny()
+    monkeypatch.setattr(harness, "SETTLE_ROUNDS", 2)
+    for by, extra in ((-1.0, 2), (1.0, 0)):  # -1: every repeat "cuts"; 1: none can
+        monkeypatch.setattr(harness, "SETTLE_BY", by)
+        res = harness.run_benchmark(
+            cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,),
+            modes=("flex", "sequential"), max_new_tokens=4, output_dir=str(tmp_path / str(by)),
+            eos_ids=(), profile_repeats=1, repeats=2, plots=False,
+        )  # fmt: skip
+        got = {r["mode"]: len(r["repeat_seconds"]) for r in res["rows"]}
+        assert got == {"ar": 2 + extra, "flex": 2 + extra, "sequential": 2}, by
+        assert all(r["outputs_match_ar"] and r["batches_timed_stepwise"] for r in res["rows"])
 
 
 def test_repeats_only_for_modes_near_the_fastest(tmp_path, monkeypatch):

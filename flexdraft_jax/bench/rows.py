@@ -72,13 +72,14 @@ class Acc:
             same = same and all(out == ref for out in reps.values())
         return same and start == len(reference)
 
-    def one_pass(self) -> dict:
+    def one_pass(self, before: int | None = None) -> dict:
         """One pass over the batches: tokens, sequences and steps (of each batch's first decode);
         prefill seconds; decode seconds step by step and by the fastest whole decode (see the
-        class docstring); and how many batches were timed step by step."""
+        class docstring); and how many batches were timed step by step. `before`: only the
+        repeats numbered below it."""
         out = dict(tokens=0, sequences=0, steps=0, prefill=0.0, decode=0.0, whole=0.0, stepwise=0)
         for reps in self.decodes.values():
-            runs = [reps[r] for r in sorted(reps)]
+            runs = [reps[r] for r in sorted(reps) if before is None or r < before]
             for k, f in (("tokens", "tokens"), ("sequences", "sequences"), ("steps", "n_steps")):
                 out[k] += runs[0][f]
             out["prefill"] += min(r["prefill"] for r in runs)
@@ -94,6 +95,20 @@ class Acc:
             else:
                 out["decode"] += whole
         return out
+
+    def repeats(self) -> int:
+        """Repeats recorded (of the batch with the most)."""
+        return max((len(reps) for reps in self.decodes.values()), default=0)
+
+    def settling(self, by: float) -> bool:
+        """Whether the latest repeat cut the step-wise decode time by more than the fraction
+        `by` (a burst of load covered some step in every repeat before it)."""
+        n = self.repeats()
+        if n < 2:
+            return False
+        last = max(max(reps) for reps in self.decodes.values())
+        before, now = self.one_pass(before=last)["decode"], self.one_pass()["decode"]
+        return now < (1.0 - by) * before
 
     def row(self) -> dict:
         ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
