@@ -187,6 +187,33 @@ def test_each_batch_is_prefilled_once_per_mode(tmp_path, monkeypatch):
                 assert n == want, (keep, mode, b)
 
 
+def test_a_kept_batch_prefilled_under_a_stale_profile_is_prefilled_again():
+    """A batch prefilled without drafts (the warm-up's profile: speculation does not pay) and
+    kept, is prefilled again for a timed decode once the refined profile says flex would draft
+    in the prefill: flex then speculates from its first step, as on a batch prefilled now."""
+    from flexdraft_jax.decoding import engine
+    from flexdraft_jax.decoding.decoder import CostProfile, Decoder
+
+    cfg, target, dcfg, draft = tiny()
+    b, batch = 2, PROMPTS[:2]
+    dear = {"ar1": 1.0, "seq2": 50.0, "seq4": 50.0, "par2": 50.0, "par4": 50.0}
+    cheap = {**dear, "seq2": 1.0, "seq4": 1.0}
+    ecfg = engine.EngineConfig(mode="flex", buckets=(2, 4), alpha_init=0.5, gain="acceptance")
+    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=64, eos_ids=(),
+                  profiles={b: CostProfile(b, dear, 0.1)}, profile_dir=None)  # fmt: skip
+    stale = dec.start(batch, 6)
+    assert not stale.drafts
+    pres = {(0, "flex"): stale}
+    dec.profiles[b] = CostProfile(b, cheap, 0.1)  # refined
+    gen = harness._timed_decode({"flex": dec}, pres, True, 6, 0, 0, batch, "flex")
+    assert pres[0, "flex"] is not stale and pres[0, "flex"].drafts
+    assert gen.stats["branch_per_step"][0] != "ar1"
+    # Still current: decoded from the kept state, not prefilled again.
+    again = pres[0, "flex"]
+    harness._timed_decode({"flex": dec}, pres, True, 6, 0, 0, batch, "flex")
+    assert pres[0, "flex"] is again
+
+
 def test_results_json_fields(tiny_run):
     res, out, modes = tiny_run
     with open(os.path.join(out, report.RESULTS_FILE)) as f:

@@ -618,12 +618,14 @@ def test_flex_prefills_without_drafts_when_it_would_start_in_ar(tiny_llama):
         dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(),
                       profiles={b: CostProfile(b, costs, 0.1)}, profile_dir=None)  # fmt: skip
         pre = dec.start(PROMPTS, 12)
-        assert bool(pre.state.has_drafts) == drafts, (costs, alpha_init)
-        assert dec.decode(pre).tokens == want
+        assert bool(pre.state.has_drafts) == drafts == pre.drafts, (costs, alpha_init)
+        assert dec.decode(pre).tokens == want and dec.current(pre)
         if alpha_init is not None:  # (None: the prior is the random draft's low confidence)
             dec.profiles[b] = CostProfile(b, cheap, 0.1)  # speculation pays: drafts first
             gen = dec.decode(pre)
             assert gen.tokens == want and gen.stats["branch_per_step"][0] != "ar1"
+            # A prefill now would draft: `pre` is stale unless it drafted too.
+            assert dec.current(pre) == drafts
     seq = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="sequential"),
                   cache_len=128, eos_ids=(), profile_dir=None)  # fmt: skip
     assert bool(seq.start(PROMPTS, 12).state.has_drafts)

@@ -149,9 +149,11 @@ def _repeated(names, first: dict, always, repeats: int, within: float | None) ->
 
 
 def _timed_decode(decoders, pres, keep, max_new_tokens, seed, i, batch, name):
-    """Decode batch `i` in mode `name` from its kept prefilled state (kept again) or a new one."""
+    """Decode batch `i` in mode `name` from its kept prefilled state (kept again) or a new one
+    (also when the kept one was prefilled under a cost profile since refined, and decided
+    otherwise whether to draft in the prefill: `Decoder.current`)."""
     pre = pres.pop((i, name), None)
-    if pre is None:
+    if pre is None or not decoders[name].current(pre):
         pre = decoders[name].start(batch, max_new_tokens, seed=seed)
     gen = decoders[name].decode(pre, reuse=keep)
     if keep:

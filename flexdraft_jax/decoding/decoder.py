@@ -83,6 +83,7 @@ class Prefilled:
     state: engine.DecodeState
     max_new_tokens: int
     prefill_seconds: float
+    drafts: bool = True  # whether the prefill ran the mask block (`engine.prefill_drafts`)
 
     def capped(self, max_new_tokens: int) -> Prefilled:
         """The same batch with a smaller token budget (a short warm-up decode; the arrays are
@@ -199,13 +200,23 @@ class Decoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         st = self.static(len(prompts))
-        drafts = engine.prefill_drafts(st, self._costs(st, len(prompts)))
+        drafts = self._prefill_drafts(st, len(prompts))
         if self.ecfg.dispatch == "host" and len(prompts) not in self._warm:
             # Compile every branch now, so a decode's compilations do not depend on which
             # branches its acceptance pattern happens to reach.
             self.measure(len(prompts), repeats=0)
         state, seconds = self._prefill(st, prompts, max_new_tokens, seed, drafts)
-        return Prefilled(st, state, max_new_tokens, seconds)
+        return Prefilled(st, state, max_new_tokens, seconds, drafts)
+
+    def _prefill_drafts(self, st, batch: int) -> bool:
+        return engine.prefill_drafts(st, self._costs(st, batch))
+
+    def current(self, pre: Prefilled) -> bool:
+        """Whether `pre` was prefilled as a prefill would be now. Flex decides at the prefill,
+        from the cost profile, whether to draft there (`engine.prefill_drafts`); a batch
+        prefilled before the profile was refined (a benchmark's warm-up) may have decided
+        otherwise, and without drafts flex starts in AR steps and waits for a probe."""
+        return pre.drafts == self._prefill_drafts(pre.st, len(pre.state.done))
 
     def decode(self, pre: Prefilled, *, reuse: bool = True) -> Generation:
         """Decode from a prefilled batch. reuse: copy its state first (steps donate theirs), so
