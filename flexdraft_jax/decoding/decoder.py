@@ -83,7 +83,11 @@ class Prefilled:
     state: engine.DecodeState
     max_new_tokens: int
     prefill_seconds: float
-    drafts: bool = True  # whether the prefill ran the mask block (`engine.prefill_drafts`)
+
+    @property
+    def drafts(self) -> bool:
+        """Whether the prefill ran the mask block (`engine.prefill_drafts`)."""
+        return bool(self.state.has_drafts)
 
     def capped(self, max_new_tokens: int) -> Prefilled:
         """The same batch with a smaller token budget (a short warm-up decode; the arrays are
@@ -206,7 +210,7 @@ class Decoder:
             # branches its acceptance pattern happens to reach.
             self.measure(len(prompts), repeats=0)
         state, seconds = self._prefill(st, prompts, max_new_tokens, seed, drafts)
-        return Prefilled(st, state, max_new_tokens, seconds, drafts)
+        return Prefilled(st, state, max_new_tokens, seconds)
 
     def _prefill_drafts(self, st, batch: int) -> bool:
         return engine.prefill_drafts(st, self._costs(st, batch))
