@@ -118,7 +118,10 @@ class Decoder:
         eos_ids=None,
         profiles: dict[int, CostProfile] | None = None,
         profile_dir: str | None = DEFAULT_PROFILE_DIR,
+        steps_per_call: int = 16,
     ):
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
         if dcfg.block_size + 2 > cache_len:
             raise ValueError(
                 f"block_size {dcfg.block_size} leaves no room in a KV cache of {cache_len} slots"
@@ -146,6 +149,7 @@ class Decoder:
             ecfg = dataclasses.replace(ecfg, alpha_init=prior)
         self.cfg, self.target, self.draft, self.dcfg, self.ecfg = cfg, target, draft, dcfg, ecfg
         self.cache_len = cache_len
+        self.steps_per_call = steps_per_call
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.profiles = dict(profiles or {})
         self.profile_dir = profile_dir
@@ -231,19 +235,31 @@ class Decoder:
         state = pre.state
         if reuse:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, state))
-        force = jnp.int32(-1)
-        marks = [time.perf_counter()]  # then one per step: when the host has read its status
-        idxs, counts = [], []
-        if self.ecfg.dispatch == "switch":
-            while not bool(np.asarray(state.done).all()):
-                if idxs:
-                    marks.append(time.perf_counter())
-                state, idx, count = engine.step(st, self.target, self.draft, state, costs, force)
-                idxs.append(idx)
-                counts.append(count)
-            if idxs:
+        marks = [time.perf_counter()]  # then one per host sync
+        idxs, counts, per_sync = [], [], []  # per step; steps between syncs
+        if self.ecfg.dispatch == "device":
+            lengths, done = jax.device_get((state.cache.lengths, state.done))
+            while not done.all():
+                rows = self.steps_per_call * self.dcfg.block_size
+                window = engine.kv_window(lengths[~done], rows, self.cache_len)
+                state, br, cnt = engine.run(
+                    st, self.target, self.draft, state, costs, window, self.steps_per_call
+                )
+                br, cnt, lengths, done = jax.device_get(
+                    (br, cnt, state.cache.lengths, state.done)
+                )  # the one sync per call
                 marks.append(time.perf_counter())
+                ran = br >= 0
+                if not ran.any():
+                    raise RuntimeError(f"no decoding step fits a cache window of {window} slots")
+                idxs += br[ran].tolist()
+                counts += list(cnt[ran])
+                per_sync.append(int(ran.sum()))
         else:
+            window = engine.kv_window(
+                np.asarray(state.cache.lengths), max_new_tokens + self.dcfg.block_size,
+                self.cache_len,
+            )  # fmt: skip
             status = engine.first_branch(st, state, costs)
             nxt, done, n_out = engine.read_status(np.asarray(status))
             inflight = []  # status of launched steps the host has not read yet
@@ -252,31 +268,34 @@ class Decoder:
                 # steps in flight are sure to exhaust every active sequence's budget.
                 if not done.all() and not (n_out[~done] + len(inflight) >= max_new_tokens).all():
                     idxs.append(nxt)
-                    state, status, count = self._launch(st, nxt, state, costs)
+                    state, status, count = self._launch(st, nxt, state, costs, window)
                     counts.append(count)
                     inflight.append(status)
                     if len(inflight) <= self.lookahead:
                         continue
                 nxt, done, n_out = engine.read_status(np.asarray(inflight.pop(0)))  # the sync
                 marks.append(time.perf_counter())
+                per_sync.append(1)
         elapsed = pre.prefill_seconds + time.perf_counter() - marks[0]
         gen = self._result(
             st, state, [int(i) for i in idxs], elapsed, pre.prefill_seconds, max_new_tokens
         )
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
-        # Wall time of each step (the switch loop's last sync is the one that sees all done).
-        gen.stats["step_seconds"] = np.diff(marks).tolist()
+        # Wall time of each step: a call's time shared evenly among the steps it ran.
+        gen.stats["step_seconds"] = [
+            dt / n for dt, n in zip(np.diff(marks), per_sync) for _ in range(n)
+        ]
         return gen
 
-    def _launch(self, st, idx, state, costs):
+    def _launch(self, st, idx, state, costs, window):
         """Run branch `idx` (host dispatch) -> (state, status, tokens committed per sequence).
 
         An AR step runs the executable of `engine.ar_static` (shared with AR mode; no draft), and
         a mode that can switch then chooses its next branch in a small executable of its own."""
         if st.branches[idx] != ("ar", 1):
-            return engine.branch_step(st, idx, self.target, self.draft, state, costs)
+            return engine.branch_step(st, idx, self.target, self.draft, state, costs, window)
         new, status, count = engine.branch_step(
-            engine.ar_static(st), 0, self.target, None, state, self._ar_costs
+            engine.ar_static(st), 0, self.target, None, state, self._ar_costs, window
         )
         if len(st.branches) > 1:
             status = engine.first_branch(st, new, costs)
@@ -381,14 +400,15 @@ class Decoder:
         budget = self.cache_len - ctx - 2 * self.dcfg.block_size
         state, _ = self._prefill(st, prompts, budget, 0)
         costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
+        window = engine.kv_window(np.array([ctx]), self.dcfg.block_size, self.cache_len)
         runs = []
         for i in range(len(st.branches)):
-            if self.ecfg.dispatch == "switch":
+            if self.ecfg.dispatch == "device":
                 run = lambda s, i=i: engine.step(
-                    st, self.target, self.draft, s, costs, jnp.int32(i)
+                    st, self.target, self.draft, s, costs, jnp.int32(i), window
                 )[0]
             else:
-                run = lambda s, i=i: self._launch(st, i, s, costs)[0]
+                run = lambda s, i=i: self._launch(st, i, s, costs, window)[0]
             state = run(state)  # compile
             runs.append(run)
         # Branches interleaved round by round, and the fastest sample of each kept: load from

@@ -10,11 +10,16 @@ State per sequence (DESIGN §2.3): the clean-row KV cache, the candidate block
 
 R is a static row bucket >= v + 1 (rows that are never verified are not computed). The branch
 index is chosen on device by `choose_branch`: fixed for `ar`, by bucket for `sequential` /
-`parallel` / `paper`, by the cost model for `flex`. It then runs either inside one jitted `step`
-(`lax.switch`, dispatch="switch") or as that branch's own executable launched by the host
-(`branch_step`, dispatch="host", the default: XLA copies the whole KV cache inside every
-`lax.switch` branch that updates it). A speculative branch entered without drafts (after an AR
-step) first runs a draft pass. All branches produce the same tokens (tested); they differ in cost.
+`parallel` / `paper`, by the cost model for `flex`. A speculative branch entered without drafts
+(after an AR step) first runs a draft pass. All branches produce the same tokens (tested); they
+differ in cost.
+
+Branches never write the KV cache: they attend to it read-only plus the step's own new rows
+(`tf.step_forward`) and return those rows (`tf.Pending`); the cache is written once, after the
+branch, in place. (XLA copies a buffer that several `lax.switch` branches update.) `run` loops
+steps in a `lax.while_loop` on device; every step reads only a static window of the cache that
+covers the filled part (`kv_window`), so attention follows the filled length, not the capacity.
+`branch_step` runs one branch as its own executable (host dispatch, an ablation).
 """
 
 from __future__ import annotations
@@ -90,19 +95,17 @@ class EngineConfig:
     # break-even choice can only lose (batch 4 in one demo: seq4 predicted ~1.0x, ran at 0.95x).
     spec_margin: float = 0.05
     paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
-    # How the chosen branch runs. "switch": one jitted step, `lax.switch` on device. "host": the
-    # branch index is still chosen on device (returned with the previous step's state) and the
-    # host launches that branch's own executable. XLA copies the whole KV cache inside every
-    # `lax.switch` branch that updates it (measured: 2 copies per branch); "host" has none, so it
-    # is the default. Both give identical tokens (tested).
-    dispatch: str = "host"
+    # How steps run. "device": `engine.run`, a `lax.while_loop` of up to `Decoder.steps_per_call`
+    # steps, each a `lax.switch` among the branches chosen on device; the host syncs once per
+    # call. "host": the branch index is still chosen on device (returned with the previous
+    # step's state) and the host launches that branch's own executable every step (an ablation).
+    # Both give identical tokens (tested).
+    dispatch: str = "device"
     # Host dispatch: steps launched before the host reads a step's result. With 1, the next step
-    # is queued while the current one runs (no idle gap for the host's read and launch), using
-    # the branch chosen one step earlier; stopping is read one step late too, so a decode that
-    # ends on EOS runs one no-op step (one that ends on the token budget never does). Lossless
-    # either way: every branch is valid in every state. 0: read every step before the next.
-    # None: 1 on accelerators, 0 on CPU, where the host thread shares the cores with the
-    # computation (2-core CPU, SmolLM2, b = 1 and 4: AR, flex and sequential within +-4% of 0).
+    # is queued while the current one runs, using the branch chosen one step earlier; stopping is
+    # read one step late too. Lossless either way: every branch is valid in every state. 0: read
+    # every step before the next. None: 1 on accelerators, 0 on CPU (the host thread shares the
+    # cores with the computation).
     lookahead: int | None = None
     # Drafts are picked among the first this-many ids of the draft's vocabulary (token ids by
     # training frequency, stored with a release): the draft pass's lm_head and calibration output
@@ -116,8 +119,8 @@ class EngineConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.threshold < 0 or self.threshold > 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.dispatch not in ("host", "switch"):
-            raise ValueError(f"dispatch must be 'host' or 'switch', got {self.dispatch!r}")
+        if self.dispatch not in ("device", "host"):
+            raise ValueError(f"dispatch must be 'device' or 'host', got {self.dispatch!r}")
         if self.lookahead is not None and self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
         if not 0 < self.probe_budget <= 1:
@@ -258,21 +261,28 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     return cand, q, v, conf.astype(jnp.float32), gain, conf_mean
 
 
-def _draft_pass(st: Static, target, draft, cache):
-    """Mask block anchored at each sequence's cache length, deep layers only: hidden [B, W, H]."""
-    lay = layouts.draft_pass(cache.lengths, st.width)
-    empty = jnp.zeros((cache.lengths.shape[0], 0), jnp.int32)
-    _, hidden, _ = tf.forward(
-        st.cfg, target, empty, empty, lay.meta, cache,
+def _view(kv, lengths) -> tf.KVCache:
+    """The read-only cache a branch attends to: slots below `lengths` are committed."""
+    return tf.KVCache(kv[0], kv[1], lengths)
+
+
+def _draft_pass(st: Static, target, draft, view, anchor, window: int, pending=None):
+    """Mask block anchored at `anchor` [B], deep layers only, against the cache `view` and the
+    step's `pending` rows: hidden [B, W, H]."""
+    lay = layouts.draft_pass(anchor, st.width)
+    empty = jnp.zeros((anchor.shape[0], 0), jnp.int32)
+    _, hidden, _ = tf.step_forward(
+        st.cfg, target, empty, empty, lay.meta, view, window=window, pending=pending,
         draft=draft, dcfg=st.dcfg, mask_positions=lay.mask_positions,
     )  # fmt: skip
     return hidden
 
 
-def _refill(st: Static, target, draft, state: DecodeState):
+def _refill(st: Static, target, draft, kv, window: int, state: DecodeState):
     """Draft pass anchored at x0 (used when a speculative step follows an AR step)."""
     key, sub = jax.random.split(state.key)
-    hm = _draft_pass(st, target, draft, state.cache)
+    lengths = state.cache.lengths
+    hm = _draft_pass(st, target, draft, _view(kv, lengths), lengths, window)
     cand, q, v, conf, gain, _ = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
     return state._replace(
         cand=cand, q=q, v=v, conf=conf, gain=gain, has_drafts=jnp.array(True), key=key
@@ -330,54 +340,48 @@ def _commit(st: Static, state: DecodeState, start, acc, bonus, v_used):
 # ----------------------------------------------------------------------------- branches
 
 
-def _ar_branch(st: Static, target, draft, state: DecodeState):
+def _ar_branch(st: Static, target, draft, kv, window: int, state: DecodeState):
     key, sub = jax.random.split(state.key)
     start = state.cache.lengths
     lay = layouts.causal(start, 1)
-    logits, _, cache = tf.forward(
-        st.cfg, target, state.cand[:, :1], lay.positions, lay.meta, state.cache, start
-    )
+    logits, _, pend = tf.step_forward(
+        st.cfg, target, state.cand[:, :1], lay.positions, lay.meta, _view(kv, start),
+        window=window,
+    )  # fmt: skip
     bonus = sampling.choose(sub, logits[:, 0], st.ecfg.sampling)
-    state = state._replace(cache=cache, key=key)
-    state = _commit(st, state, start, jnp.zeros_like(start), bonus, 0)
+    state = _commit(st, state._replace(key=key), start, jnp.zeros_like(start), bonus, 0)
     cand = state.cand.at[:, 0].set(bonus)
-    return state._replace(cand=cand, has_drafts=jnp.array(False), ar_streak=state.ar_streak + 1)
+    state = state._replace(cand=cand, has_drafts=jnp.array(False), ar_streak=state.ar_streak + 1)
+    return state, pend
 
 
-def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeState):
+def _spec_branch(st: Static, kind: str, rows: int, target, draft, kv, window: int, state):
     probe = state.ar_streak >= state.probe_every  # entered as a flex probe after an AR streak
-    state = jax.lax.cond(
-        state.has_drafts, lambda s: s, functools.partial(_refill, st, target, draft), state
-    )
+    refill = functools.partial(_refill, st, target, draft, kv, window)
+    state = jax.lax.cond(state.has_drafts, lambda s: s, refill, state)
     key, k_ver, k_draft = jax.random.split(state.key, 3)
     start = state.cache.lengths
+    view = _view(kv, start)
     v_used = jnp.minimum(state.v, rows - 1)
     w = st.width
     if kind == "seq":
         lay = layouts.causal(start, rows)
-        logits, _, cache = tf.forward(
-            st.cfg, target, state.cand[:, :rows], lay.positions, lay.meta, state.cache, start
+        logits, _, pend = tf.step_forward(
+            st.cfg, target, state.cand[:, :rows], lay.positions, lay.meta, view, window=window
         )
     else:
         lay = layouts.parallel(start, rows, rows, w)
-        logits, hm, cache = tf.forward(
-            st.cfg,
-            target,
-            state.cand[:, :rows],
-            lay.positions,
-            lay.meta,
-            state.cache,
-            start,
-            draft=draft,
-            dcfg=st.dcfg,
-            mask_positions=lay.mask_positions,
-        )
+        logits, hm, pend = tf.step_forward(
+            st.cfg, target, state.cand[:, :rows], lay.positions, lay.meta, view, window=window,
+            draft=draft, dcfg=st.dcfg, mask_positions=lay.mask_positions,
+        )  # fmt: skip
     acc, bonus = verify.verify(
         k_ver, logits, state.cand, state.q, v_used, st.ecfg.sampling, st.ecfg.rule
     )
-    state = _commit(st, state._replace(cache=cache, key=key), start, acc, bonus, v_used)
+    state = _commit(st, state._replace(key=key), start, acc, bonus, v_used)
     if kind == "seq":  # the new bonus sits at the committed length: anchor the block there
-        hidden = _draft_pass(st, target, draft, state.cache)
+        anchor = state.cache.lengths
+        hidden = _draft_pass(st, target, draft, view, anchor, window, pending=pend)
     else:
         b, h = hm.shape[0], hm.shape[-1]
         groups = hm.reshape(b, rows, w, h)
@@ -385,7 +389,7 @@ def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeS
     cand, q, v, conf, gain, _ = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
     base = jnp.asarray(st.ecfg.probe_interval, jnp.int32)
     probe_every = jnp.where(probe, jnp.minimum(state.probe_every * 2, 1024), base)
-    return state._replace(
+    state = state._replace(
         cand=cand,
         q=q,
         v=v,
@@ -395,16 +399,44 @@ def _spec_branch(st: Static, kind: str, rows: int, target, draft, state: DecodeS
         ar_streak=jnp.zeros((), jnp.int32),
         probe_every=probe_every,
     )
+    return state, pend
 
 
-def _branch_fns(st: Static):
+def _branch_fns(st: Static, window: int, capacity: int):
+    """One function per branch: (target, draft, kv, state without k/v) -> (state, Pending padded
+    to W rows), so `lax.switch` sees one signature and the cache arrays only as operands."""
+
+    def wrap(fn):
+        def branch(target, draft, kv, state):
+            state, pend = fn(target, draft, kv, window, state)
+            return state, pend.padded(st.width, capacity)
+
+        return branch
+
     fns = []
     for kind, rows in st.branches:
         if kind == "ar":
-            fns.append(functools.partial(_ar_branch, st))
+            fns.append(wrap(functools.partial(_ar_branch, st)))
         else:
-            fns.append(functools.partial(_spec_branch, st, kind, rows))
+            fns.append(wrap(functools.partial(_spec_branch, st, kind, rows)))
     return fns
+
+
+def _run_branch(st: Static, window: int, target, draft, state: DecodeState, idx):
+    """Branch `idx` (an int: that branch alone; traced: `lax.switch`), then the cache written
+    once with the rows it returns. The branches only read the cache (their outputs hold no
+    cache-sized buffer), so the write is in place on the donated cache."""
+    cache = state.cache
+    kv = (cache.k, cache.v)
+    light = state._replace(cache=cache._replace(k=None, v=None))
+    fns = _branch_fns(st, window, cache.capacity)
+    if isinstance(idx, int):
+        new, pend = fns[idx](target, draft, kv, light)
+    elif len(fns) == 1:
+        new, pend = fns[0](target, draft, kv, light)
+    else:
+        new, pend = jax.lax.switch(idx, fns, target, draft, kv, light)
+    return new._replace(cache=tf.write_pending(cache, pend, new.cache.lengths))
 
 
 # ----------------------------------------------------------------------------- policy
@@ -553,26 +585,71 @@ def _alpha_prior(alpha_init, w: int) -> jnp.ndarray:
     return jnp.asarray(np.clip(a, 0.0, 1.0))
 
 
-@functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("state",))
-def step(st: Static, target, draft, state: DecodeState, costs, force):
+def kv_window(lengths, rows: int, capacity: int) -> int:
+    """The cache window (static) for decoding from committed `lengths` [B] (host values) for up to
+    `rows` more cache slots: 128 * 2**k slots, at most the capacity. A step's attention reads
+    only the window, so its cost follows the filled length, not the capacity; a few sizes cover a
+    whole decode (one compilation each)."""
+    need = int(np.max(lengths)) + rows
+    w = 128
+    while w < need:
+        w *= 2
+    return min(w, capacity)
+
+
+def _has_room(st: Static, state: DecodeState, window: int):
+    """Whether one more step fits the window: every active sequence can add W cache rows."""
+    longest = jnp.max(jnp.where(state.done, 0, state.cache.lengths))
+    return longest + st.width <= window
+
+
+@functools.partial(jax.jit, static_argnames=("st", "window"), donate_argnames=("state",))
+def step(st: Static, target, draft, state: DecodeState, costs, force, window: int):
     """One decoding step -> (state, branch index, tokens committed per sequence int32[B]).
 
     force >= 0 runs that branch (profiling, tests); otherwise the mode's policy chooses."""
     idx = jnp.where(force >= 0, force, choose_branch(st, state, costs)).astype(jnp.int32)
-    n_before = state.n_out
-    fns = _branch_fns(st)
-    if len(fns) == 1:
-        new = fns[0](target, draft, state)
-    else:
-        new = jax.lax.switch(idx, fns, target, draft, state)
-    return new, idx, new.n_out - n_before
+    new = _run_branch(st, window, target, draft, state, idx)
+    return new, idx, new.n_out - state.n_out
+
+
+@functools.partial(jax.jit, static_argnames=("st", "window", "steps"), donate_argnames=("state",))
+def run(st: Static, target, draft, state: DecodeState, costs, window: int, steps: int):
+    """Up to `steps` decoding steps in one `lax.while_loop` on device: each chooses its branch
+    (the policy, probing and the running acceptance are state), runs it under `lax.switch` and
+    writes the cache once. Ends early when every sequence is done or the next step might not fit
+    the cache window (`_has_room`; the host then calls again with a larger one).
+
+    Returns (state, branch of each step int32[steps] (-1: not run), tokens each step committed
+    per sequence int32[steps, B])."""
+    b = state.done.shape[0]
+
+    def cond(carry):
+        state, i, _, _ = carry
+        return (i < steps) & ~jnp.all(state.done) & _has_room(st, state, window)
+
+    def body(carry):
+        state, i, branches, counts = carry
+        idx = choose_branch(st, state, costs)
+        new = _run_branch(st, window, target, draft, state, idx)
+        branches = branches.at[i].set(idx)
+        counts = counts.at[i].set(new.n_out - state.n_out)
+        return new, i + 1, branches, counts
+
+    init = (
+        state,
+        jnp.zeros((), jnp.int32),
+        jnp.full((steps,), -1, jnp.int32),
+        jnp.zeros((steps, b), jnp.int32),
+    )
+    state, _, branches, counts = jax.lax.while_loop(cond, body, init)
+    return state, branches, counts
 
 
 @functools.cache
 def ar_static(st: Static) -> Static:
     """The Static of a plain AR step, whatever the mode: flex's AR steps and AR mode's then run one
-    and the same executable (two compilations of the same step can differ in speed by several %
-    on CPU, which a benchmark would report as a difference between the modes)."""
+    and the same executable under host dispatch."""
     ecfg = EngineConfig(
         mode="ar",
         sampling=st.ecfg.sampling,
@@ -601,11 +678,10 @@ def first_branch(st: Static, state: DecodeState, costs):
     return _status(st, state, costs)
 
 
-@functools.partial(jax.jit, static_argnames=("st", "branch"), donate_argnames=("state",))
-def branch_step(st: Static, branch: int, target, draft, state: DecodeState, costs):
+@functools.partial(jax.jit, static_argnames=("st", "branch", "window"), donate_argnames=("state",))
+def branch_step(st: Static, branch: int, target, draft, state: DecodeState, costs, window: int):
     """Host dispatch: run branch `branch` (no lax.switch) and choose the next one on device.
 
     Returns (state, status for `read_status`, tokens committed per sequence int32[B])."""
-    n_before = state.n_out
-    new = _branch_fns(st)[branch](target, draft, state)
-    return new, _status(st, new, costs), new.n_out - n_before
+    new = _run_branch(st, window, target, draft, state, branch)
+    return new, _status(st, new, costs), new.n_out - state.n_out

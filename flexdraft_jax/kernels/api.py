@@ -1,4 +1,5 @@
-"""The attention entry point every model layer calls: `attention(q, k, v, meta, impl=...)`.
+"""The attention entry points every model layer calls: `attention(q, k, v, meta, impl=...)`, and
+`cached_attention` for a decode step whose new clean rows are not yet in the cache.
 
 `impl` is "xla" (the jnp reference, fused by XLA), "pallas" (the Pallas kernel for the current
 backend; interpret mode on CPU) or "auto" (Pallas on TPU/GPU, XLA on CPU).
@@ -7,9 +8,10 @@ backend; interpret mode on CPU) or "auto" (Pallas on TPU/GPU, XLA on CPU).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from flexdraft_jax.kernels.mask import RowMeta
-from flexdraft_jax.kernels.reference import attention_reference
+from flexdraft_jax.kernels.reference import attention_reference, cached_attention_reference
 
 
 def resolve_impl(impl: str) -> str:
@@ -27,3 +29,20 @@ def attention(q, k, v, meta: RowMeta, *, impl: str = "xla", scale: float | None 
     from flexdraft_jax.kernels import pallas_attention  # noqa: PLC0415 (optional backend)
 
     return pallas_attention.attention(q, k, v, meta, scale=scale)
+
+
+def cached_attention(q, ck, cv, cached, nk, nv, new_slots, meta: RowMeta, *, impl: str = "xla"):
+    """Attention over a read-only cache window ck, cv [B, Sw, K, D] (valid below `cached` int32[B])
+    plus new keys nk, nv [B, Sn + Sm, K, D]: clean rows at `new_slots` int32[B, Sn], then mask rows
+    (`mask.cached_masks`). XLA: one softmax over both parts, the cache never copied. Pallas: the new
+    rows are placed at their slots of a copy of the window (a layer's window, not the cache) and
+    the kernel runs the usual [clean slots ; mask rows] layout."""
+    if resolve_impl(impl) == "xla":
+        return cached_attention_reference(q, ck, cv, cached, nk, nv, new_slots, meta)
+    n_new = new_slots.shape[1]
+    bidx = jnp.arange(ck.shape[0])[:, None]
+    keys = ck.at[bidx, new_slots].set(nk[:, :n_new].astype(ck.dtype), mode="drop")
+    values = cv.at[bidx, new_slots].set(nv[:, :n_new].astype(cv.dtype), mode="drop")
+    keys = jnp.concatenate([keys, nk[:, n_new:].astype(ck.dtype)], axis=1)
+    values = jnp.concatenate([values, nv[:, n_new:].astype(cv.dtype)], axis=1)
+    return attention(q, keys, values, meta, impl=impl)

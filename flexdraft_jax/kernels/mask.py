@@ -37,16 +37,24 @@ class RowMeta(NamedTuple):
         return self.k_group.shape[1]
 
 
+def visible(q_limit, q_group, k_slot, k_group, is_clean_key):
+    """The visibility rule over keys named by slot and group (broadcastable).
+
+    q_limit, q_group: [..., T, 1]; k_slot: [..., 1, S] the key's cache slot (clean keys);
+    k_group: [..., 1, S] the key's mask group (mask keys); is_clean_key: bool [..., 1, S].
+    """
+    clean_ok = is_clean_key & (k_slot < q_limit)
+    mask_ok = (~is_clean_key) & (q_group >= 0) & (k_group == q_group)
+    return clean_ok | mask_ok
+
+
 def allowed(q_limit, q_group, k_index, k_group, num_clean):
-    """Broadcastable form of the visibility rule.
+    """`visible` over keys laid out [Sc clean slots ; Sm mask rows].
 
     q_limit, q_group: [..., T, 1]; k_index: [S] (key slot index); k_group: [..., 1, S] (group of the
     key, ignored for clean keys); num_clean: number of clean key slots Sc.
     """
-    is_clean_key = k_index < num_clean
-    clean_ok = is_clean_key & (k_index < q_limit)
-    mask_ok = (~is_clean_key) & (q_group >= 0) & (k_group == q_group)
-    return clean_ok | mask_ok
+    return visible(q_limit, q_group, k_index, k_group, k_index < num_clean)
 
 
 def dense_mask(meta: RowMeta, num_clean: int) -> jnp.ndarray:
@@ -60,6 +68,27 @@ def dense_mask(meta: RowMeta, num_clean: int) -> jnp.ndarray:
     return allowed(
         meta.q_limit[:, :, None], meta.q_group[:, :, None], k_index, k_group[:, None, :], num_clean
     )
+
+
+def cached_masks(meta: RowMeta, cached, window: int, new_slots):
+    """The rule for a decode step whose clean rows are not yet written to the cache.
+
+    Keys are [cache slots 0..window-1 ; Sn new clean rows at `new_slots` int32[B, Sn] ; Sm mask
+    rows]. Cache slots at or past `cached` int32[B] (the length before this step) hold stale rows
+    that the new rows will overwrite, so they are invisible; the new rows follow the clean rule
+    by their slots. Returns (bool[B, T, window], bool[B, T, Sn + Sm]).
+    """
+    b = meta.q_limit.shape[0]
+    q_limit, q_group = meta.q_limit[:, :, None], meta.q_group[:, :, None]
+    limit = jnp.minimum(q_limit, jnp.asarray(cached, jnp.int32)[:, None, None])
+    slots = jnp.arange(window, dtype=jnp.int32)[None, None, :]
+    in_cache = visible(limit, q_group, slots, slots, True)
+    n_new, n_mask = new_slots.shape[1], meta.num_mask_keys
+    k_slot = jnp.concatenate([new_slots, jnp.zeros((b, n_mask), new_slots.dtype)], axis=1)
+    k_group = jnp.concatenate([jnp.zeros((b, n_new), meta.k_group.dtype), meta.k_group], axis=1)
+    is_clean = jnp.arange(n_new + n_mask) < n_new
+    new = visible(q_limit, q_group, k_slot[:, None, :], k_group[:, None, :], is_clean)
+    return in_cache, new
 
 
 def block_visibility(meta: RowMeta, num_clean: int, block_q: int, block_k: int) -> np.ndarray:

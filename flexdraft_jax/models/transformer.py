@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexdraft_jax.kernels.api import attention
+from flexdraft_jax.kernels.api import attention, cached_attention
 from flexdraft_jax.kernels.mask import RowMeta
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
@@ -49,6 +49,36 @@ class KVCache(NamedTuple):
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+
+class Pending(NamedTuple):
+    """Clean rows a decode step has computed but not written to the cache (`write_pending`).
+
+    k, v: [L, B, R, K, D]; slots: int32[B, R], each row's cache slot (its position); a slot at or
+    past the capacity is not written. Branches of a compiled step return these instead of
+    updating the cache, so the cache is written once, in place, after the branch.
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    slots: jnp.ndarray
+
+    def padded(self, rows: int, capacity: int) -> Pending:
+        """The same rows padded to `rows` (padding rows are not written)."""
+        extra = rows - self.slots.shape[1]
+        if extra == 0:
+            return self
+        pad = [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]
+        slots = jnp.pad(self.slots, [(0, 0), (0, extra)], constant_values=capacity)
+        return Pending(jnp.pad(self.k, pad), jnp.pad(self.v, pad), slots)
+
+
+def write_pending(cache: KVCache, pending: Pending, lengths) -> KVCache:
+    """The cache with `pending`'s rows written (in place when the cache is donated)."""
+    bidx = jnp.arange(cache.k.shape[1])[:, None]
+    k = cache.k.at[:, bidx, pending.slots].set(pending.k.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, bidx, pending.slots].set(pending.v.astype(cache.v.dtype), mode="drop")
+    return KVCache(k, v, lengths)
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
@@ -270,6 +300,111 @@ def _run_layers(
     ck, cv = (cache.k, cache.v) if has_cache else (jnp.zeros(()), jnp.zeros(()))
     x, ck, cv = jax.lax.fori_loop(lo, hi, body, (x, ck, cv))
     return x, (cache._replace(k=ck, v=cv) if has_cache else None)
+
+
+def _layer_deferred(cfg, lp, dp, x, n_clean, positions, meta, cache_kv, cached, extra, impl):
+    """`_layer` against a read-only cache window. cache_kv: (k, v) [B, Sw, K, D]; cached int32[B]
+    the valid cache length; extra: (k, v [B, Se, K, D], slots [B, Se]) clean rows of an earlier
+    pass of the same step, or None. Returns the new x and this call's clean (k, v)."""
+    t = x.shape[1]
+    norm = lambda p, y: RMSNorm(cfg.rms_norm_eps).apply({"params": p}, y)
+    proj = lambda p, *a, method: AttnProj(cfg).apply({"params": p}, *a, method=method)
+    h = norm(lp["input_norm"], x)
+    q, k, v = proj(lp["attn"], h[:, :n_clean], positions[:, :n_clean], method="qkv")
+    nk, nv, slots = [k], [v], [positions[:, :n_clean]]
+    if extra is not None:
+        nk, nv, slots = [extra[0]] + nk, [extra[1]] + nv, [extra[2]] + slots
+    if t > n_clean:
+        qm, km, vm = proj(dp, h[:, n_clean:], positions[:, n_clean:], method="qkv")
+        q = jnp.concatenate([q, qm], axis=1)
+        nk, nv = nk + [km], nv + [vm]
+    cat = lambda xs: jnp.concatenate([y.astype(xs[0].dtype) for y in xs], axis=1)
+    ck, cv = cache_kv
+    a = cached_attention(
+        q, ck, cv, cached, cat(nk), cat(nv), cat(slots), meta, impl=impl
+    )  # fmt: skip
+    o = proj(lp["attn"], a[:, :n_clean], method="out")
+    if t > n_clean:
+        o = jnp.concatenate([o, proj(dp, a[:, n_clean:], method="out")], axis=1)
+    x = x + o
+    x = x + MLP(cfg).apply({"params": lp["mlp"]}, norm(lp["post_norm"], x))
+    return x, (k, v)
+
+
+def _run_layers_deferred(
+    cfg, target, draft, lo, hi, x, n_clean, positions, meta, cache, window, pending, out
+):
+    """Layers lo..hi-1 against the read-only `cache` (slots [0, window) read); each layer's clean
+    k, v go into `out` ([L, B, Tc, K, D] pair) at its index."""
+    b = x.shape[0]
+
+    def body(i, carry):
+        x, ok, ov = carry
+        lp = _index(target["layers"], i)
+        dp = _index(draft["layers"], i - lo) if draft is not None else None
+        shape = (1, b, window) + cache.k.shape[3:]
+        ck = jax.lax.dynamic_slice(cache.k, (i, 0, 0, 0, 0), shape)[0]
+        cv = jax.lax.dynamic_slice(cache.v, (i, 0, 0, 0, 0), shape)[0]
+        extra = None
+        if pending is not None:
+            extra = (_index(pending.k, i), _index(pending.v, i), pending.slots)
+        x, (k, v) = _layer_deferred(
+            cfg, lp, dp, x, n_clean, positions, meta, (ck, cv), cache.lengths, extra,
+            cfg.attention_impl,
+        )  # fmt: skip
+        if n_clean:
+            ok = jax.lax.dynamic_update_index_in_dim(ok, k.astype(ok.dtype), i, 0)
+            ov = jax.lax.dynamic_update_index_in_dim(ov, v.astype(ov.dtype), i, 0)
+        return x, ok, ov
+
+    return jax.lax.fori_loop(lo, hi, body, (x, *out))
+
+
+def step_forward(
+    cfg: ModelConfig,
+    target: dict,
+    tokens,
+    positions,
+    meta: RowMeta,
+    cache: KVCache,
+    *,
+    window: int,
+    pending: Pending | None = None,
+    draft: dict | None = None,
+    dcfg: DraftConfig | None = None,
+    mask_positions=None,
+):
+    """`forward` for a decode step: the cache is read, never written.
+
+    cache: its `lengths` are the committed lengths before this step (slots below them are read,
+      through the first `window` slots only: every visible slot must lie below it).
+    tokens, positions: int32[B, Tc], the clean rows at slots = positions; `meta` as for `forward`.
+    pending: clean rows of an earlier pass of this step (all L layers), seen as keys at their
+      slots (the sequential step's draft pass sees its verify pass's rows this way).
+    Returns (clean logits [B, Tc, V], mask hidden [B, Tm, H], Pending of this call's clean rows).
+    """
+    b, n_clean = tokens.shape
+    n_mask = 0 if mask_positions is None else mask_positions.shape[1]
+    if n_mask and (draft is None or dcfg is None):
+        raise ValueError("mask rows need draft parameters and a DraftConfig")
+    if window > cache.capacity:
+        raise ValueError(f"window {window} exceeds the cache capacity {cache.capacity}")
+    split = dcfg.split(cfg) if n_mask else cfg.num_layers
+    kv_shape = (cfg.num_layers, b, n_clean) + cache.k.shape[3:]
+    out = (jnp.zeros(kv_shape, cache.k.dtype), jnp.zeros(kv_shape, cache.v.dtype))
+    clean_meta = RowMeta(meta.q_limit[:, :n_clean], meta.q_group[:, :n_clean], meta.k_group[:, :0])
+    run = lambda *a: _run_layers_deferred(cfg, target, *a, cache, window, pending, out)
+    x = embed(target, tokens)
+    if n_clean and split > 0:
+        x, *out = run(None, 0, split, x, n_clean, positions, clean_meta)
+    if n_mask:
+        mask_rows = jnp.broadcast_to(draft["mask_embedding"], (b, n_mask, cfg.hidden_size))
+        x = jnp.concatenate([x, mask_rows.astype(x.dtype)], axis=1)
+        pos = jnp.concatenate([positions, mask_positions], axis=1)
+        x, *out = run(draft, split, cfg.num_layers, x, n_clean, pos, meta)
+    h = final_norm(cfg, target, x)
+    logits = lm_head(cfg, target, h[:, :n_clean])
+    return logits, h[:, n_clean:], Pending(out[0], out[1], positions)
 
 
 def embed(target, tokens):
