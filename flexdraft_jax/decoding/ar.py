@@ -119,7 +119,7 @@ def generate(
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     b = len(prompts)
     key = jax.random.PRNGKey(seed)
-    cache = tf.init_cache(cfg, b, capacity)
+    cache = tf.init_cache(cfg, b, capacity, params["embed"]["embedding"].dtype)
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
     tok, cache = _prefill(

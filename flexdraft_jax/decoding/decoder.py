@@ -184,7 +184,9 @@ class Decoder:
             self.draft,
             jnp.asarray(pad_prompts(prompts, width)),
             jnp.asarray(lengths),
-            tf.init_cache(self.cfg, len(prompts), self.cache_len),
+            tf.init_cache(
+                self.cfg, len(prompts), self.cache_len, self.target["embed"]["embedding"].dtype
+            ),
             jax.random.PRNGKey(seed),
             jnp.int32(max_new_tokens),
         )
