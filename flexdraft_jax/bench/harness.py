@@ -15,8 +15,10 @@ mean decode step over AR's, measured in the run, to hold against the profiled `s
 
 Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
 bonus-guided calibration), `t=THETA` (confidence threshold; `t=0` verifies the whole block) and
-`dv=N` (draft vocabulary size; `dv=0` drafts over the whole vocabulary), e.g. `flex:nocalib` or
-`sequential:t=0`: the ablations are just more modes.
+`dv=N` (draft vocabulary size; `dv=0` drafts over the whole vocabulary), and how the host drives
+the steps (`decoder.RunConfig`): `spc=N` (steps per device call), `host` (host dispatch, one
+executable per branch), `la=N` (its lookahead); e.g. `flex:nocalib`, `sequential:t=0` or
+`flex:host`: the ablations are just more modes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from flexdraft_jax.bench.hf_peer import hf_row
 from flexdraft_jax.bench.rows import Acc, speedups
 from flexdraft_jax.decoding import engine
-from flexdraft_jax.decoding.decoder import Decoder
+from flexdraft_jax.decoding.decoder import Decoder, RunConfig
 from flexdraft_jax.decoding.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class ModeSpec:
     threshold: float
     use_calibration: bool
     draft_vocab_size: int = engine.EngineConfig.draft_vocab_size
-    lookahead: int | None = engine.EngineConfig.lookahead
+    run: RunConfig = RunConfig()
 
     def engine_config(self, temperature: float) -> engine.EngineConfig:
         return engine.EngineConfig(
@@ -60,7 +62,6 @@ class ModeSpec:
             use_calibration=self.use_calibration,
             sampling=SamplingParams(temperature),
             draft_vocab_size=self.draft_vocab_size,
-            lookahead=self.lookahead,
         )
 
 
@@ -80,7 +81,7 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
     run's flags)."""
     mode, *opts = spec.strip().split(":")
     vocab = engine.EngineConfig.draft_vocab_size
-    lookahead = engine.EngineConfig.lookahead
+    run = RunConfig()
     if mode not in engine.MODES:
         raise ValueError(
             f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(engine.MODES)}"
@@ -96,12 +97,18 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
         elif opt.startswith("dv="):
             vocab = _count_option(opt, "draft vocabulary size", spec)
         elif opt.startswith("la="):
-            lookahead = _count_option(opt, "lookahead", spec)
+            run = dataclasses.replace(run, lookahead=_count_option(opt, "lookahead", spec))
+        elif opt.startswith("spc="):
+            n = max(_count_option(opt, "steps per call", spec), 1)
+            run = dataclasses.replace(run, steps_per_call=n)
+        elif opt == "host":
+            run = dataclasses.replace(run, dispatch="host")
         else:
             raise ValueError(
-                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N or la=N"
+                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N, spc=N, "
+                "host or la=N"
             )
-    return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, lookahead)
+    return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, run)
 
 
 def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None) -> list[list]:
@@ -261,6 +268,7 @@ def run_benchmark(
                 cache_len=cache_len,
                 eos_ids=eos_ids,
                 profile_dir=profile_dir,
+                run=s.run,
             )
             for s in specs
         }

@@ -1,7 +1,7 @@
 """The generation API: `Decoder(cfg, target, draft, dcfg, ecfg).generate(prompts, max_new_tokens)`.
 
-Owns the host loop around the jitted `engine.prefill` / `engine.step` (one sync per step to check
-the stop flags; `EngineConfig.lookahead` can queue the next step before that sync) and the
+Owns the host loop around the jitted `engine.prefill` / `engine.run` (one sync per call of up to
+`RunConfig.steps_per_call` steps on device, or one per step under host dispatch) and the
 cost profile the flex policy reads: the measured seconds of each branch at a batch size (forward
 time against rows processed in the shallow and deep layers), measured once at start-up by forcing
 each branch on a warm state, cached on disk, or given by the caller.
@@ -99,6 +99,33 @@ class Prefilled:
         return dataclasses.replace(self, state=state, max_new_tokens=n)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How the host drives the compiled steps (changing these never recompiles a step).
+
+    steps_per_call: steps per `engine.run` call, a `lax.while_loop` on device; the host syncs once
+      per call (the same tokens for every value).
+    dispatch: "device" (`engine.run`) or "host": the host launches each step's branch as its own
+      executable (`engine.branch_step`) and reads the next branch after every step (an ablation).
+    lookahead: host dispatch only: steps launched before the host reads a step's result (1: the
+      next step is queued while the current one runs, with the branch chosen one step earlier;
+      stopping is read one step late too). None: 1 on accelerators, 0 on CPU (where the host
+      thread shares the cores with the computation).
+    """
+
+    steps_per_call: int = 16
+    dispatch: str = "device"
+    lookahead: int | None = None
+
+    def __post_init__(self):
+        if self.steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+        if self.dispatch not in ("device", "host"):
+            raise ValueError(f"dispatch must be 'device' or 'host', got {self.dispatch!r}")
+        if self.lookahead is not None and self.lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+
+
 def branch_name(branch) -> str:
     return f"{branch[0]}{branch[1]}"
 
@@ -118,10 +145,8 @@ class Decoder:
         eos_ids=None,
         profiles: dict[int, CostProfile] | None = None,
         profile_dir: str | None = DEFAULT_PROFILE_DIR,
-        steps_per_call: int = 16,
+        run: RunConfig = RunConfig(),
     ):
-        if steps_per_call < 1:
-            raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
         if dcfg.block_size + 2 > cache_len:
             raise ValueError(
                 f"block_size {dcfg.block_size} leaves no room in a KV cache of {cache_len} slots"
@@ -149,14 +174,14 @@ class Decoder:
             ecfg = dataclasses.replace(ecfg, alpha_init=prior)
         self.cfg, self.target, self.draft, self.dcfg, self.ecfg = cfg, target, draft, dcfg, ecfg
         self.cache_len = cache_len
-        self.steps_per_call = steps_per_call
+        self.run_config = run
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.profiles = dict(profiles or {})
         self.profile_dir = profile_dir
         self._warm: set[int] = set()  # batch sizes whose branch executables are all compiled
         self._prefills = {}  # (Static, batch, prompt width, drafts) -> compiled prefill
         self._ar_costs = jnp.zeros((2,), jnp.float32)  # AR's (unread) costs: ar1 + draft pass
-        self.lookahead = ecfg.lookahead
+        self.lookahead = run.lookahead
         if self.lookahead is None:
             self.lookahead = 0 if jax.default_backend() == "cpu" else 1
 
@@ -211,7 +236,7 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         st = self.static(len(prompts))
         drafts = self._prefill_drafts(st, len(prompts))
-        if self.ecfg.dispatch == "host" and len(prompts) not in self._warm:
+        if self.run_config.dispatch == "host" and len(prompts) not in self._warm:
             # Compile every branch now, so a decode's compilations do not depend on which
             # branches its acceptance pattern happens to reach.
             self.measure(len(prompts), repeats=0)
@@ -239,14 +264,13 @@ class Decoder:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, state))
         marks = [time.perf_counter()]  # then one per host sync
         idxs, counts, per_sync = [], [], []  # per step; steps between syncs
-        if self.ecfg.dispatch == "device":
+        if self.run_config.dispatch == "device":
             lengths, done = jax.device_get((state.cache.lengths, state.done))
+            spc = self.run_config.steps_per_call
+            rows = spc * self.dcfg.block_size  # a call adds at most this many cache rows
             while not done.all():
-                rows = self.steps_per_call * self.dcfg.block_size
                 window = engine.kv_window(lengths[~done], rows, self.cache_len)
-                state, br, cnt = engine.run(
-                    st, self.target, self.draft, state, costs, window, self.steps_per_call
-                )
+                state, br, cnt = engine.run(st, self.target, self.draft, state, costs, window, spc)
                 br, cnt, lengths, done = jax.device_get(
                     (br, cnt, state.cache.lengths, state.done)
                 )  # the one sync per call
@@ -405,7 +429,7 @@ class Decoder:
         window = engine.kv_window(np.array([ctx]), self.dcfg.block_size, self.cache_len)
         runs = []
         for i in range(len(st.branches)):
-            if self.ecfg.dispatch == "device":
+            if self.run_config.dispatch == "device":
                 run = lambda s, i=i: engine.step(
                     st, self.target, self.draft, s, costs, jnp.int32(i), window
                 )[0]

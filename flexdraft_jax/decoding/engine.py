@@ -56,6 +56,8 @@ def draft_vocab_in_use(requested: int | None, recorded: int | None, vocab_len: i
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """What the compiled prefill and steps specialise on (host-side settings: decoder.RunConfig)."""
+
     mode: str = "flex"
     threshold: float = 0.01  # confidence threshold for the verify length (0 = whole block)
     sampling: sampling.SamplingParams = sampling.SamplingParams()
@@ -95,18 +97,6 @@ class EngineConfig:
     # break-even choice can only lose (batch 4 in one demo: seq4 predicted ~1.0x, ran at 0.95x).
     spec_margin: float = 0.05
     paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
-    # How steps run. "device": `engine.run`, a `lax.while_loop` of up to `Decoder.steps_per_call`
-    # steps, each a `lax.switch` among the branches chosen on device; the host syncs once per
-    # call. "host": the branch index is still chosen on device (returned with the previous
-    # step's state) and the host launches that branch's own executable every step (an ablation).
-    # Both give identical tokens (tested).
-    dispatch: str = "device"
-    # Host dispatch: steps launched before the host reads a step's result. With 1, the next step
-    # is queued while the current one runs, using the branch chosen one step earlier; stopping is
-    # read one step late too. Lossless either way: every branch is valid in every state. 0: read
-    # every step before the next. None: 1 on accelerators, 0 on CPU (the host thread shares the
-    # cores with the computation).
-    lookahead: int | None = None
     # Drafts are picked among the first this-many ids of the draft's vocabulary (token ids by
     # training frequency, stored with a release): the draft pass's lm_head and calibration output
     # layer shrink by V / N. Verification uses the whole vocabulary, so it stays lossless. None:
@@ -119,10 +109,6 @@ class EngineConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.threshold < 0 or self.threshold > 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.dispatch not in ("device", "host"):
-            raise ValueError(f"dispatch must be 'device' or 'host', got {self.dispatch!r}")
-        if self.lookahead is not None and self.lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
         if isinstance(self.alpha_init, str) and self.alpha_init != "draft":
