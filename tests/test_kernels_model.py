@@ -99,7 +99,6 @@ def test_pallas_greedy_flexdraft_tokens_match_xla():
                 EngineConfig(mode=mode, threshold=0.0),
                 cache_len=64,
                 eos_ids=(),
-                profile_dir=None,
             )
             runs[impl, mode] = dec.generate(prompts, 8)
     for mode in ("parallel", "sequential"):
