@@ -20,6 +20,7 @@ import pytest
 from flexdraft_jax import pipeline
 from flexdraft_jax.bench import harness, hf_peer, report
 from flexdraft_jax.bench import rows as bench_rows
+from flexdraft_jax.decoding.decoder import RunConfig
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
@@ -200,7 +201,7 @@ def test_a_kept_batch_prefilled_under_a_stale_profile_is_prefilled_again():
     cheap = {**dear, "seq2": 1.0, "seq4": 1.0}
     ecfg = engine.EngineConfig(mode="flex", buckets=(2, 4), alpha_init=0.5, gain="acceptance")
     dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=64, eos_ids=(),
-                  profiles={b: CostProfile(b, dear, 0.1)}, profile_dir=None)  # fmt: skip
+                  profiles={b: CostProfile(b, dear, 0.1)})  # fmt: skip
     stale = dec.start(batch, 6)
     assert not stale.drafts
     pres = {(0, "flex"): stale}
@@ -281,8 +282,10 @@ def test_parse_mode():
     with pytest.raises(ValueError, match="draft vocabulary size"):
         harness.parse_mode("flex:dv=-3")
     s = harness.parse_mode("ar:la=0")
-    assert (s.mode, s.lookahead, s.engine_config(0.0).lookahead) == ("ar", 0, 0)
-    assert harness.parse_mode("flex").engine_config(0.0).lookahead is None  # by backend
+    assert (s.mode, s.run.lookahead) == ("ar", 0)
+    assert harness.parse_mode("flex").run == RunConfig()  # the device loop
+    s = harness.parse_mode("flex:host:spc=4")
+    assert (s.run.dispatch, s.run.steps_per_call) == ("host", 4)
     with pytest.raises(ValueError, match="lookahead"):
         harness.parse_mode("flex:la=x")
 
@@ -433,7 +436,7 @@ def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):
     dcfg, draft = release.load_release(path, cfg)
     prompts = [[3, 5, 7, 9], [11, 2]]
     want = ar.generate(cfg, params, prompts, 12).tokens
-    dec = Decoder(cfg, params, draft, dcfg, EngineConfig(mode="sequential"), profile_dir=None)
+    dec = Decoder(cfg, params, draft, dcfg, EngineConfig(mode="sequential"))
     assert dec.generate(prompts, 12).tokens == want
 
     def no_training(*a, **k):

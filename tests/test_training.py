@@ -515,7 +515,7 @@ def test_decoded_tau_walks_the_runs_as_greedy_decoding_does(tmp_path):
     held.update(clean_k=k, clean_v=v)
     res = evaluate.teacher_forced_tau(cfg, dcfg, target, draft, held, use_calibration=True)
     ecfg = EngineConfig(mode="sequential", threshold=0.0)
-    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=64, eos_ids=(), profile_dir=None)
+    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=64, eos_ids=())
     gens = [dec.generate([p], new) for p in prompts]
     assert [g.tokens[0] for g in gens] == [list(r) for r in responses]  # lossless, so same data
     assert res["decoded_steps"] == sum(g.stats["steps"] for g in gens)

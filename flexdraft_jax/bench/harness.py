@@ -267,7 +267,6 @@ def run_benchmark(
                 s.engine_config(temperature),
                 cache_len=cache_len,
                 eos_ids=eos_ids,
-                profile_dir=profile_dir,
                 run=s.run,
             )
             for s in specs
@@ -280,11 +279,12 @@ def run_benchmark(
             if prof_dec is None:
                 ecfg = dataclasses.replace(specs[0].engine_config(temperature), mode="flex")
                 prof_dec = Decoder(
-                    cfg, target, draft, dcfg, ecfg, cache_len=cache_len, eos_ids=eos_ids,
-                    profile_dir=profile_dir,
+                    cfg, target, draft, dcfg, ecfg, cache_len=cache_len, eos_ids=eos_ids
                 )  # fmt: skip
             log.info("batch %d: profiling the step cost of each branch", bs)
-            prof = prof_dec.profile(bs, repeats=profile_repeats, max_seconds=profile_seconds)
+            prof = prof_dec.measure(bs, repeats=profile_repeats, max_seconds=profile_seconds)
+            for d in decoders.values():
+                d.use(prof)
         # Warm-up: compile each prompt-width bucket's prefill and the steps (a short decode per
         # bucket; max_new_tokens is traced, so the timed decodes reuse these compilations). The
         # prefill is compiled before it runs and timed without it, so the warm-up's prefilled
@@ -308,10 +308,11 @@ def run_benchmark(
             # Profiled again after the warm-up, each branch at its faster time: on a shared
             # machine a burst of load lasting seconds can cover a whole profile (seen: every
             # branch 1.4-2.5x slow at batch 1), rarely two measured a minute apart.
-            prof = prof_dec.refine_profile(bs, repeats=profile_repeats, max_seconds=profile_seconds)
+            again = prof_dec.measure(bs, repeats=profile_repeats, max_seconds=profile_seconds)
+            prof = prof.merged(again)
+            prof.save(os.path.join(profile_dir, f"batch{bs}.json"))
             for d in decoders.values():
-                if d is not prof_dec:
-                    d.profiles.pop(bs, None)  # read the refined profile from the cache
+                d.use(prof)
         rel = prof.relative() if prof else {"ar1": 1.0}
         if prof:
             results["step_costs"][str(bs)] = {

@@ -13,66 +13,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax.decoding import costs as costs_lib
 from flexdraft_jax.decoding import engine
 from flexdraft_jax.decoding.ar import Generation, bucket, pad_prompts, validate_prompts
+from flexdraft_jax.decoding.costs import CostProfile, branch_name, profile_plan
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
-
-DEFAULT_PROFILE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "flexdraft_jax", "profiles")
-
-
-@dataclasses.dataclass
-class CostProfile:
-    """Seconds per step of each branch at one batch size; `draft_pass` is the refill cost."""
-
-    batch_size: int
-    branches: dict[str, float]  # "ar1", "seq4", "par8", ...
-    draft_pass: float
-    rows: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
-
-    def costs(self, branches) -> np.ndarray:
-        missing = [branch_name(b) for b in branches if branch_name(b) not in self.branches]
-        if missing:
-            raise ValueError(f"cost profile has no entry for branches {missing}")
-        return np.array(
-            [self.branches[branch_name(b)] for b in branches] + [self.draft_pass], np.float32
-        )
-
-    def relative(self) -> dict[str, float]:
-        base = self.branches.get("ar1") or min(self.branches.values())
-        return {k: v / base for k, v in self.branches.items()}
-
-    def merged(self, other: CostProfile) -> CostProfile:
-        """Each branch at the faster of two measurements (load from elsewhere only adds time;
-        measured minutes apart, a burst of it rarely covers both)."""
-        times = {k: min(v, other.branches.get(k, v)) for k, v in self.branches.items()}
-        draft_pass = min(self.draft_pass, other.draft_pass)
-        return CostProfile(self.batch_size, times, draft_pass, dict(self.rows))
-
-
-def profile_plan(branches) -> list[tuple[int, str]]:
-    """One round of `Decoder.measure`: (branch index, "time" | "refill") in run order.
-
-    A speculative step that follows an AR step has no drafts and first runs a draft pass (the
-    refill). So the first speculative branch after AR runs twice: once timed as "refill" (draft
-    pass included), then as "time" with its drafts in hand, like every other speculative branch.
-    The refill's cost is the difference of the two."""
-    plan, after_ar = [], False
-    for i, (kind, _) in enumerate(branches):
-        if kind == "ar":
-            after_ar = True
-        elif after_ar:
-            plan.append((i, "refill"))
-            after_ar = False
-        plan.append((i, "time"))
-    return plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +78,6 @@ class RunConfig:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
 
 
-def branch_name(branch) -> str:
-    return f"{branch[0]}{branch[1]}"
-
-
 class Decoder:
     """Speculative (or plain AR) decoding of prompt batches with one engine configuration."""
 
@@ -144,7 +92,6 @@ class Decoder:
         cache_len: int = 1024,
         eos_ids=None,
         profiles: dict[int, CostProfile] | None = None,
-        profile_dir: str | None = DEFAULT_PROFILE_DIR,
         run: RunConfig = RunConfig(),
     ):
         if dcfg.block_size + 2 > cache_len:
@@ -177,7 +124,6 @@ class Decoder:
         self.run_config = run
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.profiles = dict(profiles or {})
-        self.profile_dir = profile_dir
         self._warm: set[int] = set()  # batch sizes whose branch executables are all compiled
         self._prefills = {}  # (Static, batch, prompt width, drafts) -> compiled prefill
         self._ar_costs = jnp.zeros((2,), jnp.float32)  # AR's (unread) costs: ar1 + draft pass
@@ -307,6 +253,8 @@ class Decoder:
             st, state, [int(i) for i in idxs], elapsed, pre.prefill_seconds, max_new_tokens
         )
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
+        if self.ecfg.mode == "flex":  # "measured" or "estimate"
+            gen.stats["cost_profile"] = self.cost_profile(len(pre.state.done)).source
         # Wall time of each step: a call's time shared evenly among the steps it ran.
         gen.stats["step_seconds"] = [
             dt / n for dt, n in zip(np.diff(marks), per_sync) for _ in range(n)
@@ -350,67 +298,73 @@ class Decoder:
 
     # ------------------------------------------------------------------ cost profile
 
+    def cost_profile(self, batch: int) -> CostProfile:
+        """The profile flex decodes by at this batch size: the one given (`profiles`, `use`), else
+        `costs.estimate` (never a measurement: `measure` is asked for explicitly)."""
+        prof = self.profiles.get(batch)
+        if prof is None:
+            backend = jax.default_backend()
+            itemsize = jnp.dtype(self.target["embed"]["embedding"].dtype).itemsize
+            vocab = self._draft_vocab()
+            branches = engine.branches_for(self.ecfg, self.dcfg.block_size, batch)
+            prof = costs_lib.estimate(
+                self.cfg, self.dcfg, batch, branches, backend=backend, itemsize=itemsize,
+                draft_vocab=vocab,
+            )  # fmt: skip
+        return prof
+
+    def use(self, prof: CostProfile) -> None:
+        """Decode batches of `prof.batch_size` by this profile."""
+        self.profiles[prof.batch_size] = prof
+
+    def setup_profile(self, batch: int, spec: str = "auto", **measure_kw) -> CostProfile:
+        """The launch scripts' `--profile`: "none": the estimate; "auto": the profile stored for
+        this machine, model and batch under `costs.DEFAULT_STORE`, measured and stored the first
+        time; a path: that JSON file (measured and written there when it does not exist yet).
+        The profile is then used for batches of `batch`."""
+        if spec == "none" or self.ecfg.mode != "flex":
+            return self.cost_profile(batch)
+        path = spec
+        if spec == "auto":
+            path = os.path.join(costs_lib.DEFAULT_STORE, f"{self.profile_key(batch)}.json")
+        if os.path.exists(path):
+            prof = CostProfile.load(path)
+            if prof.batch_size != batch:
+                raise ValueError(f"{path} is a profile for batch {prof.batch_size}, not {batch}")
+        else:
+            prof = self.measure(batch, **measure_kw)
+            prof.save(path)
+        self.use(prof)
+        return prof
+
     def _costs(self, st, batch: int) -> np.ndarray:
         if self.ecfg.mode != "flex":
             return np.zeros(len(st.branches) + 1, np.float32)
-        return self.profile(batch).costs(st.branches)
+        return self.cost_profile(batch).costs(st.branches)
 
-    def _profile_path(self, batch: int) -> str | None:
-        if not self.profile_dir:
-            return None
-        c = self.cfg
+    def _draft_vocab(self) -> int:
+        """Ids the draft pass picks among (0: the whole vocabulary)."""
+        return int(self.draft["head"]["ids"].size) if self.draft and "head" in self.draft else 0
+
+    def profile_key(self, batch: int) -> str:
+        """A digest of what a measured profile depends on (device, model, draft shape, buckets,
+        cache, batch, greedy or not, draft vocabulary): the file name in a profile store."""
         ident = json.dumps(
             [
                 jax.devices()[0].device_kind,
                 jax.device_count(),
-                repr(c),
+                repr(self.cfg),
                 self.dcfg.depth,
                 self.dcfg.block_size,
                 self.ecfg.row_buckets(self.dcfg.block_size),
                 self.cache_len,
                 batch,
                 self.ecfg.sampling.greedy,
-                int(self.draft["head"]["ids"].size) if self.draft and "head" in self.draft else 0,
+                self._draft_vocab(),
+                str(self.target["embed"]["embedding"].dtype),
             ]
         )
-        digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
-        return os.path.join(self.profile_dir, f"{digest}.json")
-
-    def profile(
-        self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
-    ) -> CostProfile:
-        """The cost profile at this batch size: given, cached on disk, or measured now."""
-        if batch in self.profiles:
-            return self.profiles[batch]
-        path = self._profile_path(batch)
-        if path and os.path.exists(path):
-            with open(path) as f:
-                raw = json.load(f)
-            prof = CostProfile(
-                raw["batch_size"],
-                raw["branches"],
-                raw["draft_pass"],
-                {k: tuple(v) for k, v in raw["rows"].items()},
-            )
-        else:
-            prof = self._keep(batch, self.measure(batch, repeats=repeats, max_seconds=max_seconds))
-        self.profiles[batch] = prof
-        return prof
-
-    def _keep(self, batch: int, prof: CostProfile) -> CostProfile:
-        """Hold `prof` as this batch size's profile, and cache it on disk."""
-        self.profiles[batch] = prof
-        path = self._profile_path(batch)
-        if path:
-            _write_json_atomic(path, dataclasses.asdict(prof))
-        return prof
-
-    def refine_profile(
-        self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
-    ) -> CostProfile:
-        """Measure again and keep each branch's faster time (`CostProfile.merged`); cached."""
-        new = self.measure(batch, repeats=repeats, max_seconds=max_seconds)
-        return self._keep(batch, self.profile(batch).merged(new))
+        return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
     def measure(
         self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
@@ -459,8 +413,8 @@ class Decoder:
         refill = fastest[after_ar[0], "refill"] - fastest[after_ar[0], "time"] if after_ar else 0.0
         self._warm.add(batch)
         w = self.dcfg.block_size
-        rows = {branch_name(b): engine.branch_rows(b, w) for b in st.branches}
-        return CostProfile(batch, times, max(refill, 0.0), rows)
+        rows = {branch_name(b): costs_lib.branch_rows(b, w) for b in st.branches}
+        return CostProfile(batch, times, max(refill, 0.0), rows, "measured")
 
 
 def _rewind(state: engine.DecodeState, ctx: int) -> engine.DecodeState:
@@ -470,11 +424,3 @@ def _rewind(state: engine.DecodeState, ctx: int) -> engine.DecodeState:
         n_out=jnp.ones_like(state.n_out),
         done=jnp.zeros_like(state.done),
     )
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)

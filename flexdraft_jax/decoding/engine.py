@@ -195,16 +195,6 @@ def branches_for(ecfg: EngineConfig, block_size: int, batch: int) -> tuple[tuple
     return (("ar", 1),) + tuple(("seq", r) for r in rows) + tuple(("par", r) for r in rows)
 
 
-def branch_rows(branch: tuple[str, int], block_size: int) -> tuple[int, int]:
-    """(rows through the shallow layers, rows through the deep layers) of one branch."""
-    kind, r = branch
-    if kind == "ar":
-        return 1, 1
-    if kind == "seq":
-        return r, r + block_size
-    return r, r + r * block_size
-
-
 # ----------------------------------------------------------------------------- drafting
 
 
