@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexdraft_jax.decoding import ar, engine, verify
+from flexdraft_jax.decoding import ar, engine, policy, verify
 from flexdraft_jax.decoding import decoder as decoder_mod
 from flexdraft_jax.decoding.decoder import CostProfile, Decoder, RunConfig
 from flexdraft_jax.decoding.sampling import SamplingParams
@@ -574,9 +574,9 @@ def test_flex_verifies_confident_drafts_further(tiny_llama):
     doubtful = jnp.asarray([1.0, 1.4, 1.45, 1.46])
 
     def pick(gain, alpha, has_drafts=True, st=st):
-        return names[int(engine._policy(
-            st, jnp.int32(3), jnp.array(has_drafts), jnp.asarray(alpha), gain, jnp.int32(0),
-            jnp.int32(16), costs,
+        return names[int(policy.choose(
+            st.branches, st.ecfg, jnp.int32(3), jnp.array(has_drafts), jnp.asarray(alpha), gain,
+            jnp.int32(0), jnp.int32(16), costs,
         ))]  # fmt: skip
 
     good = [0.8, 0.7, 0.6]  # seq4 at 2.78 tokens / 1.5 beats AR
@@ -926,3 +926,33 @@ def test_cost_estimate_ranks_branches_by_rows_and_device(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a cost profile"):
         costs.CostProfile.load(str(tmp_path / "bad.json"))
+
+
+SMOLLM2_CASES = [("sequential", 4, 1), ("flex", 4, 16), ("parallel", 1, 16)] + [
+    pytest.param(m, b, spc, marks=pytest.mark.slow)
+    for m in engine.MODES
+    for b in (1, 4)
+    for spc in (1, 16)
+    if (m, b, spc) not in {("sequential", 4, 1), ("flex", 4, 16), ("parallel", 1, 16)}
+]
+
+
+@pytest.mark.parametrize("mode,batch,spc", SMOLLM2_CASES)
+def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
+    """SmolLM2 with the shipped draft, through the device loop: greedy tokens equal AR's, and the
+    drafts are accepted (tau well above 1), so the accept paths run on the real model."""
+    from flexdraft_jax import pipeline
+
+    cfg, target, tok = smollm2
+    prompts = pipeline.encode(tok, pipeline.humaneval_prompts(4)[:batch], chat=True)
+    ref = ar.generate(cfg, target, prompts, 24, eos_ids=())
+    dcfg, draft = pipeline.load_draft(pipeline.shipped_draft(None), cfg, target)
+    # Speculation priced cheap, so flex and paper take speculative branches.
+    costs = {f"{k}{r}": 1.0 + 0.05 * r for k in ("ar", "seq", "par") for r in (1, 2, 4, 8)}
+    dec = Decoder(
+        cfg, target, draft, dcfg, engine.EngineConfig(mode=mode), cache_len=256, eos_ids=(),
+        profiles={batch: CostProfile(batch, costs, 0.1)}, run=RunConfig(steps_per_call=spc),
+    )  # fmt: skip
+    gen = dec.generate(prompts, 24)
+    assert gen.tokens == ref.tokens
+    assert mode == "ar" or gen.stats["tau"] > 1.3, gen.stats["tau"]

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexdraft_jax.decoding import sampling, verify
+from flexdraft_jax.decoding import policy, sampling, verify
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
@@ -418,50 +418,13 @@ def _run_branch(st: Static, window: int, target, draft, state: DecodeState, idx)
 # ----------------------------------------------------------------------------- policy
 
 
-def expected_tokens(alpha, v):
-    """1 + sum_{i<=v} prod_{j<=i} alpha_j: expected committed tokens when verifying v drafts."""
-    cum = jnp.cumprod(alpha)
-    return 1.0 + jnp.sum(jnp.where(jnp.arange(1, alpha.shape[0] + 1) <= v, cum, 0.0))
-
-
 def choose_branch(st: Static, state: DecodeState, costs):
-    """Branch index on device. costs: float32[n_branches + 1] seconds (last: a draft pass)."""
-    return _policy(
-        st, state.v, state.has_drafts, state.alpha, state.gain, state.ar_streak,
-        state.probe_every, costs,
+    """Branch index on device (`policy.choose` over the state's statistics). costs:
+    float32[n_branches + 1] seconds (last: a draft pass)."""
+    return policy.choose(
+        st.branches, st.ecfg, state.v, state.has_drafts, state.alpha, state.gain,
+        state.ar_streak, state.probe_every, costs,
     )  # fmt: skip
-
-
-def _policy(st: Static, v, has_drafts, alpha, gain_v, ar_streak, probe_every, costs):
-    """`choose_branch` over the state fields it reads.
-
-    Whether to speculate: expected tokens per second from the running acceptance (`alpha`),
-    against an AR step's. Which speculative branch, with drafts in hand under EngineConfig.gain
-    "confidence": the same rate from these drafts' own expected tokens (`gain_v`)."""
-    kinds = [k for k, _ in st.branches]
-    rows = jnp.asarray([r for _, r in st.branches])
-    if kinds == ["ar"]:
-        return jnp.zeros((), jnp.int32)
-    if "ar" not in kinds:  # fixed kind: the smallest bucket that holds v + 1 rows
-        return jnp.argmax(rows >= v + 1).astype(jnp.int32)
-    is_ar = jnp.asarray([k == "ar" for k in kinds])
-    verified = jnp.minimum(v, rows - 1)  # drafts each branch verifies
-    gain = jnp.stack(
-        [jnp.asarray(1.0) if k == "ar" else expected_tokens(alpha, n)
-         for k, n in zip(kinds, verified)]
-    )  # fmt: skip
-    refill = jnp.where(has_drafts, 0.0, costs[-1])
-    cost = jnp.maximum(costs[:-1] + jnp.where(is_ar, 0.0, refill), 1e-9)
-    score = gain / cost / jnp.where(is_ar, 1.0, 1.0 + st.ecfg.spec_margin)
-    ar_cost = jnp.min(jnp.where(is_ar, cost, jnp.inf))
-    probe_extra = jnp.min(jnp.where(is_ar, jnp.inf, cost)) / ar_cost - 1.0  # in AR steps
-    probing = (ar_streak >= probe_every) & (ar_streak >= probe_extra / st.ecfg.probe_budget)
-    score = jnp.where(is_ar & probing, -jnp.inf, score)
-    idx = jnp.argmax(score).astype(jnp.int32)
-    if st.ecfg.gain == "acceptance" or gain_v is None:
-        return idx
-    own = jnp.where(is_ar, -jnp.inf, gain_v[verified] / cost)
-    return jnp.where(is_ar[idx] | ~has_drafts, idx, jnp.argmax(own)).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- prefill and step
@@ -472,26 +435,11 @@ def needs_drafts(st: Static) -> bool:
 
 
 def prefill_drafts(st: Static, costs) -> bool:
-    """Whether the prefill runs the mask block (host side, before prefilling).
-
-    Not when the policy would take an AR step first even with drafts in hand at the longest
-    verify length: flex at a batch size where speculation does not pay then prefills like AR mode
-    (with the mask block a batch-4 demo prefill took 0.57 s, AR mode's 0.45 s), and a later probe
-    starts with a draft pass, as after any AR step. Needs the prior known before the prefill
-    (`alpha_init` not None)."""
-    kinds = [k for k, _ in st.branches]
-    if not needs_drafts(st) or "ar" not in kinds or st.ecfg.alpha_init is None:
-        return needs_drafts(st)
-    w = st.width
-    # The policy at its most favourable to drafting: drafts in hand, the longest verify length,
-    # the prior acceptance (the drafts' confidence is not known before the prefill).
-    prior = _alpha_prior(st.ecfg.alpha_init, w)
-    branch = _policy(
-        st, jnp.asarray(w - 1, jnp.int32), jnp.array(True), prior, None,
-        jnp.zeros((), jnp.int32), jnp.asarray(st.ecfg.probe_interval, jnp.int32),
-        jnp.asarray(costs),
-    )  # fmt: skip
-    return kinds[int(branch)] != "ar"
+    """Whether the prefill runs the mask block (host side, before prefilling): see
+    `policy.drafts_at_prefill`."""
+    if not needs_drafts(st):
+        return False
+    return policy.drafts_at_prefill(st.branches, st.ecfg, st.width, costs)
 
 
 @functools.partial(jax.jit, static_argnames=("st", "drafts"))
@@ -517,7 +465,7 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
     q0 = jnp.zeros((b, 1, 1) if greedy else (b, w - 1, vocab), jnp.float32)
     out = jnp.zeros((b, cache.capacity), jnp.int32).at[:, 0].set(bonus)
     done = (max_new <= 1) | (jnp.isin(bonus, jnp.asarray(st.eos_ids)) if st.eos_ids else False)
-    prior = _alpha_prior(st.ecfg.alpha_init, w)
+    prior = policy.alpha_prior(st.ecfg.alpha_init, w)
     state = DecodeState(
         cache=cache._replace(lengths=lengths),
         cand=jnp.zeros((b, w), jnp.int32).at[:, 0].set(bonus),
@@ -551,14 +499,6 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
             prior = jnp.clip(conf_mean, 0.05, 0.95).astype(jnp.float32)
             state = state._replace(alpha=prior, alpha_prior=prior)
     return state
-
-
-def _alpha_prior(alpha_init, w: int) -> jnp.ndarray:
-    """float32[W-1] from EngineConfig.alpha_init (None: 0.5 until the prefill's confidences)."""
-    if alpha_init is None or alpha_init == "draft":  # "draft" unresolved: no Decoder in between
-        alpha_init = 0.5
-    a = np.broadcast_to(np.asarray(alpha_init, np.float32), (w - 1,))
-    return jnp.asarray(np.clip(a, 0.0, 1.0))
 
 
 def kv_window(lengths, rows: int, capacity: int) -> int:

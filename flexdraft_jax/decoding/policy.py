@@ -1,0 +1,87 @@
+"""The flex policy: which branch a decode step runs (DESIGN §2.3, "Flex decoding").
+
+Pure functions of the branches on offer, the engine's settings (`engine.EngineConfig`), the running
+statistics a decode state carries and a cost profile (`costs.CostProfile.costs`: seconds per branch
+and a trailing draft pass), traced on device inside the compiled step; nothing here reads a clock.
+
+  choose             the branch index for the next step
+  drafts_at_prefill  whether a prefill should run the mask block (host side, before it runs)
+  expected_tokens    1 + sum_{i<=v} prod_{j<=i} alpha_j
+  alpha_prior        the prior acceptance per draft position from `EngineConfig.alpha_init`
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def expected_tokens(alpha, v):
+    """1 + sum_{i<=v} prod_{j<=i} alpha_j: expected committed tokens when verifying v drafts."""
+    cum = jnp.cumprod(alpha)
+    return 1.0 + jnp.sum(jnp.where(jnp.arange(1, alpha.shape[0] + 1) <= v, cum, 0.0))
+
+
+def choose(branches, ecfg, v, has_drafts, alpha, gain_v, ar_streak, probe_every, costs):
+    """Branch index int32[] among `branches` ((kind, rows) pairs).
+
+    A fixed mode (no AR branch) takes the smallest row bucket that holds v + 1 rows. Flex decides
+    whether to speculate by expected tokens per second from the running acceptance `alpha`
+    float32[W-1] against an AR step's (speculation must win by `ecfg.spec_margin`; a missing
+    draft block adds the draft pass to its cost), probing speculation again after `probe_every`
+    AR steps in a row within `ecfg.probe_budget`. Which speculative branch, with drafts in hand
+    under `ecfg.gain` "confidence": the same rate from these drafts' own expected tokens `gain_v`
+    float32[W] (None: by the acceptance)."""
+    kinds = [k for k, _ in branches]
+    rows = jnp.asarray([r for _, r in branches])
+    if kinds == ["ar"]:
+        return jnp.zeros((), jnp.int32)
+    if "ar" not in kinds:
+        return jnp.argmax(rows >= v + 1).astype(jnp.int32)
+    is_ar = jnp.asarray([k == "ar" for k in kinds])
+    verified = jnp.minimum(v, rows - 1)  # drafts each branch verifies
+    gain = jnp.stack(
+        [jnp.asarray(1.0) if k == "ar" else expected_tokens(alpha, n)
+         for k, n in zip(kinds, verified)]
+    )  # fmt: skip
+    refill = jnp.where(has_drafts, 0.0, costs[-1])
+    cost = jnp.maximum(costs[:-1] + jnp.where(is_ar, 0.0, refill), 1e-9)
+    score = gain / cost / jnp.where(is_ar, 1.0, 1.0 + ecfg.spec_margin)
+    ar_cost = jnp.min(jnp.where(is_ar, cost, jnp.inf))
+    probe_extra = jnp.min(jnp.where(is_ar, jnp.inf, cost)) / ar_cost - 1.0  # in AR steps
+    probing = (ar_streak >= probe_every) & (ar_streak >= probe_extra / ecfg.probe_budget)
+    score = jnp.where(is_ar & probing, -jnp.inf, score)
+    idx = jnp.argmax(score).astype(jnp.int32)
+    if ecfg.gain == "acceptance" or gain_v is None:
+        return idx
+    own = jnp.where(is_ar, -jnp.inf, gain_v[verified] / cost)
+    return jnp.where(is_ar[idx] | ~has_drafts, idx, jnp.argmax(own)).astype(jnp.int32)
+
+
+def drafts_at_prefill(branches, ecfg, width: int, costs) -> bool:
+    """Whether a prefill should run the mask block, before it runs (host side).
+
+    Not when the policy would take an AR step first even with drafts in hand at the longest
+    verify length: flex at a batch size where speculation does not pay then prefills like AR mode
+    (the mask block adds about a quarter to a small prefill on CPU), and a later probe starts
+    with a draft pass, as after any AR step. Needs the prior known before the prefill
+    (`alpha_init` not None)."""
+    kinds = [k for k, _ in branches]
+    if "ar" not in kinds or ecfg.alpha_init is None:
+        return any(k != "ar" for k in kinds)
+    # The policy at its most favourable to drafting: drafts in hand, the longest verify length,
+    # the prior acceptance (the drafts' confidence is not known before the prefill).
+    branch = choose(
+        branches, ecfg, jnp.asarray(width - 1, jnp.int32), jnp.array(True),
+        alpha_prior(ecfg.alpha_init, width), None, jnp.zeros((), jnp.int32),
+        jnp.asarray(ecfg.probe_interval, jnp.int32), jnp.asarray(costs),
+    )  # fmt: skip
+    return kinds[int(branch)] != "ar"
+
+
+def alpha_prior(alpha_init, w: int) -> jnp.ndarray:
+    """float32[W-1] from EngineConfig.alpha_init (None: 0.5 until the prefill's confidences)."""
+    if alpha_init is None or alpha_init == "draft":  # "draft" unresolved: no Decoder in between
+        alpha_init = 0.5
+    a = np.broadcast_to(np.asarray(alpha_init, np.float32), (w - 1,))
+    return jnp.asarray(np.clip(a, 0.0, 1.0))
