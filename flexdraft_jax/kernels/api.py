@@ -1,8 +1,12 @@
 """The attention entry points every model layer calls: `attention(q, k, v, meta, impl=...)`, and
 `cached_attention` for a decode step whose new clean rows are not yet in the cache.
 
-`impl` is "xla" (the jnp reference, fused by XLA), "pallas" (the Pallas kernel for the current
-backend; interpret mode on CPU) or "auto" (Pallas on TPU/GPU, XLA on CPU).
+`impl` is "xla" (the jnp reference, fused by XLA), "pallas" or "auto" (Pallas when the default
+backend is TPU/GPU, XLA on CPU). "pallas" picks its kernel when the program is lowered, by the
+platform it is lowered for (`lax.platform_dependent`): Mosaic on TPU, Triton on CUDA/ROCm, the
+Mosaic kernel in interpret mode anywhere else (CPU tests). So a program exported from a CPU host
+with `jax.export(..., platforms=["tpu"])` holds the real TPU kernel. "auto" is decided when the
+program is traced, from `jax.default_backend()`: exporting from a CPU host, say "pallas".
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ def attention(q, k, v, meta: RowMeta, *, impl: str = "xla", scale: float | None 
         return attention_reference(q, k, v, meta, scale=scale)
     from flexdraft_jax.kernels import pallas_attention  # noqa: PLC0415 (optional backend)
 
-    return pallas_attention.attention(q, k, v, meta, scale=scale)
+    def kernel(backend, interpret):
+        return lambda *a: pallas_attention.attention(
+            *a, scale=scale, backend=backend, interpret=interpret
+        )
+
+    gpu = kernel("gpu", False)  # one branch for both GPU platforms
+    return jax.lax.platform_dependent(
+        q, k, v, meta, tpu=kernel("tpu", False), cuda=gpu, rocm=gpu, default=kernel("tpu", True)
+    )
 
 
 def cached_attention(q, ck, cv, cached, nk, nv, new_slots, meta: RowMeta, *, impl: str = "xla"):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,10 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # Attention implementation: "xla" (jnp reference), "pallas", or "auto" (Pallas on TPU/GPU).
-    attention_impl: str = "xla"
+    # Attention implementation: "xla" (the jnp reference), "pallas" (the Pallas kernel of the
+    # platform the program is lowered for; interpreted on CPU) or "auto" (Pallas when the default
+    # backend is TPU/GPU, else XLA). See `kernels/api.py`.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -64,9 +67,10 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        if self.attention_impl not in ("xla", "pallas", "auto"):
+        if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
-                f"attention_impl must be xla, pallas or auto, got {self.attention_impl!r}"
+                f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                f"got {self.attention_impl!r}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
             if getattr(self, name) <= 0:
