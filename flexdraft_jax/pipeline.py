@@ -1,8 +1,10 @@
 """Glue shared by the launch scripts: load a target and a draft, read prompts, build a Decoder.
 
-load_target(path)                      -> (cfg, params as jnp, tokenizer)
+load_target(path, dtype, attention_impl) -> (cfg, params as jnp, tokenizer), for decoding in
+                                          `dtype` ("auto": bfloat16 on TPU/GPU, float32 on CPU)
 load_draft(path, cfg, target, ...)     -> (DraftConfig, draft params)   release dir or orbax dir,
-                                          or untrained copies of the target's projectors
+                                          or untrained copies of the target's projectors; in the
+                                          target's dtype
 read_prompts(prompts, prompts_file)    -> list[str] ("prompt" or the first of "turns" per line)
 encode(tokenizer, texts, chat)         -> list[list[int]]
 """
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from flexdraft_jax.checkpoints.load import load_checkpoint
 from flexdraft_jax.checkpoints.tokenizer import apply_chat
+from flexdraft_jax.models import precision
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
@@ -24,9 +27,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DRAFT = os.path.join(REPO_ROOT, "drafts", "smollm2_135m")
 
 
-def load_target(path: str | None):
-    cfg, params, tokenizer = load_checkpoint(path)
-    return cfg, jax.tree.map(jnp.asarray, params), tokenizer
+def load_target(path: str | None, *, dtype: str = "auto", attention_impl: str = "auto"):
+    """A target for decoding: its weights in `dtype` (`precision.DTYPES`), its config's
+    `attention_impl` set (`ModelConfig.attention_impl`)."""
+    dt = precision.decode_dtype(dtype)
+    cfg, params, tokenizer = load_checkpoint(path, dtype=dt)
+    params = precision.cast_params(jax.tree.map(jnp.asarray, params), dt)
+    return cfg.replace(attention_impl=attention_impl), params, tokenizer
 
 
 def shipped_draft(checkpoint: str | None) -> str | None:
@@ -45,18 +52,22 @@ def load_draft(
     block_size: int = 8,
     calib_rank: int = 256,
     seed: int = 0,
+    dtype=None,
 ):
     """A draft: release-format directory / .safetensors, a training workdir, or (path None)
     untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted).
+    Its parameters come in `dtype` (None: the target embedding's dtype, as decoding wants).
 
     A release that stores a draft vocabulary returns it as `draft["vocab"]` (numpy ids, most
     frequent first), and the number of them it was trained over, when recorded, as
     `draft["vocab_size"]`; `Decoder` uses the first `EngineConfig.draft_vocab_size` ids (default:
     that number). One that records its held-out acceptance per draft position returns it as
     `draft["acceptance"]` (flex decoding's starting estimate)."""
+    dtype = target["embed"]["embedding"].dtype if dtype is None else jnp.dtype(dtype)
     if path is None:
         dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=calib_rank)
-        return dcfg, tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
+        draft = tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
+        return dcfg, precision.cast_params(draft, dtype)
     if not os.path.exists(path):
         raise FileNotFoundError(f"draft checkpoint {path} does not exist")
     if os.path.isdir(os.path.join(path, "draft_release")):  # a training workdir
@@ -75,7 +86,7 @@ def load_draft(
     )
 
     dcfg, draft = load_release(path, cfg)
-    draft = jax.tree.map(jnp.asarray, draft)
+    draft = precision.cast_params(jax.tree.map(jnp.asarray, draft), dtype)
     vocab = load_draft_vocab(path, cfg)
     if vocab is not None:  # token ids by training frequency: `Decoder` restricts the draft head
         draft["vocab"] = vocab

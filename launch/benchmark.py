@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.bench import harness, report  # noqa: E402
+from flexdraft_jax.models import precision  # noqa: E402
+from flexdraft_jax.models.config import ATTENTION_IMPLS  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")
@@ -65,6 +67,16 @@ flags.DEFINE_float(
     "profile_seconds", None, "Stop profile rounds (after two) once this long.", lower_bound=0.0
 )
 flags.DEFINE_integer("cache_len", None, "KV cache slots (default: fits prompt + output).")
+flags.DEFINE_enum(
+    "dtype", "auto", precision.DTYPES,
+    "Target, draft and KV cache dtype (auto: bfloat16 on TPU/GPU, float32 on CPU); logits, "
+    "softmax and verification are float32 either way.",
+)  # fmt: skip
+flags.DEFINE_enum(
+    "attention_impl", "auto", ATTENTION_IMPLS,
+    "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
+    "XLA on CPU (auto).",
+)  # fmt: skip
 flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, cost profiles.")
 
 
@@ -75,7 +87,9 @@ def main(_):
     else:
         texts = pipeline.humaneval_prompts()
     texts = texts[: F.num_prompts]
-    cfg, target, tok = pipeline.load_target(F.checkpoint)
+    cfg, target, tok = pipeline.load_target(
+        F.checkpoint, dtype=F.dtype, attention_impl=F.attention_impl
+    )
     chat = bool(getattr(tok, "chat_template", None)) if F.chat is None else F.chat
     draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
     if draft_path is None:
@@ -110,7 +124,8 @@ def main(_):
         profile_repeats=F.profile_repeats,
         profile_seconds=F.profile_seconds,
         meta={"checkpoint": F.checkpoint or "embedded", "draft": draft_path or "untrained",
-              "prompts": F.prompts_file or "humaneval", "chat": chat},
+              "prompts": F.prompts_file or "humaneval", "chat": chat,
+              "dtype": str(target["embed"]["embedding"].dtype)},
     )  # fmt: skip
     print(report.format_table(results))
     print(report.format_step_costs(results))

@@ -22,6 +22,8 @@ from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.decoding.decoder import Decoder  # noqa: E402
 from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
 from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
+from flexdraft_jax.models import precision  # noqa: E402
+from flexdraft_jax.models.config import ATTENTION_IMPLS  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -51,6 +53,16 @@ flags.DEFINE_integer(
     "the size the draft was trained over, as its release records it).",
     lower_bound=0,
 )
+flags.DEFINE_enum(
+    "dtype", "auto", precision.DTYPES,
+    "Target, draft and KV cache dtype (auto: bfloat16 on TPU/GPU, float32 on CPU); logits, "
+    "softmax and verification are float32 either way.",
+)  # fmt: skip
+flags.DEFINE_enum(
+    "attention_impl", "auto", ATTENTION_IMPLS,
+    "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
+    "XLA on CPU (auto).",
+)  # fmt: skip
 flags.DEFINE_string("output_json", None, "Write generations and stats here (atomically).")
 
 
@@ -64,7 +76,9 @@ def run(_):
         rule=F.verify_rule,
         draft_vocab_size=F.draft_vocab_size,
     )
-    cfg, target, tok = pipeline.load_target(F.checkpoint)
+    cfg, target, tok = pipeline.load_target(
+        F.checkpoint, dtype=F.dtype, attention_impl=F.attention_impl
+    )
     draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
     dcfg, draft = pipeline.load_draft(
         draft_path, cfg, target, depth=F.draft_depth, block_size=F.block_size or 8
@@ -73,10 +87,12 @@ def run(_):
         dcfg = dcfg.__class__(dcfg.depth, F.block_size, dcfg.calib_rank, dcfg.use_calibration)
     ids = pipeline.encode(tok, texts, F.chat)
     logging.info(
-        "target %s, draft %s, %d prompts",
+        "target %s, draft %s, %d prompts, %s, attention %s",
         F.checkpoint or "embedded SmolLM2",
         draft_path or "untrained",
         len(ids),
+        target["embed"]["embedding"].dtype,
+        cfg.attention_impl,
     )
     dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)

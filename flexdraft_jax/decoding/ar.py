@@ -28,6 +28,20 @@ class Generation:
     stats: dict
 
 
+def match_rate(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of `reference`'s tokens that `tokens` reproduces before the first position where
+    they differ, pooled over sequences (1.0: identical). After a difference the two continue
+    from different prefixes, so later agreement would be chance. In bfloat16 a speculative
+    decode may part from AR where two logits tie within rounding (`models/precision.py`)."""
+    if len(tokens) != len(reference):
+        raise ValueError(f"{len(tokens)} sequences against {len(reference)} in the reference")
+    same = total = 0
+    for t, r in zip(tokens, reference):
+        n = next((i for i, (a, b) in enumerate(zip(t, r)) if a != b), min(len(t), len(r)))
+        same, total = same + n, total + len(r)
+    return same / max(total, 1)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

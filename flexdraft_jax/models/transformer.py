@@ -174,8 +174,16 @@ class Block(nn.Module):
         return x + self.mlp(self.post_norm(x))
 
 
+def _dot_f32(lhs, rhs, dimension_numbers, precision=None, **kw):
+    """`lax.dot_general` accumulating (and returning) float32 whatever the operands' dtype."""
+    return jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32
+    )
+
+
 class Calibration(nn.Module):
-    """Bonus-guided calibration: MLP([E(bonus) ; n_j]) -> V logits correction (DESIGN §2.2)."""
+    """Bonus-guided calibration: MLP([E(bonus) ; n_j]) -> V logits correction (DESIGN §2.2).
+    The correction is float32 (fc2 accumulates in float32), like the logits it is added to."""
 
     rank: int
     vocab_size: int
@@ -184,8 +192,9 @@ class Calibration(nn.Module):
     def __call__(self, x):
         x = nn.Dense(self.rank, name="fc1", param_dtype=jnp.float32)(x)
         return nn.Dense(
-            self.vocab_size, name="fc2", kernel_init=nn.initializers.zeros, param_dtype=jnp.float32
-        )(nn.silu(x))
+            self.vocab_size, name="fc2", kernel_init=nn.initializers.zeros,
+            param_dtype=jnp.float32, dot_general=_dot_f32,
+        )(nn.silu(x))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- parameter init
@@ -412,10 +421,11 @@ def embed(target, tokens):
 
 
 def lm_head(cfg: ModelConfig, target, h):
-    """h [..., H] (after the final norm) -> logits [..., V]."""
+    """h [..., H] (after the final norm) -> float32 logits [..., V], accumulated in float32
+    whatever the weights' dtype (the softmax, sampling and verification read them)."""
     if cfg.tie_word_embeddings:
-        return h @ target["embed"]["embedding"].T
-    return h @ target["lm_head"]["kernel"]
+        return jnp.matmul(h, target["embed"]["embedding"].T, preferred_element_type=jnp.float32)
+    return jnp.matmul(h, target["lm_head"]["kernel"], preferred_element_type=jnp.float32)
 
 
 def final_norm(cfg: ModelConfig, target, x):
@@ -487,14 +497,18 @@ def apply(cfg: ModelConfig, params: dict, tokens, positions, cache: KVCache | No
 
 
 def draft_logits(cfg: ModelConfig, target: dict, draft: dict, hidden, bonus, use_calibration=True):
-    """Calibrated draft logits: lm_head(n_j) + MLP([E(bonus) ; n_j]).
+    """Calibrated draft logits: lm_head(n_j) + MLP([E(bonus) ; n_j]), float32 whatever the
+    parameters' dtype (both output layers accumulate in float32).
 
     hidden [B, W, H] mask-row states after the final norm; bonus int32[B]. Returns [B, W, V], or
     [B, W, N] over the draft vocabulary `draft["head"]["ids"]` of a draft made by
     `restrict_draft_vocab` (slot 0 is included for shape simplicity; callers discard it).
     """
     head = draft.get("head")
-    logits = lm_head(cfg, target, hidden) if head is None else hidden @ head["kernel"]
+    if head is None:
+        logits = lm_head(cfg, target, hidden)
+    else:
+        logits = jnp.matmul(hidden, head["kernel"], preferred_element_type=jnp.float32)
     if not use_calibration:
         return logits
     e = embed(target, bonus)[:, None, :]
