@@ -56,14 +56,16 @@ def load_draft(
 ):
     """A draft: release-format directory / .safetensors, a training workdir, or (path None)
     untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted).
-    Its parameters come in `dtype` (None: the target embedding's dtype, as decoding wants).
+    Its parameters come in `dtype` (None: the target embedding's dtype, as decoding wants;
+    float32 without a target).
 
     A release that stores a draft vocabulary returns it as `draft["vocab"]` (numpy ids, most
     frequent first), and the number of them it was trained over, when recorded, as
     `draft["vocab_size"]`; `Decoder` uses the first `EngineConfig.draft_vocab_size` ids (default:
     that number). One that records its held-out acceptance per draft position returns it as
     `draft["acceptance"]` (flex decoding's starting estimate)."""
-    dtype = target["embed"]["embedding"].dtype if dtype is None else jnp.dtype(dtype)
+    if dtype is None:
+        dtype = jnp.float32 if target is None else target["embed"]["embedding"].dtype
     if path is None:
         dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=calib_rank)
         draft = tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from flexdraft_jax import pipeline
+from flexdraft_jax.checkpoints import release
 from flexdraft_jax.decoding import ar, engine
 from flexdraft_jax.decoding.decoder import CostProfile, Decoder, RunConfig
 from flexdraft_jax.models import layouts, precision
@@ -125,13 +126,17 @@ def test_bfloat16_forward_multiplies_weights_in_bfloat16_and_returns_float32_log
     assert (pending.k.dtype, pending.v.dtype) == (bf, bf)
 
 
-def test_load_draft_takes_the_targets_dtype():
-    cfg, target, _, _ = tiny()
-    target = precision.cast_params(target, jnp.bfloat16)
-    _, draft = pipeline.load_draft(None, cfg, target, depth=2, block_size=4, calib_rank=8)
-    assert {x.dtype for x in jax.tree.leaves(draft)} == {jnp.dtype(jnp.bfloat16)}
-    _, draft = pipeline.load_draft(None, cfg, target, depth=2, block_size=4, dtype="float32")
-    assert {x.dtype for x in jax.tree.leaves(draft)} == {jnp.dtype(jnp.float32)}
+def test_load_draft_takes_the_targets_dtype(tmp_path):
+    cfg, target, dcfg, draft = tiny()
+    dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
+    bf16 = precision.cast_params(target, jnp.bfloat16)
+    _, made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, calib_rank=8)
+    assert dtypes(made) == {jnp.dtype(jnp.bfloat16)}
+    _, made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, dtype="float32")
+    assert dtypes(made) == {jnp.dtype(jnp.float32)}
+    path = release.save_release(str(tmp_path / "release"), cfg, dcfg, draft, dtype="bfloat16")
+    assert dtypes(pipeline.load_draft(path, cfg, bf16)[1]) == {jnp.dtype(jnp.bfloat16)}
+    assert dtypes(pipeline.load_draft(path, cfg, None)[1]) == {jnp.dtype(jnp.float32)}
 
 
 def test_match_rate_counts_tokens_before_the_first_difference():
