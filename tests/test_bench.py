@@ -281,13 +281,12 @@ def test_parse_mode():
     assert s.draft_vocab_size == 0 and s.engine_config(0.0).draft_vocab_size == 0
     with pytest.raises(ValueError, match="draft vocabulary size"):
         harness.parse_mode("flex:dv=-3")
-    s = harness.parse_mode("ar:la=0")
-    assert (s.mode, s.run.lookahead) == ("ar", 0)
-    assert harness.parse_mode("flex").run == RunConfig()  # the device loop
-    s = harness.parse_mode("flex:host:spc=4")
-    assert (s.run.dispatch, s.run.steps_per_call) == ("host", 4)
-    with pytest.raises(ValueError, match="lookahead"):
-        harness.parse_mode("flex:la=x")
+    assert harness.parse_mode("flex").run == RunConfig()  # 16 steps per device call
+    assert harness.parse_mode("flex:spc=4").run.steps_per_call == 4
+    with pytest.raises(ValueError, match="steps per call"):
+        harness.parse_mode("flex:spc=x")
+    with pytest.raises(ValueError, match="unknown option"):
+        harness.parse_mode("flex:host")
 
 
 def test_turns_prompts_through_harness(tmp_path):

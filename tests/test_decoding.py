@@ -458,16 +458,19 @@ def test_acceptance_estimate_starts_at_the_drafts_prior_and_forgets(tiny_llama):
     assert dec.ecfg.alpha_init == prior and "acceptance" not in dec.draft
     st = dec.static(len(PROMPTS))
     state, _ = dec._prefill(st, PROMPTS, 20, 0)
-    np.testing.assert_allclose(state.alpha, prior, rtol=1e-6)
+    np.testing.assert_allclose(state.stats.alpha, prior, rtol=1e-6)
     prior = np.asarray(prior)
     state = forced(dec, st, state, ("seq", 4))
-    hits, tried = np.asarray(state.hits, np.float64), np.asarray(state.tried, np.float64)
+    hits, tried = (
+        np.asarray(state.stats.hits, np.float64),
+        np.asarray(state.stats.tried, np.float64),
+    )
     assert tried[0] == len(PROMPTS)  # the first position is verified in every sequence
     want = (hits + 2.0 * prior) / (tried + 2.0)
-    np.testing.assert_allclose(state.alpha, want, rtol=1e-5)
+    np.testing.assert_allclose(state.stats.alpha, want, rtol=1e-5)
     state = forced(dec, st, state, ("ar", 1))
     want = (0.5 * hits + 2.0 * prior) / (0.5 * tried + 2.0)
-    np.testing.assert_allclose(state.alpha, want, rtol=1e-5)
+    np.testing.assert_allclose(state.stats.alpha, want, rtol=1e-5)
     after_seq = (hits + 2.0 * prior) / (tried + 2.0)
     assert (np.abs(want - prior) <= np.abs(after_seq - prior)).all()  # back toward the prior
     # Without a recorded prior: 0.5 everywhere; a prior for another block size: its mean.
@@ -529,7 +532,7 @@ def test_a_decode_follows_the_profile_as_it_is_when_it_decodes(tiny_llama):
 
 
 def test_expected_tokens_of_the_drafts_in_hand(tiny_llama):
-    """DecodeState.gain: per sequence 1 + sum_v prod_j (confidence_j * ratio_j), ratio_j the
+    """Block.gain: per sequence 1 + sum_v prod_j (confidence_j * ratio_j), ratio_j the
     discounted (accepted + w * prior) / (tried confidence + w * prior) of position j, averaged
     over active sequences; 1 (the draft's confidence as it is) before any verification."""
     cfg, target = tiny_llama
@@ -541,20 +544,23 @@ def test_expected_tokens_of_the_drafts_in_hand(tiny_llama):
     st = dec.static(b)
 
     def want(state):
-        conf, seen = np.asarray(state.conf, np.float64), np.asarray(state.seen, np.float64)
-        w0 = 2.0 * np.asarray(state.alpha_prior, np.float64)
+        conf, seen = (
+            np.asarray(state.block.conf, np.float64),
+            np.asarray(state.stats.seen, np.float64),
+        )
+        w0 = 2.0 * np.asarray(state.stats.alpha_prior, np.float64)
         a = np.clip(conf * (seen[0] + w0) / (seen[2] + w0), 0.0, 1.0)
         per_seq = 1.0 + np.cumsum(np.cumprod(a, axis=1), axis=1)
-        active = ~np.asarray(state.done)
+        active = ~np.asarray(state.output.done)
         return np.concatenate([[1.0], per_seq[active].mean(axis=0)])
 
     state, _ = dec._prefill(st, PROMPTS, 20, 0)
-    assert float(np.asarray(state.conf).min()) > 0 and not np.asarray(state.seen).any()
-    np.testing.assert_allclose(state.gain, want(state), rtol=1e-5)
+    assert float(np.asarray(state.block.conf).min()) > 0 and not np.asarray(state.stats.seen).any()
+    np.testing.assert_allclose(state.block.gain, want(state), rtol=1e-5)
     state = forced(dec, st, state, ("seq", 4))
-    seen = np.asarray(state.seen)
+    seen = np.asarray(state.stats.seen)
     assert seen[1, 0] == b and 0 < seen[2, 0] <= b  # tries and their confidence, position 1
-    np.testing.assert_allclose(state.gain, want(state), rtol=1e-5)
+    np.testing.assert_allclose(state.block.gain, want(state), rtol=1e-5)
 
 
 def test_flex_verifies_confident_drafts_further(tiny_llama):
@@ -609,7 +615,7 @@ def test_flex_prefills_without_drafts_when_it_would_start_in_ar(tiny_llama):
         dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(),
                       profiles={b: CostProfile(b, costs, 0.1)})  # fmt: skip
         pre = dec.start(PROMPTS, 12)
-        assert bool(pre.state.has_drafts) == drafts == pre.drafts, (costs, alpha_init)
+        assert bool(pre.state.block.has_drafts) == drafts == pre.drafts, (costs, alpha_init)
         assert dec.decode(pre).tokens == want and dec.current(pre)
         if alpha_init is not None:  # (None: the prior is the random draft's low confidence)
             dec.profiles[b] = CostProfile(b, cheap, 0.1)  # speculation pays: drafts first
@@ -619,7 +625,7 @@ def test_flex_prefills_without_drafts_when_it_would_start_in_ar(tiny_llama):
             assert dec.current(pre) == drafts
     seq = Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode="sequential"),
                   cache_len=128, eos_ids=())  # fmt: skip
-    assert bool(seq.start(PROMPTS, 12).state.has_drafts)
+    assert bool(seq.start(PROMPTS, 12).state.block.has_drafts)
 
 
 def test_prompt_width_buckets():
@@ -633,9 +639,9 @@ def test_prompt_width_buckets():
     assert ar.bucket(3, minimum=16) == 16
 
 
-def test_device_loop_and_host_dispatch_agree(tiny_llama):
-    """The device loop at 1 and 16 steps per call and host dispatch (each branch its own
-    executable, launched by the host): the same branches, tokens and acceptance."""
+def test_steps_per_call_changes_nothing_but_the_syncs(tiny_llama):
+    """The device loop at 1, 3 and 16 steps per call: the same branches, tokens and acceptance
+    (the policy, probing and running acceptance live on device, not on the host)."""
     cfg, target = tiny_llama
     dcfg, draft = random_draft(cfg, target, 4, seed=7)
     prof = {
@@ -654,19 +660,20 @@ def test_device_loop_and_host_dispatch_agree(tiny_llama):
             cache_len=128,
             eos_ids=(),
             profiles=prof,
-            run=run,
+            run=RunConfig(steps_per_call=spc),
         ).generate(PROMPTS, 20)
-        for run in (
-            RunConfig(dispatch="host", lookahead=0),
-            RunConfig(steps_per_call=1),
-            RunConfig(steps_per_call=16),
-        )
+        for spc in (1, 3, 16)
     ]
     for other in runs[1:]:
         assert other.tokens == runs[0].tokens
         assert other.stats["branch_per_step"] == runs[0].stats["branch_per_step"]
         assert other.stats["committed_per_step"] == runs[0].stats["committed_per_step"]
-    assert len(set(runs[0].stats["branch_per_step"])) > 1  # the policy really switched
+        assert other.stats["branch_counts"] == runs[0].stats["branch_counts"]
+    names = runs[0].stats["branch_per_step"]
+    assert len(set(names)) > 1  # the policy really switched
+    assert runs[0].stats["branch_counts"] == {
+        n: names.count(n) for n in runs[0].stats["branch_counts"]
+    }
     for run in runs:  # each step's wall time, adding up to the decode's
         assert_step_times(run.stats)
 
@@ -676,47 +683,6 @@ def assert_step_times(stats):
     assert len(steps) == stats["steps"] and (steps > 0).all()
     decode = stats["seconds"] - stats["prefill_seconds"]
     assert steps.sum() <= decode and steps.sum() == pytest.approx(decode, rel=0.05)
-
-
-@pytest.mark.parametrize("mode", ["ar", "flex"])
-def test_lookahead_dispatch_is_lossless_and_stops_on_time(tiny_llama, mode):
-    """The host queues step t+1 (with the branch chosen after step t-1) before reading step t:
-    the same tokens as reading every step; a decode ended by the token budget runs no extra step,
-    one ended by EOS at most one, which commits nothing."""
-    cfg, target = tiny_llama
-    dcfg, draft = random_draft(cfg, target, 4, seed=7)
-    prof = {
-        len(PROMPTS): CostProfile(
-            len(PROMPTS), {"ar1": 1.0, "seq2": 1.2, "seq4": 1.5, "par2": 1.1, "par4": 1.4}, 0.3
-        )
-    }
-    ref = ar.generate(cfg, target, PROMPTS, 20, eos_ids=())
-    eos = ref.tokens[0][5]
-
-    def run(lookahead, eos_ids):
-        ecfg = engine.EngineConfig(mode=mode, alpha_prior_weight=0.5)
-        dec = Decoder(
-            cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=eos_ids, profiles=prof,
-            run=RunConfig(dispatch="host", lookahead=lookahead),
-        )  # fmt: skip
-        return dec.generate(PROMPTS, 20)
-
-    for eos_ids in ((), (eos,)):
-        want = ar.generate(cfg, target, PROMPTS, 20, eos_ids=eos_ids).tokens
-        sync, lagged = run(0, eos_ids), run(1, eos_ids)
-        assert sync.tokens == lagged.tokens == want
-        assert_step_times(lagged.stats)
-        per_step = np.asarray(lagged.stats["committed_per_step"]).sum(axis=0)
-        assert (per_step[:-1] > 0).all()  # only the last step may be a no-op ...
-        assert per_step[-1] > 0 or eos_ids  # ... and only when EOS ended the decode
-        if mode == "ar":  # the same steps, plus at most that no-op
-            extra = lagged.stats["steps"] - sync.stats["steps"]
-            assert extra == (per_step[-1] == 0)
-        if mode == "flex":
-            names = lagged.stats["branch_per_step"]
-            assert names[1] == names[0] and len(set(names)) > 1  # lagged choice, still switching
-    with pytest.raises(ValueError, match="lookahead"):
-        RunConfig(lookahead=-1)
 
 
 def test_ar_cache_window_crossing_gives_the_same_tokens(tiny_llama, monkeypatch):
@@ -731,30 +697,6 @@ def test_ar_cache_window_crossing_gives_the_same_tokens(tiny_llama, monkeypatch)
     whole = ar.generate(cfg, target, prompts, 40, eos_ids=(), cache_len=512)
     assert windowed.tokens == whole.tokens
     assert len(set(windowed.tokens[0])) > 3  # not a degenerate repetition
-
-
-def test_flex_ar_steps_share_ar_modes_executable(tiny_llama):
-    """Host dispatch: an AR step is one executable whatever the mode: after AR mode has decoded,
-    flex compiles only its speculative branches."""
-    cfg, target = tiny_llama
-    dcfg, draft = random_draft(cfg, target, 4)
-    jax.clear_caches()
-    prof = {5: CostProfile(5, {"ar1": 1.0, "seq2": 9.0, "seq4": 9.0, "par2": 9.0, "par4": 9.0}, 1)}
-
-    def run(mode):
-        ecfg = engine.EngineConfig(mode=mode)
-        dec = Decoder(
-            cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(), profiles=prof,
-            run=RunConfig(dispatch="host"),
-        )  # fmt: skip
-        return dec, dec.generate(PROMPTS, 10)
-
-    _, ar_gen = run("ar")
-    before = engine.branch_step._cache_size()
-    dec, flex_gen = run("flex")
-    assert set(flex_gen.stats["branch_per_step"]) == {"ar1"} and flex_gen.tokens == ar_gen.tokens
-    spec = [b for b in dec.static(5).branches if b[0] != "ar"]
-    assert engine.branch_step._cache_size() - before == len(spec)
 
 
 def test_cost_profiles_merge_to_each_branchs_faster_time():
@@ -772,7 +714,7 @@ def test_profile_times_speculative_steps_with_drafts_and_the_refill_apart(tiny_l
     first one's two runs (without drafts, then with), so no branch carries the refill's cost."""
     cfg, target = tiny_llama
     dcfg, draft = random_draft(cfg, target, 4)
-    dec = decoder(cfg, target, draft, dcfg, mode="flex", run=RunConfig(dispatch="host"))
+    dec = decoder(cfg, target, draft, dcfg, mode="flex")
     st = dec.static(2)
     assert decoder_mod.profile_plan(st.branches) == [(0, "time"), (1, "refill")] + [
         (i, "time") for i in range(1, len(st.branches))
@@ -780,15 +722,15 @@ def test_profile_times_speculative_steps_with_drafts_and_the_refill_apart(tiny_l
     assert decoder_mod.profile_plan((("seq", 2), ("seq", 4))) == [(0, "time"), (1, "time")]
     # A fake clock: each branch run advances it by that branch's cost, plus 5 without drafts.
     cost = {("ar", 1): 1.0, ("seq", 2): 2.0, ("seq", 4): 4.0, ("par", 2): 2.5, ("par", 4): 4.5}
-    seen, launch, clock = [], dec._launch, [0.0]
+    seen, force, clock = [], dec._force, [0.0]
 
-    def recording(st_, idx, state, costs, window):
-        br, has = st_.branches[idx], bool(state.has_drafts)
+    def recording(st_, idx, state, window):
+        br, has = st_.branches[idx], bool(state.block.has_drafts)
         seen.append((br, has))
         clock[0] += cost[br] + (5.0 if br[0] != "ar" and not has else 0.0)
-        return launch(st_, idx, state, costs, window)
+        return force(st_, idx, state, window)
 
-    monkeypatch.setattr(dec, "_launch", recording)
+    monkeypatch.setattr(dec, "_force", recording)
     monkeypatch.setattr(decoder_mod.time, "perf_counter", lambda: clock[0])
     prof = dec.measure(2, repeats=3)
     n = len(st.branches) + 1  # runs per round

@@ -16,9 +16,8 @@ mean decode step over AR's, measured in the run, to hold against the profiled `s
 Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
 bonus-guided calibration), `t=THETA` (confidence threshold; `t=0` verifies the whole block) and
 `dv=N` (draft vocabulary size; `dv=0` drafts over the whole vocabulary), and how the host drives
-the steps (`decoder.RunConfig`): `spc=N` (steps per device call), `host` (host dispatch, one
-executable per branch), `la=N` (its lookahead); e.g. `flex:nocalib`, `sequential:t=0` or
-`flex:host`: the ablations are just more modes.
+the steps (`decoder.RunConfig`): `spc=N` (steps per device call); e.g. `flex:nocalib`,
+`sequential:t=0` or `flex:spc=1`: the ablations are just more modes.
 """
 
 from __future__ import annotations
@@ -96,17 +95,12 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
                 raise ValueError(f"bad threshold {opt!r} in mode {spec!r}") from None
         elif opt.startswith("dv="):
             vocab = _count_option(opt, "draft vocabulary size", spec)
-        elif opt.startswith("la="):
-            run = dataclasses.replace(run, lookahead=_count_option(opt, "lookahead", spec))
         elif opt.startswith("spc="):
             n = max(_count_option(opt, "steps per call", spec), 1)
             run = dataclasses.replace(run, steps_per_call=n)
-        elif opt == "host":
-            run = dataclasses.replace(run, dispatch="host")
         else:
             raise ValueError(
-                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N, spc=N, "
-                "host or la=N"
+                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N or spc=N"
             )
     return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, run)
 

@@ -10,8 +10,9 @@ The estimate: a forward pass reads each weight once and spends 2 FLOPs per weigh
 layer costs `bytes + 2 * params * rows / RIDGE` in units of byte reads, RIDGE being the device's
 FLOPs per byte of memory bandwidth (`RIDGE`: about 4 on a 2-core CPU, where 8 rows cost ~1.8 one
 row; ~200 on TPU v5e/v5p and H100/H200, where a few hundred rows cost what one does). Mask rows in
-the deep layers read the draft's attention projectors too; each row reads the cache window
-(`CONTEXT` slots assumed). It ranks branches, not seconds: a measured profile replaces it.
+the deep layers read the draft's attention projectors too; each sequence reads its cache window
+(`CONTEXT` slots assumed) once per layer, and each row spends attention FLOPs over it. It ranks
+branches, not seconds: a measured profile replaces it.
 """
 
 from __future__ import annotations
@@ -115,17 +116,20 @@ def estimate(
     h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
     attn = h * cfg.num_heads * cfg.head_dim * 2 + h * kv * 2
     layer = attn + 3 * h * cfg.intermediate_size
-    cache_row = 2 * CONTEXT * kv * itemsize  # K and V of the window, read once per row
+    window = batch * 2 * CONTEXT * kv * itemsize  # K and V of every sequence's window
 
     def weights(params, rows):
         return params * itemsize + 2.0 * params * rows / ridge
 
+    def attention(rows):  # a layer's cache reads, and QK^T and PV over the window for each row
+        return window + 4.0 * CONTEXT * cfg.num_heads * cfg.head_dim * rows / ridge
+
     def forward(shallow, deep, mask, head_rows, head_vocab):
         """shallow/deep: clean rows per sequence; mask: mask rows per sequence."""
         s, d = dcfg.split(cfg), dcfg.depth
-        t = s * (weights(layer, batch * shallow) + batch * shallow * cache_row) if shallow else 0
+        t = s * (weights(layer, batch * shallow) + attention(batch * shallow)) if shallow else 0
         rows = batch * (deep + mask)
-        t += d * (weights(layer, rows) + rows * cache_row)
+        t += d * (weights(layer, rows) + attention(rows))
         if mask:
             t += d * weights(attn, batch * mask)  # the draft's projectors
         if head_rows:

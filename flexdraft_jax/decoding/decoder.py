@@ -1,7 +1,7 @@
 """The generation API: `Decoder(cfg, target, draft, dcfg, ecfg).generate(prompts, max_new_tokens)`.
 
 Owns the host loop around the jitted `engine.prefill` / `engine.run` (one sync per call of up to
-`RunConfig.steps_per_call` steps on device, or one per step under host dispatch) and the
+`RunConfig.steps_per_call` steps on device) and the
 cost profile the flex policy reads: the measured seconds of each branch at a batch size (forward
 time against rows processed in the shallow and deep layers), measured once at start-up by forcing
 each branch on a warm state, cached on disk, or given by the caller.
@@ -39,15 +39,15 @@ class Prefilled:
     @property
     def drafts(self) -> bool:
         """Whether the prefill ran the mask block (`engine.prefill_drafts`)."""
-        return bool(self.state.has_drafts)
+        return bool(self.state.block.has_drafts)
 
     def capped(self, max_new_tokens: int) -> Prefilled:
         """The same batch with a smaller token budget (a short warm-up decode; the arrays are
         shared, so decode it with reuse=True to keep this one intact)."""
         n = min(max_new_tokens, self.max_new_tokens)
-        state = self.state._replace(
-            max_new=jnp.asarray(n, jnp.int32), done=self.state.done | (n <= 1)
-        )
+        o = self.state.output
+        output = o._replace(max_new=jnp.asarray(n, jnp.int32), done=o.done | (n <= 1))
+        state = self.state._replace(output=output)
         return dataclasses.replace(self, state=state, max_new_tokens=n)
 
 
@@ -57,25 +57,13 @@ class RunConfig:
 
     steps_per_call: steps per `engine.run` call, a `lax.while_loop` on device; the host syncs once
       per call (the same tokens for every value).
-    dispatch: "device" (`engine.run`) or "host": the host launches each step's branch as its own
-      executable (`engine.branch_step`) and reads the next branch after every step (an ablation).
-    lookahead: host dispatch only: steps launched before the host reads a step's result (1: the
-      next step is queued while the current one runs, with the branch chosen one step earlier;
-      stopping is read one step late too). None: 1 on accelerators, 0 on CPU (where the host
-      thread shares the cores with the computation).
     """
 
     steps_per_call: int = 16
-    dispatch: str = "device"
-    lookahead: int | None = None
 
     def __post_init__(self):
         if self.steps_per_call < 1:
             raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
-        if self.dispatch not in ("device", "host"):
-            raise ValueError(f"dispatch must be 'device' or 'host', got {self.dispatch!r}")
-        if self.lookahead is not None and self.lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
 
 
 class Decoder:
@@ -124,12 +112,7 @@ class Decoder:
         self.run_config = run
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.profiles = dict(profiles or {})
-        self._warm: set[int] = set()  # batch sizes whose branch executables are all compiled
         self._prefills = {}  # (Static, batch, prompt width, drafts) -> compiled prefill
-        self._ar_costs = jnp.zeros((2,), jnp.float32)  # AR's (unread) costs: ar1 + draft pass
-        self.lookahead = run.lookahead
-        if self.lookahead is None:
-            self.lookahead = 0 if jax.default_backend() == "cpu" else 1
 
     def static(self, batch: int) -> engine.Static:
         branches = engine.branches_for(self.ecfg, self.dcfg.block_size, batch)
@@ -182,10 +165,6 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         st = self.static(len(prompts))
         drafts = self._prefill_drafts(st, len(prompts))
-        if self.run_config.dispatch == "host" and len(prompts) not in self._warm:
-            # Compile every branch now, so a decode's compilations do not depend on which
-            # branches its acceptance pattern happens to reach.
-            self.measure(len(prompts), repeats=0)
         state, seconds = self._prefill(st, prompts, max_new_tokens, seed, drafts)
         return Prefilled(st, state, max_new_tokens, seconds)
 
@@ -197,89 +176,57 @@ class Decoder:
         from the cost profile, whether to draft there (`engine.prefill_drafts`); a batch
         prefilled before the profile was refined (a benchmark's warm-up) may have decided
         otherwise, and without drafts flex starts in AR steps and waits for a probe."""
-        return pre.drafts == self._prefill_drafts(pre.st, len(pre.state.done))
+        return pre.drafts == self._prefill_drafts(pre.st, len(pre.state.output.done))
 
     def decode(self, pre: Prefilled, *, reuse: bool = True) -> Generation:
         """Decode from a prefilled batch. reuse: copy its state first (steps donate theirs), so
         `pre` can be decoded again; False consumes it."""
         st, max_new_tokens = pre.st, pre.max_new_tokens
         # The profile as it is now (a benchmark refines it after prefilling its first batches).
-        costs = jnp.asarray(self._costs(st, len(pre.state.done)))
+        costs = jnp.asarray(self._costs(st, len(pre.state.output.done)))
         state = pre.state
         if reuse:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, state))
         marks = [time.perf_counter()]  # then one per host sync
         idxs, counts, per_sync = [], [], []  # per step; steps between syncs
-        if self.run_config.dispatch == "device":
-            lengths, done = jax.device_get((state.cache.lengths, state.done))
-            spc = self.run_config.steps_per_call
-            rows = spc * self.dcfg.block_size  # a call adds at most this many cache rows
-            while not done.all():
-                window = engine.kv_window(lengths[~done], rows, self.cache_len)
-                state, br, cnt = engine.run(st, self.target, self.draft, state, costs, window, spc)
-                br, cnt, lengths, done = jax.device_get(
-                    (br, cnt, state.cache.lengths, state.done)
-                )  # the one sync per call
-                marks.append(time.perf_counter())
-                ran = br >= 0
-                if not ran.any():
-                    raise RuntimeError(f"no decoding step fits a cache window of {window} slots")
-                idxs += br[ran].tolist()
-                counts += list(cnt[ran])
-                per_sync.append(int(ran.sum()))
-        else:
-            window = engine.kv_window(
-                np.asarray(state.cache.lengths), max_new_tokens + self.dcfg.block_size,
-                self.cache_len,
-            )  # fmt: skip
-            status = engine.first_branch(st, state, costs)
-            nxt, done, n_out = engine.read_status(np.asarray(status))
-            inflight = []  # status of launched steps the host has not read yet
-            while not done.all() or inflight:
-                # Each step commits >= 1 token per active sequence: stop launching once the
-                # steps in flight are sure to exhaust every active sequence's budget.
-                if not done.all() and not (n_out[~done] + len(inflight) >= max_new_tokens).all():
-                    idxs.append(nxt)
-                    state, status, count = self._launch(st, nxt, state, costs, window)
-                    counts.append(count)
-                    inflight.append(status)
-                    if len(inflight) <= self.lookahead:
-                        continue
-                nxt, done, n_out = engine.read_status(np.asarray(inflight.pop(0)))  # the sync
-                marks.append(time.perf_counter())
-                per_sync.append(1)
+        lengths, done = jax.device_get((state.cache.lengths, state.output.done))
+        spc = self.run_config.steps_per_call
+        rows = spc * self.dcfg.block_size  # a call adds at most this many cache rows
+        while not done.all():
+            window = engine.kv_window(lengths[~done], rows, self.cache_len)
+            state, br, cnt = engine.run(st, self.target, self.draft, state, costs, window, spc)
+            br, cnt, lengths, done = jax.device_get(
+                (br, cnt, state.cache.lengths, state.output.done)
+            )  # the one sync per call
+            marks.append(time.perf_counter())
+            ran = br >= 0
+            if not ran.any():
+                raise RuntimeError(f"no decoding step fits a cache window of {window} slots")
+            idxs += br[ran].tolist()
+            counts += list(cnt[ran])
+            per_sync.append(int(ran.sum()))
         elapsed = pre.prefill_seconds + time.perf_counter() - marks[0]
         gen = self._result(
             st, state, [int(i) for i in idxs], elapsed, pre.prefill_seconds, max_new_tokens
         )
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
         if self.ecfg.mode == "flex":  # "measured" or "estimate"
-            gen.stats["cost_profile"] = self.cost_profile(len(pre.state.done)).source
+            gen.stats["cost_profile"] = self.cost_profile(len(pre.state.output.done)).source
         # Wall time of each step: a call's time shared evenly among the steps it ran.
         gen.stats["step_seconds"] = [
             dt / n for dt, n in zip(np.diff(marks), per_sync) for _ in range(n)
         ]
         return gen
 
-    def _launch(self, st, idx, state, costs, window):
-        """Run branch `idx` (host dispatch) -> (state, status, tokens committed per sequence).
-
-        An AR step runs the executable of `engine.ar_static` (shared with AR mode; no draft), and
-        a mode that can switch then chooses its next branch in a small executable of its own."""
-        if st.branches[idx] != ("ar", 1):
-            return engine.branch_step(st, idx, self.target, self.draft, state, costs, window)
-        new, status, count = engine.branch_step(
-            engine.ar_static(st), 0, self.target, None, state, self._ar_costs, window
-        )
-        if len(st.branches) > 1:
-            status = engine.first_branch(st, new, costs)
-        return new, status, count
+    def _force(self, st, idx: int, state, window: int):
+        """One compiled step of branch `idx` (forced; profiling)."""
+        costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
+        return engine.step(st, self.target, self.draft, state, costs, jnp.int32(idx), window)[0]
 
     def _result(self, st, state, idxs, elapsed, t_prefill, max_new_tokens):
-        out, n_out = np.asarray(state.out), np.asarray(state.n_out)
-        tokens = [out[i, : min(n, max_new_tokens)].tolist() for i, n in enumerate(n_out)]
-        steps = np.asarray(state.steps)
-        tried, hits = np.asarray(state.tried), np.asarray(state.hits)
+        o, s = jax.device_get((state.output, state.stats))
+        tokens = [o.out[i, : min(n, max_new_tokens)].tolist() for i, n in enumerate(o.n_out)]
+        steps, n_out, tried, hits = o.steps, o.n_out, s.tried, s.hits
         committed = int((n_out - 1).sum())  # the prefill's bonus is not a step's work
         names = [branch_name(b) for b in st.branches]
         n_tok = sum(len(t) for t in tokens)
@@ -289,7 +236,7 @@ class Decoder:
             "tau": committed / max(int(steps.sum()), 1),
             "per_position_acceptance": (hits / np.maximum(tried, 1)).tolist(),
             "branch_per_step": [names[i] for i in idxs],
-            "branch_counts": {n: idxs.count(i) for i, n in enumerate(names)},
+            "branch_counts": {n: int(c) for n, c in zip(names, s.branches)},  # counted on device
             "seconds": elapsed,
             "prefill_seconds": t_prefill,
             "tokens_per_s": n_tok / elapsed if elapsed > 0 else 0.0,
@@ -379,18 +326,9 @@ class Decoder:
         prompts = [[1 + (i % max(self.cfg.vocab_size - 1, 1))] * ctx for i in range(batch)]
         budget = self.cache_len - ctx - 2 * self.dcfg.block_size
         state, _ = self._prefill(st, prompts, budget, 0)
-        costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
         window = engine.kv_window(np.array([ctx]), self.dcfg.block_size, self.cache_len)
-        runs = []
         for i in range(len(st.branches)):
-            if self.run_config.dispatch == "device":
-                run = lambda s, i=i: engine.step(
-                    st, self.target, self.draft, s, costs, jnp.int32(i), window
-                )[0]
-            else:
-                run = lambda s, i=i: self._launch(st, i, s, costs, window)[0]
-            state = run(state)  # compile
-            runs.append(run)
+            state = self._force(st, i, state, window)  # compile
         # Branches interleaved round by round, and the fastest sample of each kept: load from
         # elsewhere on a shared machine only ever adds time, and hits every branch alike.
         # A speculative branch is timed with drafts in hand; the one after AR also without
@@ -404,14 +342,13 @@ class Decoder:
             for i, what in plan:
                 state = jax.block_until_ready(_rewind(state, ctx))
                 t0 = time.perf_counter()
-                state = runs[i](state)
+                state = self._force(st, i, state, window)
                 jax.block_until_ready(state.cache.lengths)
                 samples[i, what].append(time.perf_counter() - t0)
         fastest = {key: float(np.min(x)) if x else 0.0 for key, x in samples.items()}
         times = {branch_name(br): fastest[i, "time"] for i, br in enumerate(st.branches)}
         after_ar = [i for i, what in plan if what == "refill"]  # at most one: one AR branch
         refill = fastest[after_ar[0], "refill"] - fastest[after_ar[0], "time"] if after_ar else 0.0
-        self._warm.add(batch)
         w = self.dcfg.block_size
         rows = {branch_name(b): costs_lib.branch_rows(b, w) for b in st.branches}
         return CostProfile(batch, times, max(refill, 0.0), rows, "measured")
@@ -419,8 +356,8 @@ class Decoder:
 
 def _rewind(state: engine.DecodeState, ctx: int) -> engine.DecodeState:
     """Keep a profiling run inside the cache: reset lengths, outputs and stop flags."""
+    o = state.output
     return state._replace(
         cache=state.cache._replace(lengths=jnp.full_like(state.cache.lengths, ctx)),
-        n_out=jnp.ones_like(state.n_out),
-        done=jnp.zeros_like(state.done),
+        output=o._replace(n_out=jnp.ones_like(o.n_out), done=jnp.zeros_like(o.done)),
     )

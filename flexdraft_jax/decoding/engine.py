@@ -19,7 +19,6 @@ Branches never write the KV cache: they attend to it read-only plus the step's o
 branch, in place. (XLA copies a buffer that several `lax.switch` branches update.) `run` loops
 steps in a `lax.while_loop` on device; every step reads only a static window of the cache that
 covers the filled part (`kv_window`), so attention follows the filled length, not the capacity.
-`branch_step` runs one branch as its own executable (host dispatch, an ablation).
 """
 
 from __future__ import annotations
@@ -143,27 +142,48 @@ class EngineConfig:
 GAINS = ("confidence", "acceptance")
 
 
-class DecodeState(NamedTuple):
-    cache: tf.KVCache
+class Block(NamedTuple):
+    """The candidate block [x0, d1 .. d(W-1)] and what is known of its drafts."""
+
     cand: jnp.ndarray  # int32[B, W]
     q: jnp.ndarray  # float32[B, W-1, V] draft distributions (sampling) or [B, 1, 1] (greedy)
     conf: jnp.ndarray  # float32[B, W-1] each draft's confidence (max probability)
     gain: jnp.ndarray  # float32[W] expected committed tokens verifying 0..W-1 of the drafts
     v: jnp.ndarray  # int32[] verify length for the next step
     has_drafts: jnp.ndarray  # bool[]
+
+
+class Stats(NamedTuple):
+    """Running statistics: the flex policy's inputs and the decode's counters."""
+
     alpha: jnp.ndarray  # float32[W-1] running conditional acceptance per draft position
     alpha_prior: jnp.ndarray  # float32[W-1] its prior
     seen: jnp.ndarray  # float32[3, W-1] discounted hits, tries and tried confidence
+    ar_streak: jnp.ndarray  # int32[] consecutive AR steps (flex probing)
+    probe_every: jnp.ndarray  # int32[] current probing interval (backs off after failed probes)
+    tried: jnp.ndarray  # int32[W-1] draft positions verified
+    hits: jnp.ndarray  # int32[W-1] draft positions accepted
+    branches: jnp.ndarray  # int32[n_branches] steps each branch ran
+
+
+class Output(NamedTuple):
+    """Committed tokens and stop state per sequence."""
+
     out: jnp.ndarray  # int32[B, O] committed tokens (prefill bonus first)
     n_out: jnp.ndarray  # int32[B]
     done: jnp.ndarray  # bool[B]
-    key: jnp.ndarray
     steps: jnp.ndarray  # int32[B] steps taken while active
-    tried: jnp.ndarray  # int32[W-1] draft positions verified
-    hits: jnp.ndarray  # int32[W-1] draft positions accepted
-    ar_streak: jnp.ndarray  # int32[] consecutive AR steps (flex probing)
-    probe_every: jnp.ndarray  # int32[] current probing interval (backs off after failed probes)
     max_new: jnp.ndarray  # int32[] token budget per sequence (traced: no recompile per length)
+
+
+class DecodeState(NamedTuple):
+    """Everything a decode carries between steps, grouped by concern."""
+
+    cache: tf.KVCache
+    block: Block
+    stats: Stats
+    output: Output
+    key: jnp.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,16 +221,16 @@ def branches_for(ecfg: EngineConfig, block_size: int, batch: int) -> tuple[tuple
 def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, key):
     """Calibrated drafts from a mask block's hidden states [B, W, H] and the bonus.
 
-    Returns (cand [B, W], q, v, conf [B, W-1], gain [W], conf_mean [W-1]): greedy drafts or
-    draws from q, the confidence verify length, each draft's max-probability, the expected tokens
-    per verify length (`EngineConfig.gain`), and the mean confidence over active sequences.
+    Returns (Block, conf_mean [W-1]): greedy drafts or draws from q, the confidence verify
+    length, each draft's max-probability, the expected tokens per verify length
+    (`EngineConfig.gain`); and the mean confidence over active sequences.
     """
     # Slot 0 sits on the bonus's own position: its prediction is never used, so skip its lm_head.
     logits = tf.draft_logits(st.cfg, target, draft, hidden[:, 1:], bonus, st.ecfg.use_calibration)
     ids = draft["head"]["ids"] if "head" in draft else None  # a restricted draft vocabulary
     sp = st.ecfg.sampling
     if sp.greedy:
-        drafts, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), state.q
+        drafts, q = jnp.argmax(logits, axis=-1).astype(jnp.int32), state.block.q
     else:
         q = sampling.probs(logits, sp)
         drafts = sampling.sample(key, q)
@@ -220,21 +240,22 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
         drafts = ids[drafts]
     conf = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)  # [B, W-1]
     v_seq = jnp.sum(jnp.cumprod(conf, axis=1) >= st.ecfg.threshold, axis=1)
-    active = ~state.done
+    active = ~state.output.done
     v = jnp.max(jnp.where(active, v_seq, 1))
     v = jnp.clip(v, 1, st.width - 1).astype(jnp.int32)
     n_active = jnp.maximum(active.sum(), 1)
     conf_mean = jnp.sum(jnp.where(active[:, None], conf, 0.0), axis=0) / n_active
     # Per sequence: acceptance of draft j given the ones before = its confidence times the
     # running accepted / confidence ratio of position j; expected tokens 1 + sum of the products.
-    w0 = st.ecfg.alpha_prior_weight * state.alpha_prior
-    ratio = (state.seen[0] + w0) / jnp.maximum(state.seen[2] + w0, 1e-9)
+    w0 = st.ecfg.alpha_prior_weight * state.stats.alpha_prior
+    ratio = (state.stats.seen[0] + w0) / jnp.maximum(state.stats.seen[2] + w0, 1e-9)
     a = jnp.clip(conf * ratio, 0.0, 1.0)
     per_seq = 1.0 + jnp.cumsum(jnp.cumprod(a, axis=1), axis=1)  # [B, W-1]: verify 1..W-1
     gain = jnp.sum(jnp.where(active[:, None], per_seq, 0.0), axis=0) / n_active
     gain = jnp.concatenate([jnp.ones((1,), jnp.float32), gain.astype(jnp.float32)])
     cand = jnp.concatenate([bonus[:, None], drafts], axis=1)
-    return cand, q, v, conf.astype(jnp.float32), gain, conf_mean
+    block = Block(cand, q, conf.astype(jnp.float32), gain, v, jnp.array(True))
+    return block, conf_mean
 
 
 def _view(kv, lengths) -> tf.KVCache:
@@ -259,10 +280,8 @@ def _refill(st: Static, target, draft, kv, window: int, state: DecodeState):
     key, sub = jax.random.split(state.key)
     lengths = state.cache.lengths
     hm = _draft_pass(st, target, draft, _view(kv, lengths), lengths, window)
-    cand, q, v, conf, gain, _ = _draft_block(st, target, draft, state, hm, state.cand[:, 0], sub)
-    return state._replace(
-        cand=cand, q=q, v=v, conf=conf, gain=gain, has_drafts=jnp.array(True), key=key
-    )
+    block, _ = _draft_block(st, target, draft, state, hm, state.block.cand[:, 0], sub)
+    return state._replace(block=block, key=key)
 
 
 # ----------------------------------------------------------------------------- commit
@@ -270,11 +289,12 @@ def _refill(st: Static, target, draft, kv, window: int, state: DecodeState):
 
 def _commit(st: Static, state: DecodeState, start, acc, bonus, v_used):
     """Append d1..d(acc) and the bonus per active sequence; update lengths, stop flags, stats."""
-    b, w = state.cand.shape
-    active = ~state.done
+    o, stats = state.output, state.stats
+    b, w = state.block.cand.shape
+    active = ~o.done
     acc = jnp.where(active, acc, 0)
     j = jnp.arange(w)[None, :]
-    toks = jnp.where(j < acc[:, None], jnp.roll(state.cand, -1, axis=1), bonus[:, None])
+    toks = jnp.where(j < acc[:, None], jnp.roll(state.block.cand, -1, axis=1), bonus[:, None])
     count = acc + 1
     if st.eos_ids:
         is_eos = jnp.isin(toks, jnp.asarray(st.eos_ids)) & (j < count[:, None])
@@ -284,32 +304,33 @@ def _commit(st: Static, state: DecodeState, start, acc, bonus, v_used):
     else:
         hit_eos = jnp.zeros((b,), bool)
     count = jnp.where(active, count, 0)
-    slots = state.n_out[:, None] + j
-    slots = jnp.where(j < count[:, None], slots, state.out.shape[1])  # dropped
-    out = state.out.at[jnp.arange(b)[:, None], slots].set(toks, mode="drop")
-    n_out = state.n_out + count
-    done = state.done | (active & (hit_eos | (n_out >= state.max_new)))
+    slots = o.n_out[:, None] + j
+    slots = jnp.where(j < count[:, None], slots, o.out.shape[1])  # dropped
+    out = o.out.at[jnp.arange(b)[:, None], slots].set(toks, mode="drop")
+    n_out = o.n_out + count
+    done = o.done | (active & (hit_eos | (n_out >= o.max_new)))
     lengths = jnp.where(active, start + acc + 1, state.cache.lengths)
     # Per-position acceptance: position i (1-based) is tried iff i <= v and all before it passed.
     pos = jnp.arange(1, w)[None, :]
     tried_m = active[:, None] & (pos <= v_used) & (pos <= acc[:, None] + 1)
     hit_m = active[:, None] & (pos <= acc[:, None])
     tried_n, hit_n = tried_m.sum(0), hit_m.sum(0)
-    conf_n = jnp.sum(jnp.where(tried_m, state.conf, 0.0), axis=0)
+    conf_n = jnp.sum(jnp.where(tried_m, state.block.conf, 0.0), axis=0)
     new = jnp.stack([hit_n.astype(jnp.float32), tried_n.astype(jnp.float32), conf_n])
-    seen = st.ecfg.alpha_decay * state.seen + new
+    seen = st.ecfg.alpha_decay * stats.seen + new
     w0 = st.ecfg.alpha_prior_weight
-    alpha = (seen[0] + w0 * state.alpha_prior) / (seen[1] + w0)
+    alpha = (seen[0] + w0 * stats.alpha_prior) / (seen[1] + w0)
     return state._replace(
         cache=state.cache._replace(lengths=lengths),
-        out=out,
-        n_out=n_out,
-        done=done,
-        steps=state.steps + active.astype(jnp.int32),
-        tried=state.tried + tried_n.astype(jnp.int32),
-        hits=state.hits + hit_n.astype(jnp.int32),
-        alpha=alpha.astype(jnp.float32),
-        seen=seen,
+        output=o._replace(
+            out=out, n_out=n_out, done=done, steps=o.steps + active.astype(jnp.int32)
+        ),
+        stats=stats._replace(
+            tried=stats.tried + tried_n.astype(jnp.int32),
+            hits=stats.hits + hit_n.astype(jnp.int32),
+            alpha=alpha.astype(jnp.float32),
+            seen=seen,
+        ),
     )
 
 
@@ -321,38 +342,42 @@ def _ar_branch(st: Static, target, draft, kv, window: int, state: DecodeState):
     start = state.cache.lengths
     lay = layouts.causal(start, 1)
     logits, _, pend = tf.step_forward(
-        st.cfg, target, state.cand[:, :1], lay.positions, lay.meta, _view(kv, start),
+        st.cfg, target, state.block.cand[:, :1], lay.positions, lay.meta, _view(kv, start),
         window=window,
     )  # fmt: skip
     bonus = sampling.choose(sub, logits[:, 0], st.ecfg.sampling)
     state = _commit(st, state._replace(key=key), start, jnp.zeros_like(start), bonus, 0)
-    cand = state.cand.at[:, 0].set(bonus)
-    state = state._replace(cand=cand, has_drafts=jnp.array(False), ar_streak=state.ar_streak + 1)
-    return state, pend
+    block = state.block._replace(
+        cand=state.block.cand.at[:, 0].set(bonus), has_drafts=jnp.array(False)
+    )
+    stats = state.stats._replace(ar_streak=state.stats.ar_streak + 1)
+    return state._replace(block=block, stats=stats), pend
 
 
 def _spec_branch(st: Static, kind: str, rows: int, target, draft, kv, window: int, state):
-    probe = state.ar_streak >= state.probe_every  # entered as a flex probe after an AR streak
+    stats = state.stats
+    probe = stats.ar_streak >= stats.probe_every  # entered as a flex probe after an AR streak
     refill = functools.partial(_refill, st, target, draft, kv, window)
-    state = jax.lax.cond(state.has_drafts, lambda s: s, refill, state)
+    state = jax.lax.cond(state.block.has_drafts, lambda s: s, refill, state)
     key, k_ver, k_draft = jax.random.split(state.key, 3)
     start = state.cache.lengths
     view = _view(kv, start)
-    v_used = jnp.minimum(state.v, rows - 1)
+    v_used = jnp.minimum(state.block.v, rows - 1)
+    cand = state.block.cand
     w = st.width
     if kind == "seq":
         lay = layouts.causal(start, rows)
         logits, _, pend = tf.step_forward(
-            st.cfg, target, state.cand[:, :rows], lay.positions, lay.meta, view, window=window
+            st.cfg, target, cand[:, :rows], lay.positions, lay.meta, view, window=window
         )
     else:
         lay = layouts.parallel(start, rows, rows, w)
         logits, hm, pend = tf.step_forward(
-            st.cfg, target, state.cand[:, :rows], lay.positions, lay.meta, view, window=window,
+            st.cfg, target, cand[:, :rows], lay.positions, lay.meta, view, window=window,
             draft=draft, dcfg=st.dcfg, mask_positions=lay.mask_positions,
         )  # fmt: skip
     acc, bonus = verify.verify(
-        k_ver, logits, state.cand, state.q, v_used, st.ecfg.sampling, st.ecfg.rule
+        k_ver, logits, cand, state.block.q, v_used, st.ecfg.sampling, st.ecfg.rule
     )
     state = _commit(st, state._replace(key=key), start, acc, bonus, v_used)
     if kind == "seq":  # the new bonus sits at the committed length: anchor the block there
@@ -362,20 +387,11 @@ def _spec_branch(st: Static, kind: str, rows: int, target, draft, kv, window: in
         b, h = hm.shape[0], hm.shape[-1]
         groups = hm.reshape(b, rows, w, h)
         hidden = jnp.take_along_axis(groups, acc[:, None, None, None], axis=1)[:, 0]
-    cand, q, v, conf, gain, _ = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
+    block, _ = _draft_block(st, target, draft, state, hidden, bonus, k_draft)
     base = jnp.asarray(st.ecfg.probe_interval, jnp.int32)
-    probe_every = jnp.where(probe, jnp.minimum(state.probe_every * 2, 1024), base)
-    state = state._replace(
-        cand=cand,
-        q=q,
-        v=v,
-        conf=conf,
-        gain=gain,
-        has_drafts=jnp.array(True),
-        ar_streak=jnp.zeros((), jnp.int32),
-        probe_every=probe_every,
-    )
-    return state, pend
+    probe_every = jnp.where(probe, jnp.minimum(stats.probe_every * 2, 1024), base)
+    stats = state.stats._replace(ar_streak=jnp.zeros((), jnp.int32), probe_every=probe_every)
+    return state._replace(block=block, stats=stats), pend
 
 
 def _branch_fns(st: Static, window: int, capacity: int):
@@ -399,20 +415,19 @@ def _branch_fns(st: Static, window: int, capacity: int):
 
 
 def _run_branch(st: Static, window: int, target, draft, state: DecodeState, idx):
-    """Branch `idx` (an int: that branch alone; traced: `lax.switch`), then the cache written
+    """Branch `idx` (traced; `lax.switch` among the branches), then the cache written
     once with the rows it returns. The branches only read the cache (their outputs hold no
     cache-sized buffer), so the write is in place on the donated cache."""
     cache = state.cache
     kv = (cache.k, cache.v)
     light = state._replace(cache=cache._replace(k=None, v=None))
     fns = _branch_fns(st, window, cache.capacity)
-    if isinstance(idx, int):
-        new, pend = fns[idx](target, draft, kv, light)
-    elif len(fns) == 1:
+    if len(fns) == 1:
         new, pend = fns[0](target, draft, kv, light)
     else:
         new, pend = jax.lax.switch(idx, fns, target, draft, kv, light)
-    return new._replace(cache=tf.write_pending(cache, pend, new.cache.lengths))
+    stats = new.stats._replace(branches=new.stats.branches.at[idx].add(1))
+    return new._replace(cache=tf.write_pending(cache, pend, new.cache.lengths), stats=stats)
 
 
 # ----------------------------------------------------------------------------- policy
@@ -421,9 +436,10 @@ def _run_branch(st: Static, window: int, target, draft, state: DecodeState, idx)
 def choose_branch(st: Static, state: DecodeState, costs):
     """Branch index on device (`policy.choose` over the state's statistics). costs:
     float32[n_branches + 1] seconds (last: a draft pass)."""
+    blk, stats = state.block, state.stats
     return policy.choose(
-        st.branches, st.ecfg, state.v, state.has_drafts, state.alpha, state.gain,
-        state.ar_streak, state.probe_every, costs,
+        st.branches, st.ecfg, blk.v, blk.has_drafts, stats.alpha, blk.gain, stats.ar_streak,
+        stats.probe_every, costs,
     )  # fmt: skip
 
 
@@ -468,36 +484,39 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
     prior = policy.alpha_prior(st.ecfg.alpha_init, w)
     state = DecodeState(
         cache=cache._replace(lengths=lengths),
-        cand=jnp.zeros((b, w), jnp.int32).at[:, 0].set(bonus),
-        q=q0,
-        conf=jnp.zeros((b, w - 1), jnp.float32),
-        gain=jnp.ones((w,), jnp.float32),
-        v=jnp.asarray(w - 1, jnp.int32),
-        has_drafts=jnp.array(False),
-        alpha=prior,
-        alpha_prior=prior,
-        seen=jnp.zeros((3, w - 1), jnp.float32),
-        out=out,
-        n_out=jnp.ones((b,), jnp.int32),
-        done=jnp.broadcast_to(done, (b,)),
+        block=Block(
+            cand=jnp.zeros((b, w), jnp.int32).at[:, 0].set(bonus),
+            q=q0,
+            conf=jnp.zeros((b, w - 1), jnp.float32),
+            gain=jnp.ones((w,), jnp.float32),
+            v=jnp.asarray(w - 1, jnp.int32),
+            has_drafts=jnp.array(False),
+        ),
+        stats=Stats(
+            alpha=prior,
+            alpha_prior=prior,
+            seen=jnp.zeros((3, w - 1), jnp.float32),
+            ar_streak=jnp.zeros((), jnp.int32),
+            probe_every=jnp.asarray(st.ecfg.probe_interval, jnp.int32),
+            tried=jnp.zeros((w - 1,), jnp.int32),
+            hits=jnp.zeros((w - 1,), jnp.int32),
+            branches=jnp.zeros((len(st.branches),), jnp.int32),
+        ),
+        output=Output(
+            out=out,
+            n_out=jnp.ones((b,), jnp.int32),
+            done=jnp.broadcast_to(done, (b,)),
+            steps=jnp.zeros((b,), jnp.int32),
+            max_new=jnp.asarray(max_new, jnp.int32),
+        ),
         key=key,
-        steps=jnp.zeros((b,), jnp.int32),
-        tried=jnp.zeros((w - 1,), jnp.int32),
-        hits=jnp.zeros((w - 1,), jnp.int32),
-        ar_streak=jnp.zeros((), jnp.int32),
-        probe_every=jnp.asarray(st.ecfg.probe_interval, jnp.int32),
-        max_new=jnp.asarray(max_new, jnp.int32),
     )
     if spec:
-        cand, q, v, conf, gain, conf_mean = _draft_block(
-            st, target, draft, state, hm, bonus, k_draft
-        )
-        state = state._replace(
-            cand=cand, q=q, v=v, conf=conf, gain=gain, has_drafts=jnp.array(True)
-        )
+        block, conf_mean = _draft_block(st, target, draft, state, hm, bonus, k_draft)
+        state = state._replace(block=block)
         if st.ecfg.alpha_init is None:  # (gain does not depend on the prior before any verify)
             prior = jnp.clip(conf_mean, 0.05, 0.95).astype(jnp.float32)
-            state = state._replace(alpha=prior, alpha_prior=prior)
+            state = state._replace(stats=state.stats._replace(alpha=prior, alpha_prior=prior))
     return state
 
 
@@ -515,7 +534,7 @@ def kv_window(lengths, rows: int, capacity: int) -> int:
 
 def _has_room(st: Static, state: DecodeState, window: int):
     """Whether one more step fits the window: every active sequence can add W cache rows."""
-    longest = jnp.max(jnp.where(state.done, 0, state.cache.lengths))
+    longest = jnp.max(jnp.where(state.output.done, 0, state.cache.lengths))
     return longest + st.width <= window
 
 
@@ -526,7 +545,7 @@ def step(st: Static, target, draft, state: DecodeState, costs, force, window: in
     force >= 0 runs that branch (profiling, tests); otherwise the mode's policy chooses."""
     idx = jnp.where(force >= 0, force, choose_branch(st, state, costs)).astype(jnp.int32)
     new = _run_branch(st, window, target, draft, state, idx)
-    return new, idx, new.n_out - state.n_out
+    return new, idx, new.output.n_out - state.output.n_out
 
 
 @functools.partial(jax.jit, static_argnames=("st", "window", "steps"), donate_argnames=("state",))
@@ -538,18 +557,18 @@ def run(st: Static, target, draft, state: DecodeState, costs, window: int, steps
 
     Returns (state, branch of each step int32[steps] (-1: not run), tokens each step committed
     per sequence int32[steps, B])."""
-    b = state.done.shape[0]
+    b = state.output.done.shape[0]
 
     def cond(carry):
         state, i, _, _ = carry
-        return (i < steps) & ~jnp.all(state.done) & _has_room(st, state, window)
+        return (i < steps) & ~jnp.all(state.output.done) & _has_room(st, state, window)
 
     def body(carry):
         state, i, branches, counts = carry
         idx = choose_branch(st, state, costs)
         new = _run_branch(st, window, target, draft, state, idx)
         branches = branches.at[i].set(idx)
-        counts = counts.at[i].set(new.n_out - state.n_out)
+        counts = counts.at[i].set(new.output.n_out - state.output.n_out)
         return new, i + 1, branches, counts
 
     init = (
@@ -560,44 +579,3 @@ def run(st: Static, target, draft, state: DecodeState, costs, window: int, steps
     )
     state, _, branches, counts = jax.lax.while_loop(cond, body, init)
     return state, branches, counts
-
-
-@functools.cache
-def ar_static(st: Static) -> Static:
-    """The Static of a plain AR step, whatever the mode: flex's AR steps and AR mode's then run one
-    and the same executable under host dispatch."""
-    ecfg = EngineConfig(
-        mode="ar",
-        sampling=st.ecfg.sampling,
-        alpha_decay=st.ecfg.alpha_decay,
-        alpha_prior_weight=st.ecfg.alpha_prior_weight,
-    )
-    return Static(st.cfg, st.dcfg, ecfg, (("ar", 1),), st.eos_ids)
-
-
-def _status(st: Static, state: DecodeState, costs):
-    """int32[1 + 2B]: the policy's next branch, stop flags, committed counts (one host read; its
-    own buffer, so it outlives the state donated to the next step)."""
-    nxt = choose_branch(st, state, costs)[None]
-    return jnp.concatenate([nxt, state.done.astype(jnp.int32), state.n_out]).astype(jnp.int32)
-
-
-def read_status(status) -> tuple:
-    """(next branch, done bool[B], n_out int32[B]) from a host copy of `_status`."""
-    b = (len(status) - 1) // 2
-    return int(status[0]), status[1 : 1 + b].astype(bool), status[1 + b :]
-
-
-@functools.partial(jax.jit, static_argnames=("st",))
-def first_branch(st: Static, state: DecodeState, costs):
-    """The policy's choice for the first step and the stop state after prefill (host dispatch)."""
-    return _status(st, state, costs)
-
-
-@functools.partial(jax.jit, static_argnames=("st", "branch", "window"), donate_argnames=("state",))
-def branch_step(st: Static, branch: int, target, draft, state: DecodeState, costs, window: int):
-    """Host dispatch: run branch `branch` (no lax.switch) and choose the next one on device.
-
-    Returns (state, status for `read_status`, tokens committed per sequence int32[B])."""
-    new = _run_branch(st, window, target, draft, state, branch)
-    return new, _status(st, new, costs), new.n_out - state.n_out
