@@ -19,7 +19,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flexdraft_jax import pipeline  # noqa: E402
-from flexdraft_jax.decoding.decoder import Decoder  # noqa: E402
+from flexdraft_jax.decoding.decoder import Decoder, RunConfig  # noqa: E402
 from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
 from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
 from flexdraft_jax.models import precision  # noqa: E402
@@ -63,6 +63,15 @@ flags.DEFINE_enum(
     "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
     "XLA on CPU (auto).",
 )  # fmt: skip
+flags.DEFINE_string(
+    "profile", "none",
+    "Flex's step-cost profile: none (the estimate from bytes and FLOPs, nothing timed), auto "
+    "(measured once per machine, model and batch size and stored under "
+    "~/.cache/flexdraft_jax/profiles), or a JSON path (measured and written there if missing).",
+)  # fmt: skip
+flags.DEFINE_integer(
+    "steps_per_call", RunConfig.steps_per_call, "Decode steps per device call.", lower_bound=1
+)
 flags.DEFINE_string("output_json", None, "Write generations and stats here (atomically).")
 
 
@@ -94,7 +103,11 @@ def run(_):
         target["embed"]["embedding"].dtype,
         cfg.attention_impl,
     )
-    dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len)
+    dec = Decoder(
+        cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len,
+        run=RunConfig(steps_per_call=F.steps_per_call),
+    )  # fmt: skip
+    dec.setup_profile(len(ids), F.profile)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)
     records = []
     for text, toks in zip(texts, gen.tokens):
@@ -105,6 +118,7 @@ def run(_):
     print(
         f"mode={F.mode} tau={stats['tau']:.2f} tokens/s={stats['tokens_per_s']:.1f} "
         f"steps={stats['steps']} branches={stats['branch_counts']}"
+        + (f" costs={stats['cost_profile']}" if "cost_profile" in stats else "")
     )
     if F.output_json:
         stats["branch_per_step"] = gen.stats["branch_per_step"]

@@ -23,6 +23,7 @@ import time
 
 from flexdraft_jax import pipeline
 from flexdraft_jax.bench import harness, report
+from flexdraft_jax.models import precision
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +179,22 @@ def run_demo(
     config_path: str = "configs/smollm2_135m.py",
     bench_overrides: dict | None = None,
     hf_baseline: bool = False,
+    dtype: str = "auto",
+    attention_impl: str = "auto",
 ) -> dict:
-    """Load the embedded target, get a draft, benchmark; returns the benchmark results."""
+    """Load the embedded target, get a draft, benchmark; returns the benchmark results.
+
+    dtype, attention_impl: how decoding runs (`precision.DTYPES`, `config.ATTENTION_IMPLS`);
+    training (--retrain) always runs in float32."""
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     stages = Stages(workdir)
     log.info("loading the embedded SmolLM2-135M-Instruct")
-    cfg, target, tok = pipeline.load_target(None)
+    load_dtype = "float32" if retrain_draft else dtype
+    cfg, target, tok = pipeline.load_target(None, dtype=load_dtype, attention_impl=attention_impl)
     if retrain_draft:
         draft_path = retrain(workdir, stages, (cfg, target, tok), config_path, budget_minutes)
+        target = precision.cast_params(target, precision.decode_dtype(dtype))
     else:
         draft_path = pipeline.shipped_draft(None)
         if draft_path is None:
@@ -207,7 +215,10 @@ def run_demo(
     log.info("HumanEval problems %s (%s tokens)", pick, [len(p) for p in ids])
     out_dir = os.path.join(workdir, "benchmark")
     key = {k: list(v) if isinstance(v, tuple) else v for k, v in bench.items()}
-    key.update(draft=draft_path or "untrained", num_prompts=n, hf_baseline=hf_baseline)
+    key.update(
+        draft=draft_path or "untrained", num_prompts=n, hf_baseline=hf_baseline, dtype=dtype,
+        attention_impl=attention_impl,
+    )  # fmt: skip
     prev = stages.done("benchmark")
     if prev is not None and prev.get("key") == key:
         log.info("stage benchmark: already done, reading %s", out_dir)
