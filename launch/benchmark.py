@@ -43,7 +43,8 @@ flags.DEFINE_list(
     "modes",
     ["ar", "sequential", "parallel", "flex"],
     "Modes (ar is always added); options: MODE:nocalib, MODE:t=THETA, MODE:dv=N (draft "
-    "vocabulary size, 0 = all), MODE:spc=N (steps per device call, default 16).",
+    "vocabulary size, 0 = all), MODE:spc=N (steps per device call, default 16), MODE:cap=N (KV "
+    "cache capacity).",
 )
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens per prompt.", lower_bound=1)
 flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")

@@ -283,6 +283,7 @@ def test_parse_mode():
         harness.parse_mode("flex:dv=-3")
     assert harness.parse_mode("flex").run == RunConfig()  # 16 steps per device call
     assert harness.parse_mode("flex:spc=4").run.steps_per_call == 4
+    assert harness.parse_mode("ar:cap=4096").cache_len == 4096
     with pytest.raises(ValueError, match="steps per call"):
         harness.parse_mode("flex:spc=x")
     with pytest.raises(ValueError, match="unknown option"):

@@ -16,8 +16,9 @@ mean decode step over AR's, measured in the run, to hold against the profiled `s
 Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
 bonus-guided calibration), `t=THETA` (confidence threshold; `t=0` verifies the whole block) and
 `dv=N` (draft vocabulary size; `dv=0` drafts over the whole vocabulary), and how the host drives
-the steps (`decoder.RunConfig`): `spc=N` (steps per device call); e.g. `flex:nocalib`,
-`sequential:t=0` or `flex:spc=1`: the ablations are just more modes.
+the steps (`decoder.RunConfig`): `spc=N` (steps per device call), and `cap=N` (KV cache
+capacity); e.g. `flex:nocalib`, `sequential:t=0`, `flex:spc=1` or `ar:cap=4096`: the ablations
+are just more modes.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ModeSpec:
     use_calibration: bool
     draft_vocab_size: int = engine.EngineConfig.draft_vocab_size
     run: RunConfig = RunConfig()
+    cache_len: int | None = None  # KV cache capacity (None: the run's)
 
     def engine_config(self, temperature: float) -> engine.EngineConfig:
         return engine.EngineConfig(
@@ -81,6 +83,7 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
     mode, *opts = spec.strip().split(":")
     vocab = engine.EngineConfig.draft_vocab_size
     run = RunConfig()
+    cache_len = None
     if mode not in engine.MODES:
         raise ValueError(
             f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(engine.MODES)}"
@@ -98,11 +101,14 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
         elif opt.startswith("spc="):
             n = max(_count_option(opt, "steps per call", spec), 1)
             run = dataclasses.replace(run, steps_per_call=n)
+        elif opt.startswith("cap="):
+            cache_len = _count_option(opt, "cache capacity", spec)
         else:
             raise ValueError(
-                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N or spc=N"
+                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N, spc=N or "
+                "cap=N"
             )
-    return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, run)
+    return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, run, cache_len)
 
 
 def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None) -> list[list]:
@@ -259,7 +265,7 @@ def run_benchmark(
                 draft if s.mode != "ar" else None,
                 dcfg,
                 s.engine_config(temperature),
-                cache_len=cache_len,
+                cache_len=s.cache_len or cache_len,
                 eos_ids=eos_ids,
                 run=s.run,
             )
