@@ -2,7 +2,7 @@
 
 load_target(path, dtype, attention_impl) -> (cfg, params as jnp, tokenizer), for decoding in
                                           `dtype` ("auto": bfloat16 on TPU/GPU, float32 on CPU)
-load_draft(path, cfg, target, ...)     -> (DraftConfig, draft params)   release dir or orbax dir,
+load_draft(path, cfg, target, ...)     -> Draft (models.draft)          release dir or orbax dir,
                                           or untrained copies of the target's projectors; in the
                                           target's dtype
 read_prompts(prompts, prompts_file)    -> list[str] ("prompt" or the first of "turns" per line)
@@ -22,6 +22,7 @@ from flexdraft_jax.checkpoints.tokenizer import apply_chat
 from flexdraft_jax.models import precision
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
+from flexdraft_jax.models.draft import Draft
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_DRAFT = os.path.join(REPO_ROOT, "drafts", "smollm2_135m")
@@ -54,22 +55,18 @@ def load_draft(
     seed: int = 0,
     dtype=None,
 ):
-    """A draft: release-format directory / .safetensors, a training workdir, or (path None)
+    """A `Draft`: release-format directory / .safetensors, a training workdir, or (path None)
     untrained copies of the target's last `depth` layers' projectors (lossless, rarely accepted).
     Its parameters come in `dtype` (None: the target embedding's dtype, as decoding wants;
-    float32 without a target).
-
-    A release that stores a draft vocabulary returns it as `draft["vocab"]` (numpy ids, most
-    frequent first), and the number of them it was trained over, when recorded, as
-    `draft["vocab_size"]`; `Decoder` uses the first `EngineConfig.draft_vocab_size` ids (default:
-    that number). One that records its held-out acceptance per draft position returns it as
-    `draft["acceptance"]` (flex decoding's starting estimate)."""
+    float32 without a target). A release's draft vocabulary, the size it was trained over, its
+    held-out acceptance and the fingerprint of its target come with it; with a `target`, a
+    release trained for another target is refused."""
     if dtype is None:
         dtype = jnp.float32 if target is None else target["embed"]["embedding"].dtype
     if path is None:
         dcfg = DraftConfig(depth=depth, block_size=block_size, calib_rank=calib_rank)
-        draft = tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
-        return dcfg, precision.cast_params(draft, dtype)
+        params = tf.init_draft(cfg, dcfg, target, jax.random.PRNGKey(seed))
+        return Draft(precision.cast_params(params, dtype), dcfg)
     if not os.path.exists(path):
         raise FileNotFoundError(f"draft checkpoint {path} does not exist")
     if os.path.isdir(os.path.join(path, "draft_release")):  # a training workdir
@@ -80,25 +77,23 @@ def load_draft(
             f"{path} is neither a release-format draft (config.json + *.safetensors) nor a "
             "training workdir with draft_release/ (written when a training run finishes)"
         )
-    from flexdraft_jax.checkpoints.release import (
-        load_acceptance,
-        load_draft_vocab,
-        load_draft_vocab_size,
-        load_release,
-    )
+    from flexdraft_jax.checkpoints import release
 
-    dcfg, draft = load_release(path, cfg)
-    draft = precision.cast_params(jax.tree.map(jnp.asarray, draft), dtype)
-    vocab = load_draft_vocab(path, cfg)
-    if vocab is not None:  # token ids by training frequency: `Decoder` restricts the draft head
-        draft["vocab"] = vocab
-        n = load_draft_vocab_size(path, cfg)
-        if n is not None:
-            draft["vocab_size"] = n
-    acceptance = load_acceptance(path, dcfg.block_size)
-    if acceptance is not None:
-        draft["acceptance"] = acceptance
-    return dcfg, draft
+    dcfg, params = release.load_release(path, cfg)
+    params = precision.cast_params(jax.tree.map(jnp.asarray, params), dtype)
+    vocab = release.load_draft_vocab(path, cfg)
+    acceptance = release.load_acceptance(path, dcfg.block_size)
+    draft = Draft(
+        params,
+        dcfg,
+        vocab=vocab,
+        vocab_size=None if vocab is None else release.load_draft_vocab_size(path, cfg),
+        acceptance=None if acceptance is None else tuple(float(a) for a in acceptance),
+        target=release.load_target_fingerprint(path),
+    )
+    if target is not None:
+        draft.check_target(cfg, target, path)
+    return draft
 
 
 def read_prompts(prompts=(), prompts_file: str | None = None, limit: int | None = None) -> list:

@@ -13,6 +13,7 @@ Writes results.json, speedup.png, acceptance.png and step_cost.png to --output_d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -43,8 +44,9 @@ flags.DEFINE_list(
     "modes",
     ["ar", "sequential", "parallel", "flex"],
     "Modes (ar is always added); options: MODE:nocalib, MODE:t=THETA, MODE:dv=N (draft "
-    "vocabulary size, 0 = all), MODE:spc=N (steps per device call, default 16), MODE:cap=N (KV "
-    "cache capacity).",
+    "vocabulary size, 0 = all), MODE:spc=N (steps per device call, default 16), MODE:host (host "
+    "dispatch: one executable per step), MODE:la=N (its lookahead), MODE:cap=N (KV cache "
+    "capacity).",
 )
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens per prompt.", lower_bound=1)
 flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
@@ -94,11 +96,12 @@ def main(_):
     draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
     if draft_path is None:
         logging.warning("no trained draft: using UNTRAINED draft projectors (tau ~1, no speedup)")
-    dcfg, draft = pipeline.load_draft(
+    draft = pipeline.load_draft(
         draft_path, cfg, target, depth=F.draft_depth, block_size=F.block_size or 8
     )
-    if F.block_size and F.block_size != dcfg.block_size:
-        dcfg = dcfg.__class__(dcfg.depth, F.block_size, dcfg.calib_rank, dcfg.use_calibration)
+    dcfg = draft.config
+    if F.block_size and F.block_size != dcfg.block_size:  # decode with another block size
+        dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
     ids = pipeline.encode(tok, texts, chat)
     logging.info(
         "target %s, draft %s, %d prompts, chat=%s",

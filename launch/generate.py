@@ -9,6 +9,7 @@ Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -89,11 +90,12 @@ def run(_):
         F.checkpoint, dtype=F.dtype, attention_impl=F.attention_impl
     )
     draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
-    dcfg, draft = pipeline.load_draft(
+    draft = pipeline.load_draft(
         draft_path, cfg, target, depth=F.draft_depth, block_size=F.block_size or 8
     )
-    if F.block_size and F.block_size != dcfg.block_size:
-        dcfg = dcfg.__class__(dcfg.depth, F.block_size, dcfg.calib_rank, dcfg.use_calibration)
+    dcfg = draft.config
+    if F.block_size and F.block_size != dcfg.block_size:  # decode with another block size
+        dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
     ids = pipeline.encode(tok, texts, F.chat)
     logging.info(
         "target %s, draft %s, %d prompts, %s, attention %s",

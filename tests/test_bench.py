@@ -286,8 +286,10 @@ def test_parse_mode():
     assert harness.parse_mode("ar:cap=4096").cache_len == 4096
     with pytest.raises(ValueError, match="steps per call"):
         harness.parse_mode("flex:spc=x")
-    with pytest.raises(ValueError, match="unknown option"):
-        harness.parse_mode("flex:host")
+    s = harness.parse_mode("flex:host:la=0")
+    assert (s.run.dispatch, s.run.lookahead) == ("host", 0)
+    with pytest.raises(ValueError, match="lookahead"):
+        harness.parse_mode("flex:la=x")
 
 
 def test_turns_prompts_through_harness(tmp_path):

@@ -25,6 +25,7 @@ from flexdraft_jax.decoding.sampling import SamplingParams
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
+from flexdraft_jax.models.draft import Draft
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [2, 7]]
 
@@ -239,8 +240,8 @@ def test_sampling_with_a_restricted_draft_vocabulary_is_lossless(sampling_setup,
     dec = decoder(
         cfg,
         target,
-        dict(draft, vocab=np.array([4, 0, 2, 1, 3], np.int32)),
-        dcfg,
+        Draft(draft, dcfg, vocab=np.array([4, 0, 2, 1, 3], np.int32)),
+        None,
         mode="sequential",
         threshold=0.0,
         sampling=sp,
@@ -265,16 +266,16 @@ def test_greedy_with_a_restricted_draft_vocabulary_equals_ar(tiny_llama):
     vocab = np.concatenate([keep, emitted[1::2]]).astype(np.int32)
     for mode in ("sequential", "parallel", "flex"):
         dec = decoder(
-            cfg, target, dict(draft, vocab=vocab), dcfg, mode=mode, threshold=0.0,
+            cfg, target, Draft(draft, dcfg, vocab=vocab), None, mode=mode, threshold=0.0,
             draft_vocab_size=len(keep),
         )  # fmt: skip
         gen = dec.generate(PROMPTS, 24)
         assert gen.tokens == ref.tokens, mode
         if mode != "flex":  # (flex may find that speculating does not pay on this tiny model)
             assert sum(gen.stats["per_position_acceptance"]) > 0
-    full = decoder(cfg, target, dict(draft, vocab=vocab), dcfg, mode="sequential", threshold=0.0,
-                   draft_vocab_size=0)  # fmt: skip
-    assert "head" not in full.draft and "vocab" not in full.draft
+    full = decoder(cfg, target, Draft(draft, dcfg, vocab=vocab), None, mode="sequential",
+                   threshold=0.0, draft_vocab_size=0)  # fmt: skip
+    assert "head" not in full.draft and full.draft.keys() == draft.keys()
 
 
 def test_default_draft_vocabulary_is_the_one_the_draft_was_trained_over(tiny_llama, monkeypatch):
@@ -285,7 +286,9 @@ def test_default_draft_vocabulary_is_the_one_the_draft_was_trained_over(tiny_lla
     vocab = np.random.default_rng(1).permutation(cfg.vocab_size).astype(np.int32)
 
     def used(extra, **kw):
-        dec = decoder(cfg, target, dict(draft, vocab=vocab, **extra), dcfg, mode="flex", **kw)
+        dec = decoder(
+            cfg, target, Draft(draft, dcfg, vocab=vocab, **extra), None, mode="flex", **kw
+        )
         n = dec.draft["head"]["ids"].size if "head" in dec.draft else 0
         assert dec.ecfg.draft_vocab_size == n
         if n:
@@ -424,7 +427,8 @@ def test_smollm2_untrained_draft_is_lossless(smollm2, mode, block_size, threshol
         chat=True,
     )
     ref = ar.generate(cfg, target, prompts, 16, eos_ids=())
-    dcfg, draft = pipeline.load_draft(None, cfg, target, depth=6, block_size=block_size)
+    draft = pipeline.load_draft(None, cfg, target, depth=6, block_size=block_size)
+    dcfg = draft.config
     prof = {
         4: CostProfile(
             4, {f"{k}{r}": 1.0 + 0.1 * r for k in ("ar", "seq", "par") for r in (1, 2, 4, 8)}, 0.3
@@ -452,10 +456,10 @@ def test_acceptance_estimate_starts_at_the_drafts_prior_and_forgets(tiny_llama):
     prior = (0.9, 0.8, 0.7)
     ecfg = engine.EngineConfig(mode="flex", alpha_decay=0.5, alpha_prior_weight=2.0)
     dec = Decoder(
-        cfg, target, {**draft, "acceptance": np.asarray(prior)}, dcfg, ecfg, cache_len=128,
+        cfg, target, Draft(draft, dcfg, acceptance=prior), None, ecfg, cache_len=128,
         eos_ids=(), profiles={len(PROMPTS): CostProfile(len(PROMPTS), {}, 0.0)},
     )  # fmt: skip
-    assert dec.ecfg.alpha_init == prior and "acceptance" not in dec.draft
+    assert dec.ecfg.alpha_init == prior and dec.draft.keys() == draft.keys()
     st = dec.static(len(PROMPTS))
     state, _ = dec._prefill(st, PROMPTS, 20, 0)
     np.testing.assert_allclose(state.stats.alpha, prior, rtol=1e-6)
@@ -475,8 +479,8 @@ def test_acceptance_estimate_starts_at_the_drafts_prior_and_forgets(tiny_llama):
     assert (np.abs(want - prior) <= np.abs(after_seq - prior)).all()  # back toward the prior
     # Without a recorded prior: 0.5 everywhere; a prior for another block size: its mean.
     assert Decoder(cfg, target, draft, dcfg, ecfg).ecfg.alpha_init == 0.5
-    other = {**draft, "acceptance": np.asarray([0.2, 0.4])}
-    assert Decoder(cfg, target, other, dcfg, ecfg).ecfg.alpha_init == pytest.approx(0.3)
+    other = Draft(draft, dcfg, acceptance=(0.2, 0.4))
+    assert Decoder(cfg, target, other, ecfg=ecfg).ecfg.alpha_init == pytest.approx(0.3)
     for bad in (dict(alpha_decay=0.0), dict(alpha_prior_weight=0.0), dict(alpha_init="conf")):
         with pytest.raises(ValueError, match="alpha"):
             engine.EngineConfig(**bad)
@@ -640,8 +644,8 @@ def test_prompt_width_buckets():
 
 
 def test_steps_per_call_changes_nothing_but_the_syncs(tiny_llama):
-    """The device loop at 1, 3 and 16 steps per call: the same branches, tokens and acceptance
-    (the policy, probing and running acceptance live on device, not on the host)."""
+    """The device loop at 1, 3 and 16 steps per call and host dispatch: the same branches, tokens
+    and acceptance (the policy, probing and running acceptance live on device)."""
     cfg, target = tiny_llama
     dcfg, draft = random_draft(cfg, target, 4, seed=7)
     prof = {
@@ -660,9 +664,14 @@ def test_steps_per_call_changes_nothing_but_the_syncs(tiny_llama):
             cache_len=128,
             eos_ids=(),
             profiles=prof,
-            run=RunConfig(steps_per_call=spc),
+            run=run,
         ).generate(PROMPTS, 20)
-        for spc in (1, 3, 16)
+        for run in (
+            RunConfig(steps_per_call=1),
+            RunConfig(steps_per_call=3),
+            RunConfig(steps_per_call=16),
+            RunConfig(dispatch="host", lookahead=0),  # one executable per step
+        )
     ]
     for other in runs[1:]:
         assert other.tokens == runs[0].tokens
@@ -683,6 +692,47 @@ def assert_step_times(stats):
     assert len(steps) == stats["steps"] and (steps > 0).all()
     decode = stats["seconds"] - stats["prefill_seconds"]
     assert steps.sum() <= decode and steps.sum() == pytest.approx(decode, rel=0.05)
+
+
+@pytest.mark.parametrize("mode", ["ar", "flex"])
+def test_lookahead_dispatch_is_lossless_and_stops_on_time(tiny_llama, mode):
+    """The host queues step t+1 (with the branch chosen after step t-1) before reading step t:
+    the same tokens as reading every step; a decode ended by the token budget runs no extra step,
+    one ended by EOS at most one, which commits nothing."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    prof = {
+        len(PROMPTS): CostProfile(
+            len(PROMPTS), {"ar1": 1.0, "seq2": 1.2, "seq4": 1.5, "par2": 1.1, "par4": 1.4}, 0.3
+        )
+    }
+    ref = ar.generate(cfg, target, PROMPTS, 20, eos_ids=())
+    eos = ref.tokens[0][5]
+
+    def run(lookahead, eos_ids):
+        ecfg = engine.EngineConfig(mode=mode, alpha_prior_weight=0.5)
+        dec = Decoder(
+            cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=eos_ids, profiles=prof,
+            run=RunConfig(dispatch="host", lookahead=lookahead),
+        )  # fmt: skip
+        return dec.generate(PROMPTS, 20)
+
+    for eos_ids in ((), (eos,)):
+        want = ar.generate(cfg, target, PROMPTS, 20, eos_ids=eos_ids).tokens
+        sync, lagged = run(0, eos_ids), run(1, eos_ids)
+        assert sync.tokens == lagged.tokens == want
+        assert_step_times(lagged.stats)
+        per_step = np.asarray(lagged.stats["committed_per_step"]).sum(axis=0)
+        assert (per_step[:-1] > 0).all()  # only the last step may be a no-op ...
+        assert per_step[-1] > 0 or eos_ids  # ... and only when EOS ended the decode
+        if mode == "ar":  # the same steps, plus at most that no-op
+            extra = lagged.stats["steps"] - sync.stats["steps"]
+            assert extra == (per_step[-1] == 0)
+        if mode == "flex":
+            names = lagged.stats["branch_per_step"]
+            assert names[1] == names[0] and len(set(names)) > 1  # lagged choice, still switching
+    with pytest.raises(ValueError, match="lookahead"):
+        RunConfig(lookahead=-1)
 
 
 def test_ar_cache_window_crossing_gives_the_same_tokens(tiny_llama, monkeypatch):
@@ -870,12 +920,12 @@ def test_cost_estimate_ranks_branches_by_rows_and_device(tmp_path):
         costs.CostProfile.load(str(tmp_path / "bad.json"))
 
 
-SMOLLM2_CASES = [("sequential", 4, 1), ("flex", 4, 16), ("parallel", 1, 16)] + [
+SMOLLM2_CASES = [("flex", 4, 16)] + [
     pytest.param(m, b, spc, marks=pytest.mark.slow)
     for m in engine.MODES
     for b in (1, 4)
     for spc in (1, 16)
-    if (m, b, spc) not in {("sequential", 4, 1), ("flex", 4, 16), ("parallel", 1, 16)}
+    if (m, b, spc) != ("flex", 4, 16)
 ]
 
 
@@ -888,7 +938,8 @@ def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
     cfg, target, tok = smollm2
     prompts = pipeline.encode(tok, pipeline.humaneval_prompts(4)[:batch], chat=True)
     ref = ar.generate(cfg, target, prompts, 24, eos_ids=())
-    dcfg, draft = pipeline.load_draft(pipeline.shipped_draft(None), cfg, target)
+    draft = pipeline.load_draft(pipeline.shipped_draft(None), cfg, target)
+    dcfg = draft.config
     # Speculation priced cheap, so flex and paper take speculative branches.
     costs = {f"{k}{r}": 1.0 + 0.05 * r for k in ("ar", "seq", "par") for r in (1, 2, 4, 8)}
     dec = Decoder(

@@ -130,13 +130,13 @@ def test_load_draft_takes_the_targets_dtype(tmp_path):
     cfg, target, dcfg, draft = tiny()
     dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
     bf16 = precision.cast_params(target, jnp.bfloat16)
-    _, made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, calib_rank=8)
+    made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, calib_rank=8).params
     assert dtypes(made) == {jnp.dtype(jnp.bfloat16)}
-    _, made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, dtype="float32")
+    made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, dtype="float32").params
     assert dtypes(made) == {jnp.dtype(jnp.float32)}
     path = release.save_release(str(tmp_path / "release"), cfg, dcfg, draft, dtype="bfloat16")
-    assert dtypes(pipeline.load_draft(path, cfg, bf16)[1]) == {jnp.dtype(jnp.bfloat16)}
-    assert dtypes(pipeline.load_draft(path, cfg, None)[1]) == {jnp.dtype(jnp.float32)}
+    assert dtypes(pipeline.load_draft(path, cfg, bf16).params) == {jnp.dtype(jnp.bfloat16)}
+    assert dtypes(pipeline.load_draft(path, cfg, None).params) == {jnp.dtype(jnp.float32)}
 
 
 def test_match_rate_counts_tokens_before_the_first_difference():

@@ -203,7 +203,8 @@ def run_demo(
                 "speculation cannot pay). Run with --retrain to train one.\n%s",
                 "!" * 78, pipeline.SHIPPED_DRAFT, "!" * 78,
             )  # fmt: skip
-    dcfg, draft = pipeline.load_draft(draft_path, cfg, target)
+    draft = pipeline.load_draft(draft_path, cfg, target)
+    dcfg = draft.config
     bench = {**DEMO_BENCH, **(bench_overrides or {})}
     n = bench.pop("num_prompts")
     # The n shortest HumanEval prompts: at batch 64 the prefill of long prompts (padded to a

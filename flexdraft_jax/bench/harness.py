@@ -16,9 +16,9 @@ mean decode step over AR's, measured in the run, to hold against the profiled `s
 Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
 bonus-guided calibration), `t=THETA` (confidence threshold; `t=0` verifies the whole block) and
 `dv=N` (draft vocabulary size; `dv=0` drafts over the whole vocabulary), and how the host drives
-the steps (`decoder.RunConfig`): `spc=N` (steps per device call), and `cap=N` (KV cache
-capacity); e.g. `flex:nocalib`, `sequential:t=0`, `flex:spc=1` or `ar:cap=4096`: the ablations
-are just more modes.
+the steps (`decoder.RunConfig`): `spc=N` (steps per device call), `host` (host dispatch) with
+`la=N` (its lookahead), and `cap=N` (KV cache capacity); e.g. `flex:nocalib`, `sequential:t=0`,
+`flex:host` or `ar:cap=4096`: the ablations are just more modes.
 """
 
 from __future__ import annotations
@@ -103,10 +103,14 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
             run = dataclasses.replace(run, steps_per_call=n)
         elif opt.startswith("cap="):
             cache_len = _count_option(opt, "cache capacity", spec)
+        elif opt == "host":
+            run = dataclasses.replace(run, dispatch="host")
+        elif opt.startswith("la="):
+            run = dataclasses.replace(run, lookahead=_count_option(opt, "lookahead", spec))
         else:
             raise ValueError(
-                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N, spc=N or "
-                "cap=N"
+                f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N, spc=N, "
+                "cap=N, host or la=N"
             )
     return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, run, cache_len)
 

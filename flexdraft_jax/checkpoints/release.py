@@ -40,6 +40,7 @@ from flexdraft_jax.models.config import DraftConfig, ModelConfig
 CONFIG_KEYS = ("flexdraft_config", "dflash_config")  # the first is written, both are read
 ACCEPTANCE_KEY = "heldout_acceptance"  # ours, optional: see `save_release`
 VOCAB_SIZE_KEY = "draft_vocab_size"  # ours, optional: see `save_release`
+FINGERPRINT_KEY = "target_fingerprint"  # ours, optional: see `save_release`
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -112,6 +113,14 @@ def load_acceptance(path: str, block_size: int) -> np.ndarray | None:
     """The held-out acceptance per draft position a release records (None if it has none)."""
     acc, where = _recorded(path, ACCEPTANCE_KEY)
     return None if acc is None else _check_acceptance(acc, block_size, where)
+
+
+def load_target_fingerprint(path: str) -> str | None:
+    """The fingerprint of the target a release was trained for (`models.draft`), or None."""
+    fp, where = _recorded(path, FINGERPRINT_KEY)
+    if fp is not None and not isinstance(fp, str):
+        raise ValueError(f"{where}: {FINGERPRINT_KEY} must be a string, got {fp!r}")
+    return fp
 
 
 def _resolve(path: str) -> tuple[str, list[str]]:
@@ -369,6 +378,7 @@ def save_release(
     vocab=None,
     acceptance=None,
     vocab_size=None,
+    target_fingerprint: str | None = None,
 ) -> str:
     """Write `draft` as a release-format directory (config.json + model.safetensors) at `path`.
 
@@ -378,6 +388,8 @@ def save_release(
     stored in config.json, read by `load_draft_vocab_size`): decoding's default draft vocabulary.
     acceptance: optional held-out conditional acceptance of each draft position (block_size - 1
     values; stored in config.json, read by `load_acceptance`): flex decoding's starting estimate.
+    target_fingerprint: optional `models.draft.target_fingerprint` of the target the draft was
+    trained for (stored in config.json): loading it for another target is refused.
 
     dtype: "float32", "bfloat16" or "float16". The write is atomic: everything goes to a temporary
     directory beside `path` that is renamed into place at the end, so a failure leaves either the
@@ -402,6 +414,8 @@ def save_release(
     if acceptance is not None:
         acc = _check_acceptance(acceptance, dcfg.block_size, "acceptance")
         config[CONFIG_KEYS[0]][ACCEPTANCE_KEY] = [round(float(a), 4) for a in acc]
+    if target_fingerprint is not None:
+        config[CONFIG_KEYS[0]][FINGERPRINT_KEY] = str(target_fingerprint)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)

@@ -19,6 +19,7 @@ Branches never write the KV cache: they attend to it read-only plus the step's o
 branch, in place. (XLA copies a buffer that several `lax.switch` branches update.) `run` loops
 steps in a `lax.while_loop` on device; every step reads only a static window of the cache that
 covers the filled part (`kv_window`), so attention follows the filled length, not the capacity.
+`branch_step` runs one branch as its own executable instead (host dispatch, `RunConfig`).
 """
 
 from __future__ import annotations
@@ -415,14 +416,17 @@ def _branch_fns(st: Static, window: int, capacity: int):
 
 
 def _run_branch(st: Static, window: int, target, draft, state: DecodeState, idx):
-    """Branch `idx` (traced; `lax.switch` among the branches), then the cache written
+    """Branch `idx` (traced: `lax.switch` among the branches; an int: that branch alone), then the
+    cache written
     once with the rows it returns. The branches only read the cache (their outputs hold no
     cache-sized buffer), so the write is in place on the donated cache."""
     cache = state.cache
     kv = (cache.k, cache.v)
     light = state._replace(cache=cache._replace(k=None, v=None))
     fns = _branch_fns(st, window, cache.capacity)
-    if len(fns) == 1:
+    if isinstance(idx, int):  # host dispatch: this branch alone
+        new, pend = fns[idx](target, draft, kv, light)
+    elif len(fns) == 1:
         new, pend = fns[0](target, draft, kv, light)
     else:
         new, pend = jax.lax.switch(idx, fns, target, draft, kv, light)
@@ -521,8 +525,8 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
 
 
 def kv_window(lengths, rows: int, capacity: int) -> int:
-    """The cache window (static) for decoding from committed `lengths` [B] (host values) for up to
-    `rows` more cache slots: 128 * 2**k slots, at most the capacity. A step's attention reads
+    """The cache window (static) for decoding from committed `lengths` [B] (host values) with room
+    for `rows` more cache slots: 128 * 2**k slots, at most the capacity. A step's attention reads
     only the window, so its cost follows the filled length, not the capacity; a few sizes cover a
     whole decode (one compilation each)."""
     need = int(np.max(lengths)) + rows
@@ -579,3 +583,35 @@ def run(st: Static, target, draft, state: DecodeState, costs, window: int, steps
     )
     state, _, branches, counts = jax.lax.while_loop(cond, body, init)
     return state, branches, counts
+
+
+# ----------------------------------------------------------------------------- host dispatch
+
+
+def _status(st: Static, state: DecodeState, costs):
+    """int32[1 + 2B]: the policy's next branch, stop flags, committed counts (one host read; its
+    own buffer, so it outlives the state donated to the next step)."""
+    nxt = choose_branch(st, state, costs)[None]
+    o = state.output
+    return jnp.concatenate([nxt, o.done.astype(jnp.int32), o.n_out]).astype(jnp.int32)
+
+
+def read_status(status) -> tuple:
+    """(next branch, done bool[B], n_out int32[B]) from a host copy of `_status`."""
+    b = (len(status) - 1) // 2
+    return int(status[0]), status[1 : 1 + b].astype(bool), status[1 + b :]
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def first_branch(st: Static, state: DecodeState, costs):
+    """The policy's choice for the first step and the stop state after prefill (host dispatch)."""
+    return _status(st, state, costs)
+
+
+@functools.partial(jax.jit, static_argnames=("st", "branch", "window"), donate_argnames=("state",))
+def branch_step(st: Static, branch: int, target, draft, state: DecodeState, costs, window: int):
+    """Host dispatch: run branch `branch` as its own executable (no while loop, no lax.switch) and
+    choose the next one on device. Returns (state, status for `read_status`, tokens committed per
+    sequence int32[B])."""
+    new = _run_branch(st, window, target, draft, state, branch)
+    return new, _status(st, new, costs), new.output.n_out - state.output.n_out

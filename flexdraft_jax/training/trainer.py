@@ -468,7 +468,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         release_dir = os.path.join(workdir, "draft_release")
         final = [r for r in history if r.get("step") == done and "heldout_acceptance" in r]
         acceptance = final[-1]["heldout_acceptance"] if final else None
-        export_release(release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab)
+        export_release(
+            release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab, target
+        )
     return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
 
 
@@ -510,13 +512,20 @@ def _summarise(host: list[dict], step: int, seconds: float, tokens: int) -> dict
 
 
 def export_release(
-    path: str, cfg, dcfg, draft, vocab=None, acceptance=None, vocab_size=None
+    path: str, cfg, dcfg, draft, vocab=None, acceptance=None, vocab_size=None, target=None
 ) -> None:
+    """The draft in the release layout, with the fingerprint of `target` when given."""
     from flexdraft_jax.checkpoints import release
+    from flexdraft_jax.models.draft import target_fingerprint
 
     host = jax.tree.map(_to_host, draft)
+    fingerprint = None
+    if target is not None:
+        embed = {"embed": {"embedding": _to_host(target["embed"]["embedding"])}}
+        fingerprint = target_fingerprint(cfg, embed)
     if jax.process_index() == 0:
         release.save_release(
-            path, cfg, dcfg, host, vocab=vocab, acceptance=acceptance, vocab_size=vocab_size
-        )
+            path, cfg, dcfg, host, vocab=vocab, acceptance=acceptance, vocab_size=vocab_size,
+            target_fingerprint=fingerprint,
+        )  # fmt: skip
         log.info("draft exported to %s", path)
