@@ -95,8 +95,9 @@ def check_capacity(lengths: np.ndarray, max_new_tokens: int, extra: int, capacit
 def _prefill(cfg, params, tokens, lengths, cache, key, sp):
     lay = layouts.causal(jnp.zeros_like(lengths), tokens.shape[1])
     h, _, cache = tf.forward(
-        cfg, params, tokens, lay.positions, lay.meta, cache, return_hidden=True
-    )
+        cfg, params, tokens, lay.positions, lay.meta, cache, return_hidden=True,
+        kv_window=tokens.shape[1],  # every visible key is a prompt row: not the capacity
+    )  # fmt: skip
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = tf.lm_head(cfg, params, last)
     return sampling.choose(key, logits, sp), cache._replace(lengths=lengths)

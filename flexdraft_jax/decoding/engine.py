@@ -476,7 +476,7 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
     h, hm, cache = tf.forward(
         st.cfg, target, tokens, lay.positions, lay.meta, cache, zeros,
         draft=draft if spec else None, dcfg=st.dcfg, mask_positions=lay.mask_positions,
-        return_hidden=True,
+        return_hidden=True, kv_window=t,  # every visible key is a prompt row: not the capacity
     )  # fmt: skip
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     bonus = sampling.choose(k_bonus, tf.lm_head(st.cfg, target, last), st.ecfg.sampling)
