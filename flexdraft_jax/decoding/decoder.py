@@ -239,19 +239,26 @@ class Decoder:
         per_sync, marks = [], []
         lengths, done = jax.device_get((state.cache.lengths, state.output.done))
         spc = self.run_config.steps_per_call
+        ar_only = False
+        if engine.switches_to_ar(st):  # AR steps run in a loop of their own (`engine.run`)
+            ar_only = engine.read_status(np.asarray(engine.first_branch(st, state, costs)))[0] == 0
         while not done.all():
             # The smallest window with room for a step: a call that fills it ends early and the
             # next one reads the next window size (reserving room for all `spc` steps would
             # read up to twice the slots for the whole call).
             window = engine.kv_window(lengths[~done], self.dcfg.block_size, self.cache_len)
-            state, br, cnt = engine.run(st, self.target, self.draft, state, costs, window, spc)
-            br, cnt, lengths, done = jax.device_get(
-                (br, cnt, state.cache.lengths, state.output.done)
+            state, br, cnt, nxt_ar = engine.run(
+                st, self.target, self.draft, state, costs, window, spc, ar_only
+            )
+            br, cnt, lengths, done, nxt_ar = jax.device_get(
+                (br, cnt, state.cache.lengths, state.output.done, nxt_ar)
             )  # the one sync per call
             marks.append(time.perf_counter())
             ran = br >= 0
-            if not ran.any():
-                raise RuntimeError(f"no decoding step fits a cache window of {window} slots")
+            if not ran.any() and not done.all():  # the window was full: the next is larger
+                if window >= self.cache_len or bool(nxt_ar) != ar_only:
+                    raise RuntimeError(f"no decoding step fits a cache window of {window} slots")
+            ar_only = bool(nxt_ar) and engine.switches_to_ar(st)
             idxs += br[ran].tolist()
             counts += list(cnt[ran])
             per_sync.append(int(ran.sum()))
