@@ -138,6 +138,7 @@ class Decoder:
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.profiles = dict(profiles or {})
         self._prefills = {}  # (Static, batch, prompt width, drafts) -> compiled prefill
+        self._loops = {}  # (Static, window, steps per call) -> {ar_only: compiled engine.run}
 
     def static(self, batch: int) -> engine.Static:
         branches = engine.branches_for(self.ecfg, self.dcfg.block_size, batch)
@@ -247,9 +248,8 @@ class Decoder:
             # next one reads the next window size (reserving room for all `spc` steps would
             # read up to twice the slots for the whole call).
             window = engine.kv_window(lengths[~done], self.dcfg.block_size, self.cache_len)
-            state, br, cnt, nxt_ar = engine.run(
-                st, self.target, self.draft, state, costs, window, spc, ar_only
-            )
+            exe = self._loop(st, window, spc, ar_only, state, costs)
+            state, br, cnt, nxt_ar = exe(self.target, self.draft, state, costs)
             br, cnt, lengths, done, nxt_ar = jax.device_get(
                 (br, cnt, state.cache.lengths, state.output.done, nxt_ar)
             )  # the one sync per call
@@ -291,6 +291,17 @@ class Decoder:
             marks.append(time.perf_counter())
             per_sync.append(1)
         return state, per_sync, marks
+
+    def _loop(self, st, window: int, spc: int, ar_only: bool, state, costs):
+        """The compiled `engine.run` for this window (`state`, `costs` give the shapes). Flex's
+        two variants (AR steps alone, the switch) are compiled together, so what a decode
+        compiles does not depend on which branches its acceptance pattern reaches."""
+        key = (st, window, spc)
+        if key not in self._loops:
+            args = (st, self.target, self.draft, state, costs, window, spc)
+            variants = (False, True) if engine.switches_to_ar(st) else (False,)
+            self._loops[key] = {v: engine.run.lower(*args, v).compile() for v in variants}
+        return self._loops[key][ar_only]
 
     def _force(self, st, idx: int, state, window: int):
         """One compiled step of branch `idx` (forced; profiling)."""
