@@ -21,7 +21,7 @@ from flexdraft_jax.checkpoints.load import load_checkpoint
 from flexdraft_jax.checkpoints.tokenizer import apply_chat
 from flexdraft_jax.models import precision
 from flexdraft_jax.models import transformer as tf
-from flexdraft_jax.models.config import DraftConfig, ModelConfig
+from flexdraft_jax.models.config import ATTENTION_IMPLS, DraftConfig, ModelConfig
 from flexdraft_jax.models.draft import Draft
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +94,22 @@ def load_draft(
     if target is not None:
         draft.check_target(cfg, target, path)
     return draft
+
+
+def define_decoding_flags() -> None:
+    """The absl flags --dtype and --attention_impl that generate, benchmark and the demo share."""
+    from absl import flags
+
+    flags.DEFINE_enum(
+        "dtype", "auto", precision.DTYPES,
+        "Target, draft and KV cache dtype (auto: bfloat16 on TPU/GPU, float32 on CPU); logits, "
+        "softmax and verification are float32 either way.",
+    )  # fmt: skip
+    flags.DEFINE_enum(
+        "attention_impl", "auto", ATTENTION_IMPLS,
+        "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
+        "XLA on CPU (auto).",
+    )  # fmt: skip
 
 
 def read_prompts(prompts=(), prompts_file: str | None = None, limit: int | None = None) -> list:

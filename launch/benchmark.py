@@ -23,8 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.bench import harness, report  # noqa: E402
-from flexdraft_jax.models import precision  # noqa: E402
-from flexdraft_jax.models.config import ATTENTION_IMPLS  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")
@@ -69,16 +67,8 @@ flags.DEFINE_float(
     "profile_seconds", None, "Stop profile rounds (after two) once this long.", lower_bound=0.0
 )
 flags.DEFINE_integer("cache_len", None, "KV cache slots (default: fits prompt + output).")
-flags.DEFINE_enum(
-    "dtype", "auto", precision.DTYPES,
-    "Target, draft and KV cache dtype (auto: bfloat16 on TPU/GPU, float32 on CPU); logits, "
-    "softmax and verification are float32 either way.",
-)  # fmt: skip
-flags.DEFINE_enum(
-    "attention_impl", "auto", ATTENTION_IMPLS,
-    "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
-    "XLA on CPU (auto).",
-)  # fmt: skip
+pipeline.define_decoding_flags()
+flags.adopt_module_key_flags(pipeline)  # list them in --help
 flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, cost profiles.")
 
 

@@ -19,9 +19,8 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.bench import demo, report  # noqa: E402
-from flexdraft_jax.models import precision  # noqa: E402
-from flexdraft_jax.models.config import ATTENTION_IMPLS  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Stage markers, trained drafts, benchmark results.")
@@ -39,14 +38,8 @@ flags.DEFINE_integer("num_prompts", None, "Override the demo's number of HumanEv
 flags.DEFINE_integer("max_new_tokens", None, "Override the demo's tokens per prompt.")
 flags.DEFINE_list("batch_sizes", None, "Override the demo's batch sizes (default 1,4,16,64).")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers generate on the same weights.")
-flags.DEFINE_enum(
-    "dtype", "auto", precision.DTYPES,
-    "Decoding dtype of target, draft and KV cache (auto: bfloat16 on TPU/GPU, float32 on CPU).",
-)  # fmt: skip
-flags.DEFINE_enum(
-    "attention_impl", "auto", ATTENTION_IMPLS,
-    "Attention: Pallas kernel (pallas), XLA (xla), or Pallas on TPU/GPU and XLA on CPU (auto).",
-)  # fmt: skip
+pipeline.define_decoding_flags()
+flags.adopt_module_key_flags(pipeline)  # list them in --help
 flags.mark_flag_as_required("workdir")
 
 

@@ -23,8 +23,6 @@ from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.decoding.decoder import Decoder, RunConfig  # noqa: E402
 from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
 from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
-from flexdraft_jax.models import precision  # noqa: E402
-from flexdraft_jax.models.config import ATTENTION_IMPLS  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -54,16 +52,8 @@ flags.DEFINE_integer(
     "the size the draft was trained over, as its release records it).",
     lower_bound=0,
 )
-flags.DEFINE_enum(
-    "dtype", "auto", precision.DTYPES,
-    "Target, draft and KV cache dtype (auto: bfloat16 on TPU/GPU, float32 on CPU); logits, "
-    "softmax and verification are float32 either way.",
-)  # fmt: skip
-flags.DEFINE_enum(
-    "attention_impl", "auto", ATTENTION_IMPLS,
-    "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
-    "XLA on CPU (auto).",
-)  # fmt: skip
+pipeline.define_decoding_flags()
+flags.adopt_module_key_flags(pipeline)  # list them in --help
 flags.DEFINE_string(
     "profile", "none",
     "Flex's step-cost profile: none (the estimate from bytes and FLOPs, nothing timed), auto "

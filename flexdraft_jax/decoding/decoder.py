@@ -1,10 +1,9 @@
 """The generation API: `Decoder(cfg, target, draft, dcfg, ecfg).generate(prompts, max_new_tokens)`.
 
 Owns the host loop around the jitted `engine.prefill` / `engine.run` (one sync per call of up to
-`RunConfig.steps_per_call` steps on device) and the
-cost profile the flex policy reads: the measured seconds of each branch at a batch size (forward
-time against rows processed in the shallow and deep layers), measured once at start-up by forcing
-each branch on a warm state, cached on disk, or given by the caller.
+`RunConfig.steps_per_call` steps on device) and the cost profile the flex policy reads
+(`costs.CostProfile`): given, stored, measured on request (`measure`, `setup_profile`), or else
+estimated; a decode never times branches on its own.
 """
 
 from __future__ import annotations
@@ -60,9 +59,9 @@ class RunConfig:
       per call (the same tokens for every value).
     dispatch: "device" (`engine.run`) or "host": each step's branch runs as its own executable
       (`engine.branch_step`), launched by the host after it reads the branch the previous step
-      chose. The same tokens; on the 2-core CPU host dispatch measured ~4% faster at batch 16
-      and the device loop up to 4% faster elsewhere (docs/decoding_loop.md); on an accelerator
-      the per-step host round trip is what the device loop removes.
+      chose. The same tokens; kept because it can be the faster path on a CPU at some batch sizes
+      (docs/decoding_loop.md), while on an accelerator the per-step host round trip is what the
+      device loop removes.
     lookahead: host dispatch only: steps launched before the host reads a step's result (1: the
       next step is queued while the current one runs, with the branch chosen one step earlier;
       stopping is read one step late too). None: 1 on accelerators, 0 on CPU (where the host

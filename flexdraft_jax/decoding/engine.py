@@ -572,9 +572,9 @@ def run(st: Static, target, draft, state: DecodeState, costs, window: int, steps
     A mode that switches to AR (`switches_to_ar`) runs its AR steps apart: with `ar_only` the
     loop runs the AR branch alone (no switch: the program of AR mode's own loop) while the policy
     chooses AR, and without it runs the switch while the policy chooses a speculative branch;
-    the host alternates on `next_ar`. (Inside the seven-way switch an AR step measured up to 9%
-    slower than AR mode's at batch 16 on the 2-core CPU.) The policy decides every step either
-    way, so the tokens and branches are the same.
+    the host alternates on `next_ar`. (An AR step under the switch over every branch can run
+    slower than AR mode's own, docs/decoding_loop.md.) The policy decides every step either way,
+    so the tokens and branches are the same.
 
     Returns (state, branch of each step int32[steps] (-1: not run), tokens each step committed
     per sequence int32[steps, B], next_ar bool[]: whether the policy's next choice is AR)."""
