@@ -17,6 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from flexdraft_jax import compilation
 from flexdraft_jax.checkpoints.load import load_checkpoint
 from flexdraft_jax.checkpoints.tokenizer import apply_chat
 from flexdraft_jax.models import precision
@@ -97,7 +98,8 @@ def load_draft(
 
 
 def define_decoding_flags() -> None:
-    """The absl flags --dtype and --attention_impl that generate, benchmark and the demo share."""
+    """The absl flags --dtype, --attention_impl and --compilation_cache that generate, benchmark
+    and the demo share."""
     from absl import flags
 
     flags.DEFINE_enum(
@@ -109,6 +111,11 @@ def define_decoding_flags() -> None:
         "attention_impl", "auto", ATTENTION_IMPLS,
         "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
         "XLA on CPU (auto).",
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "compilation_cache", compilation.DEFAULT,
+        "JAX's persistent compilation cache: a directory, 'none' (off), or 'default' "
+        f"(${compilation.ENV} if set, else {compilation.DEFAULT_DIR}).",
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexdraft_jax import pipeline  # noqa: E402
+from flexdraft_jax import compilation, pipeline  # noqa: E402
 from flexdraft_jax.bench import harness, report  # noqa: E402
 
 F = flags.FLAGS
@@ -42,9 +42,9 @@ flags.DEFINE_list(
     "modes",
     ["ar", "sequential", "parallel", "flex"],
     "Modes (ar is always added); options: MODE:nocalib, MODE:t=THETA, MODE:dv=N (draft "
-    "vocabulary size, 0 = all), MODE:spc=N (steps per device call, default 16), MODE:host (host "
-    "dispatch: one executable per step), MODE:la=N (its lookahead), MODE:cap=N (KV cache "
-    "capacity).",
+    "vocabulary size, 0 = all), MODE:device (the device loop) with MODE:spc=N (steps per call, "
+    "default 16), MODE:host (host dispatch: one executable per step; the default on a CPU) with "
+    "MODE:la=N (its lookahead), MODE:cap=N (KV cache capacity).",
 )
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens per prompt.", lower_bound=1)
 flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
@@ -73,6 +73,7 @@ flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, 
 
 
 def main(_):
+    compilation.enable_cache(F.compilation_cache)
     batch_sizes = [int(b) for b in F.batch_sizes]
     if F.prompts_file:
         texts = pipeline.read_prompts((), F.prompts_file)

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexdraft_jax import pipeline  # noqa: E402
+from flexdraft_jax import compilation, pipeline  # noqa: E402
 from flexdraft_jax.bench import demo, report  # noqa: E402
 
 F = flags.FLAGS
@@ -44,6 +44,7 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(_):
+    compilation.enable_cache(F.compilation_cache)
     logging.set_verbosity(logging.INFO)
     over = {}
     if F.num_prompts:

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexdraft_jax import pipeline  # noqa: E402
+from flexdraft_jax import compilation, pipeline  # noqa: E402
 from flexdraft_jax.decoding.decoder import Decoder, RunConfig  # noqa: E402
 from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
 from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
@@ -63,10 +63,16 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "steps_per_call", RunConfig.steps_per_call, "Decode steps per device call.", lower_bound=1
 )
+flags.DEFINE_enum(
+    "dispatch", RunConfig.dispatch, ["auto", "device", "host"],
+    "Device loop (device), one executable per step (host), or host on a CPU and device "
+    "elsewhere (auto).",
+)  # fmt: skip
 flags.DEFINE_string("output_json", None, "Write generations and stats here (atomically).")
 
 
 def run(_):
+    compilation.enable_cache(F.compilation_cache)
     texts = pipeline.read_prompts(F.prompt, F.prompts_file)
     sp = SamplingParams(F.temperature, F.top_k, F.top_p)
     ecfg = EngineConfig(
@@ -97,7 +103,7 @@ def run(_):
     )
     dec = Decoder(
         cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len,
-        run=RunConfig(steps_per_call=F.steps_per_call),
+        run=RunConfig(steps_per_call=F.steps_per_call, dispatch=F.dispatch),
     )  # fmt: skip
     dec.setup_profile(len(ids), F.profile)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)
@@ -111,6 +117,11 @@ def run(_):
         f"mode={F.mode} tau={stats['tau']:.2f} tokens/s={stats['tokens_per_s']:.1f} "
         f"steps={stats['steps']} branches={stats['branch_counts']}"
         + (f" costs={stats['cost_profile']}" if "cost_profile" in stats else "")
+    )
+    print(
+        f"wall {stats['wall_seconds']:.2f} s: first token after "
+        f"{stats['time_to_first_token']:.2f} s, compiling {stats['compile_seconds']:.2f} s "
+        f"(compilation cache: {dec.compilation_cache or 'off'})"
     )
     if F.output_json:
         stats["branch_per_step"] = gen.stats["branch_per_step"]

@@ -9,6 +9,8 @@ Subprocesses inherit XLA_FLAGS; tests that set their own device count append to 
 
 import os
 
+# Tests compile into no persistent cache (tests of the cache set their own directory).
+os.environ.setdefault("FLEXDRAFT_JAX_COMPILATION_CACHE", "none")
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()

@@ -59,9 +59,12 @@ def random_draft(cfg, target, block_size, depth=2, noise=0.01, seed=1):
     return dcfg, jax.tree.unflatten(tree, leaves)
 
 
+DEVICE = RunConfig(dispatch="device")  # the compiled loop ("auto" is host dispatch on a CPU)
+
+
 def decoder(cfg, target, draft, dcfg, **kw):
     cache_len = kw.pop("cache_len", 128)
-    run = kw.pop("run", RunConfig())
+    run = kw.pop("run", DEVICE)
     return Decoder(
         cfg, target, draft, dcfg, engine.EngineConfig(**kw), cache_len=cache_len, eos_ids=(),
         run=run,
@@ -308,7 +311,9 @@ def test_default_draft_vocabulary_is_the_one_the_draft_was_trained_over(tiny_lla
 # ----------------------------------------------------------------------------- compilation
 
 
-def test_fixed_number_of_compilations(tiny_llama):
+@pytest.mark.parametrize("dispatch", ["auto", "device"])
+def test_fixed_number_of_compilations(tiny_llama, dispatch):
+    """After `precompile`, decodes of any length and acceptance pattern compile nothing."""
     cfg, target = tiny_llama
     dcfg, draft = random_draft(cfg, target, 4)
     _, other_draft = random_draft(cfg, target, 4, noise=0.5, seed=9)  # different acceptance
@@ -329,10 +334,13 @@ def test_fixed_number_of_compilations(tiny_llama):
         cache_len=128,
         eos_ids=(),
         profiles=profile,
+        run=RunConfig(dispatch=dispatch),
     )
     dec.generate(PROMPTS, 8)
+    lazily = len(compiles)
+    dec.precompile(dec.start(PROMPTS, 31))
     first = len(compiles)
-    assert first > 0
+    assert 0 < lazily <= first  # a decode compiles what it reaches; precompile the rest
     for n, d in [(3, draft), (20, other_draft), (31, draft)]:
         dec.draft = d
         gen = dec.generate([p[::-1] for p in PROMPTS], n)
@@ -667,9 +675,9 @@ def test_steps_per_call_changes_nothing_but_the_syncs(tiny_llama):
             run=run,
         ).generate(PROMPTS, 20)
         for run in (
-            RunConfig(steps_per_call=1),
-            RunConfig(steps_per_call=3),
-            RunConfig(steps_per_call=16),
+            RunConfig(steps_per_call=1, dispatch="device"),
+            RunConfig(steps_per_call=3, dispatch="device"),
+            RunConfig(steps_per_call=16, dispatch="device"),
             RunConfig(dispatch="host", lookahead=0),  # one executable per step
         )
     ]
@@ -807,7 +815,12 @@ def test_every_mode_equals_ar_through_the_device_loop(tiny_llama, batch):
     for mode in engine.MODES:
         for spc in (1, 16):
             gen = decoder(
-                cfg, target, draft, dcfg, mode=mode, run=RunConfig(steps_per_call=spc)
+                cfg,
+                target,
+                draft,
+                dcfg,
+                mode=mode,
+                run=RunConfig(steps_per_call=spc, dispatch="device"),
             ).generate(prompts, 20)
             assert gen.tokens == want, (mode, spc)
 
@@ -944,7 +957,8 @@ def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
     costs = {f"{k}{r}": 1.0 + 0.05 * r for k in ("ar", "seq", "par") for r in (1, 2, 4, 8)}
     dec = Decoder(
         cfg, target, draft, dcfg, engine.EngineConfig(mode=mode), cache_len=256, eos_ids=(),
-        profiles={batch: CostProfile(batch, costs, 0.1)}, run=RunConfig(steps_per_call=spc),
+        profiles={batch: CostProfile(batch, costs, 0.1)},
+        run=RunConfig(steps_per_call=spc, dispatch="device"),
     )  # fmt: skip
     gen = dec.generate(prompts, 24)
     assert gen.tokens == ref.tokens

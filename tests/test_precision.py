@@ -181,7 +181,8 @@ def test_bfloat16_decoding_on_cpu():  # ~20 s
         dec = Decoder(
             cfg, target, draft, dcfg,
             engine.EngineConfig(mode=mode, alpha_prior_weight=0.5),  # flex switches branches
-            cache_len=128, eos_ids=(), profiles=profiles, run=RunConfig(steps_per_call=16),
+            cache_len=128, eos_ids=(), profiles=profiles,
+            run=RunConfig(steps_per_call=16, dispatch="device"),
         )  # fmt: skip
         gen = dec.generate(PROMPTS, n)
         assert [len(t) for t in gen.tokens] == [n] * b

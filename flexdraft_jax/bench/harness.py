@@ -16,9 +16,10 @@ mean decode step over AR's, measured in the run, to hold against the profiled `s
 Mode specs are `MODE[:OPTION...]` with MODE one of engine.MODES and options `nocalib` (no
 bonus-guided calibration), `t=THETA` (confidence threshold; `t=0` verifies the whole block) and
 `dv=N` (draft vocabulary size; `dv=0` drafts over the whole vocabulary), and how the host drives
-the steps (`decoder.RunConfig`): `spc=N` (steps per device call), `host` (host dispatch) with
-`la=N` (its lookahead), and `cap=N` (KV cache capacity); e.g. `flex:nocalib`, `sequential:t=0`,
-`flex:host` or `ar:cap=4096`: the ablations are just more modes.
+the steps (`decoder.RunConfig`): `device` (the device loop) with `spc=N` (steps per device call),
+`host` (host dispatch) with `la=N` (its lookahead; the default "auto" is host on a CPU, device
+elsewhere), and `cap=N` (KV cache capacity); e.g. `flex:nocalib`, `sequential:t=0`,
+`flex:device:spc=1` or `ar:cap=4096`: the ablations are just more modes.
 """
 
 from __future__ import annotations
@@ -103,14 +104,14 @@ def parse_mode(spec: str, threshold: float = 0.01, use_calibration: bool = True)
             run = dataclasses.replace(run, steps_per_call=n)
         elif opt.startswith("cap="):
             cache_len = _count_option(opt, "cache capacity", spec)
-        elif opt == "host":
-            run = dataclasses.replace(run, dispatch="host")
+        elif opt in ("host", "device"):
+            run = dataclasses.replace(run, dispatch=opt)
         elif opt.startswith("la="):
             run = dataclasses.replace(run, lookahead=_count_option(opt, "lookahead", spec))
         else:
             raise ValueError(
                 f"unknown option {opt!r} in mode {spec!r}; use nocalib, t=THETA, dv=N, spc=N, "
-                "cap=N, host or la=N"
+                "cap=N, host, device or la=N"
             )
     return ModeSpec(spec.strip(), mode, threshold, use_calibration, vocab, run, cache_len)
 
@@ -303,6 +304,7 @@ def run_benchmark(
             for i in widths.values():
                 pre = decoders[name].start(batches[i], max_new_tokens, seed=seed)
                 decoders[name].decode(pre.capped(2), reuse=True)
+                decoders[name].precompile(pre)  # every branch, though the warm-up takes few
                 if keep is None:
                     size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
                     keep = size * len(batches) * len(names) <= KEEP_PREFILLED_BYTES

@@ -1,9 +1,11 @@
 """The generation API: `Decoder(cfg, target, draft, dcfg, ecfg).generate(prompts, max_new_tokens)`.
 
 Owns the host loop around the jitted `engine.prefill` / `engine.run` (one sync per call of up to
-`RunConfig.steps_per_call` steps on device) and the cost profile the flex policy reads
-(`costs.CostProfile`): given, stored, measured on request (`measure`, `setup_profile`), or else
-estimated; a decode never times branches on its own.
+`RunConfig.steps_per_call` steps on device) or `engine.branch_step` (host dispatch), the cost
+profile the flex policy reads (`costs.CostProfile`): given, stored, measured on request (`measure`,
+`setup_profile`), or else estimated; a decode never times branches on its own. Executables are
+compiled when a decode first needs them, through JAX's persistent compilation cache
+(`compilation.enable_cache`), so a second process over the same shapes compiles nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax import compilation
 from flexdraft_jax.decoding import costs as costs_lib
 from flexdraft_jax.decoding import engine
 from flexdraft_jax.decoding.ar import Generation, bucket, pad_prompts, validate_prompts
@@ -57,11 +60,12 @@ class RunConfig:
 
     steps_per_call: steps per `engine.run` call, a `lax.while_loop` on device; the host syncs once
       per call (the same tokens for every value).
-    dispatch: "device" (`engine.run`) or "host": each step's branch runs as its own executable
+    dispatch: "device" (`engine.run`), "host": each step's branch runs as its own executable
       (`engine.branch_step`), launched by the host after it reads the branch the previous step
-      chose. The same tokens; kept because it can be the faster path on a CPU at some batch sizes
-      (docs/decoding_loop.md), while on an accelerator the per-step host round trip is what the
-      device loop removes.
+      chose, or "auto": host on a CPU, device elsewhere. The same tokens either way. On an
+      accelerator the per-step host round trip is what the device loop removes; on a CPU the two
+      run at the same speed (docs/decoding_loop.md) and host dispatch compiles only the branches
+      a decode takes, where the device loop compiles the switch over all of them first.
     lookahead: host dispatch only: steps launched before the host reads a step's result (1: the
       next step is queued while the current one runs, with the branch chosen one step earlier;
       stopping is read one step late too). None: 1 on accelerators, 0 on CPU (where the host
@@ -69,14 +73,20 @@ class RunConfig:
     """
 
     steps_per_call: int = 16
-    dispatch: str = "device"
+    dispatch: str = "auto"
     lookahead: int | None = None
+
+    def resolved_dispatch(self) -> str:
+        """ "device" or "host" ("auto" by the default backend)."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "host" if jax.default_backend() == "cpu" else "device"
 
     def __post_init__(self):
         if self.steps_per_call < 1:
             raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
-        if self.dispatch not in ("device", "host"):
-            raise ValueError(f"dispatch must be 'device' or 'host', got {self.dispatch!r}")
+        if self.dispatch not in ("auto", "device", "host"):
+            raise ValueError(f"dispatch must be 'auto', 'device' or 'host', got {self.dispatch!r}")
         if self.lookahead is not None and self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
 
@@ -85,7 +95,8 @@ class Decoder:
     """Speculative (or plain AR) decoding of prompt batches with one engine configuration.
 
     draft: a `Draft` record (`pipeline.load_draft`; its config unless `dcfg` overrides it), bare
-    draft parameters with their `dcfg`, or None (AR mode)."""
+    draft parameters with their `dcfg`, or None (AR mode). compilation_cache: the persistent
+    compilation cache's directory (`compilation.enable_cache`; None or "none": not turned on)."""
 
     def __init__(
         self,
@@ -99,6 +110,7 @@ class Decoder:
         eos_ids=None,
         profiles: dict[int, CostProfile] | None = None,
         run: RunConfig = RunConfig(),
+        compilation_cache: str | None = compilation.DEFAULT,
     ):
         if isinstance(draft, dict) and {"vocab", "vocab_size", "acceptance"} & draft.keys():
             raise ValueError(
@@ -137,7 +149,9 @@ class Decoder:
         self.eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.profiles = dict(profiles or {})
         self._prefills = {}  # (Static, batch, prompt width, drafts) -> compiled prefill
-        self._loops = {}  # (Static, window, steps per call) -> {ar_only: compiled engine.run}
+        self._loops = {}  # (Static, window, steps per call, ar_only) -> compiled engine.run
+        self._branches = {}  # (Static, branch, window) -> compiled engine.branch_step
+        self.compilation_cache = compilation.enable_cache(compilation_cache)
 
     def static(self, batch: int) -> engine.Static:
         branches = engine.branches_for(self.ecfg, self.dcfg.block_size, batch)
@@ -180,8 +194,19 @@ class Decoder:
         return state, time.perf_counter() - t0
 
     def generate(self, prompts, max_new_tokens: int, *, seed: int = 0) -> Generation:
-        """Tokens per prompt (first EOS included) and stats (tau, acceptance, branches, speed)."""
-        return self.decode(self.start(prompts, max_new_tokens, seed=seed), reuse=False)
+        """Tokens per prompt (first EOS included) and stats (tau, acceptance, branches, speed;
+        and end to end: `wall_seconds`, `time_to_first_token` and `compile_seconds`, the part of
+        the wall time spent tracing and compiling)."""
+        t0, c0 = time.perf_counter(), compilation.seconds()
+        pre = self.start(prompts, max_new_tokens, seed=seed)
+        ttft = time.perf_counter() - t0  # the prefill yields each prompt's first token
+        gen = self.decode(pre, reuse=False)
+        gen.stats.update(
+            wall_seconds=time.perf_counter() - t0,
+            time_to_first_token=ttft,
+            compile_seconds=compilation.seconds() - c0,
+        )
+        return gen
 
     def start(self, prompts, max_new_tokens: int, *, seed: int = 0) -> Prefilled:
         """Prefill a batch: a state `decode` can run from, as often as wanted (benchmark repeats
@@ -212,14 +237,16 @@ class Decoder:
         state = pre.state
         if reuse:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, state))
-        marks = [time.perf_counter()]  # then one per host sync
+        marks = [_decoding_clock()]  # then one per host sync
+        compiled = compilation.seconds()
         idxs, counts = [], []  # per step
-        if self.run_config.dispatch == "device":
+        if self.run_config.resolved_dispatch() == "device":
             state, per_sync, syncs = self._device_loop(st, state, costs, idxs, counts)
         else:
             state, per_sync, syncs = self._host_loop(st, state, costs, idxs, counts, max_new_tokens)
         marks += syncs
-        elapsed = pre.prefill_seconds + time.perf_counter() - marks[0]
+        compiled = compilation.seconds() - compiled
+        elapsed = pre.prefill_seconds + _decoding_clock() - marks[0]
         gen = self._result(
             st, state, [int(i) for i in idxs], elapsed, pre.prefill_seconds, max_new_tokens
         )
@@ -231,6 +258,7 @@ class Decoder:
         gen.stats["step_seconds"] = [
             dt / n for dt, n in zip(np.diff(marks), per_sync) for _ in range(n)
         ]
+        gen.stats["decode_compile_seconds"] = compiled
         return gen
 
     def _device_loop(self, st, state, costs, idxs, counts):
@@ -252,7 +280,7 @@ class Decoder:
             br, cnt, lengths, done, nxt_ar = jax.device_get(
                 (br, cnt, state.cache.lengths, state.output.done, nxt_ar)
             )  # the one sync per call
-            marks.append(time.perf_counter())
+            marks.append(_decoding_clock())
             ran = br >= 0
             if not ran.any() and not done.all():  # the window was full: the next is larger
                 if window >= self.cache_len or bool(nxt_ar) != ar_only:
@@ -279,28 +307,60 @@ class Decoder:
             # flight are sure to exhaust every active sequence's budget.
             if not done.all() and not (n_out[~done] + len(inflight) >= max_new_tokens).all():
                 idxs.append(nxt)
-                state, status, count = engine.branch_step(
-                    st, nxt, self.target, self.draft, state, costs, window
-                )
+                exe = self._branch_step(st, nxt, window, state, costs)
+                state, status, count = exe(self.target, self.draft, state, costs)
                 counts.append(count)
                 inflight.append(status)
                 if len(inflight) <= lookahead:
                     continue
             nxt, done, n_out = engine.read_status(np.asarray(inflight.pop(0)))  # the sync
-            marks.append(time.perf_counter())
+            marks.append(_decoding_clock())
             per_sync.append(1)
         return state, per_sync, marks
 
+    def _branch_step(self, st, branch: int, window: int, state, costs):
+        """The compiled `engine.branch_step` of one branch (host dispatch), compiled when first
+        chosen: a decode compiles only the branches it takes."""
+        key = (st, branch, window)
+        if key not in self._branches:
+            args = (st, branch, self.target, self.draft, state, costs, window)
+            self._branches[key] = engine.branch_step.lower(*args).compile()
+        return self._branches[key]
+
+    def precompile(self, pre: Prefilled) -> None:
+        """Compile every step program a decode from `pre` can reach (a decode otherwise compiles
+        each when it first needs it, so which ones depends on the acceptance pattern): a
+        benchmark's warm-up, after which timed decodes compile nothing."""
+        st, state = pre.st, pre.state
+        costs = jnp.asarray(self._costs(st, len(state.output.done)))
+        lengths = np.asarray(state.cache.lengths)
+        w = self.dcfg.block_size
+        if self.run_config.resolved_dispatch() == "host":
+            window = engine.kv_window(lengths, pre.max_new_tokens + w, self.cache_len)
+            for i in range(len(st.branches)):
+                self._branch_step(st, i, window, state, costs)
+            return
+        spc = self.run_config.steps_per_call
+        variants = (False, True) if engine.switches_to_ar(st) else (False,)
+        window, last = (
+            engine.kv_window(lengths, w, self.cache_len),
+            engine.kv_window(lengths, pre.max_new_tokens + w, self.cache_len),
+        )
+        while True:
+            for ar_only in variants:
+                self._loop(st, window, spc, ar_only, state, costs)
+            if window >= last:
+                break
+            window = min(2 * window, self.cache_len)
+
     def _loop(self, st, window: int, spc: int, ar_only: bool, state, costs):
-        """The compiled `engine.run` for this window (`state`, `costs` give the shapes). Flex's
-        two variants (AR steps alone, the switch) are compiled together, so what a decode
-        compiles does not depend on which branches its acceptance pattern reaches."""
-        key = (st, window, spc)
+        """The compiled `engine.run` for this window (`state`, `costs` give the shapes), compiled
+        when first needed: a flex decode that never leaves AR steps never compiles the switch."""
+        key = (st, window, spc, ar_only)
         if key not in self._loops:
-            args = (st, self.target, self.draft, state, costs, window, spc)
-            variants = (False, True) if engine.switches_to_ar(st) else (False,)
-            self._loops[key] = {v: engine.run.lower(*args, v).compile() for v in variants}
-        return self._loops[key][ar_only]
+            args = (st, self.target, self.draft, state, costs, window, spc, ar_only)
+            self._loops[key] = engine.run.lower(*args).compile()
+        return self._loops[key]
 
     def _force(self, st, idx: int, state, window: int):
         """One compiled step of branch `idx` (forced; profiling)."""
@@ -436,6 +496,12 @@ class Decoder:
         w = self.dcfg.block_size
         rows = {branch_name(b): costs_lib.branch_rows(b, w) for b in st.branches}
         return CostProfile(batch, times, max(refill, 0.0), rows, "measured")
+
+
+def _decoding_clock() -> float:
+    """Wall seconds less those spent compiling: a first decode compiles its steps as it reaches
+    them, and that time is not decoding (`stats["decode_compile_seconds"]` reports it)."""
+    return time.perf_counter() - compilation.seconds()
 
 
 def _rewind(state: engine.DecodeState, ctx: int) -> engine.DecodeState:

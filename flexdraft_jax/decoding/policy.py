@@ -12,6 +12,7 @@ and a trailing draft pass), traced on device inside the compiled step; nothing h
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,6 +59,10 @@ def choose(branches, ecfg, v, has_drafts, alpha, gain_v, ar_streak, probe_every,
     return jnp.where(is_ar[idx] | ~has_drafts, idx, jnp.argmax(own)).astype(jnp.int32)
 
 
+# One small program for the host-side call: op by op, its few dozen operations would each compile.
+_choose = jax.jit(choose, static_argnums=(0, 1))
+
+
 def drafts_at_prefill(branches, ecfg, width: int, costs) -> bool:
     """Whether a prefill should run the mask block, before it runs (host side).
 
@@ -71,7 +76,7 @@ def drafts_at_prefill(branches, ecfg, width: int, costs) -> bool:
         return any(k != "ar" for k in kinds)
     # The policy at its most favourable to drafting: drafts in hand, the longest verify length,
     # the prior acceptance (the drafts' confidence is not known before the prefill).
-    branch = choose(
+    branch = _choose(
         branches, ecfg, jnp.asarray(width - 1, jnp.int32), jnp.array(True),
         alpha_prior(ecfg.alpha_init, width), None, jnp.zeros((), jnp.int32),
         jnp.asarray(ecfg.probe_interval, jnp.int32), jnp.asarray(costs),
