@@ -5,7 +5,8 @@ of a run's wall time. With the persistent cache, a second process over the same 
 model, batch size, cache capacity, XLA flags) loads those executables from disk instead.
 
   enable_cache(path)  turn the cache on (DEFAULT_DIR unless told otherwise; "none": leave it off)
-  seconds()           seconds spent tracing, lowering and compiling in this process so far
+  seconds()           seconds this thread has spent tracing, lowering and compiling so far
+  waited(seconds)     count time this thread spent waiting for another thread's compilation
 
 The cache directory is `$FLEXDRAFT_JAX_COMPILATION_CACHE` if set (a path, or "none" to disable),
 else ~/.cache/flexdraft_jax/xla. A directory the user set through `jax_compilation_cache_dir` wins
@@ -31,7 +32,7 @@ _EVENTS = (
     "/jax/core/compile/backend_compile_duration",
 )
 _lock = threading.Lock()
-_total = [0.0]
+_totals: dict[int, float] = {}  # thread id -> seconds
 _listening = [False]
 _declined = [False]
 
@@ -69,15 +70,24 @@ def enable_cache(path: str | None = DEFAULT) -> str | None:
 
 
 def _listen(event: str, duration: float, **_) -> None:
-    if event in _EVENTS:
-        with _lock:
-            _total[0] += duration
+    if event in _EVENTS:  # reported on the thread that compiled
+        waited(duration)
+
+
+def waited(duration: float) -> None:
+    """Count `duration` seconds as compilation on this thread (waiting for a compilation on a
+    background thread blocks this one as much as compiling)."""
+    with _lock:
+        me = threading.get_ident()
+        _totals[me] = _totals.get(me, 0.0) + duration
 
 
 def seconds() -> float:
-    """Seconds this process has spent tracing, lowering and compiling since the first call."""
+    """Seconds this thread has spent tracing, lowering and compiling (or waiting for another
+    thread's compilation) since the first call: compilations in the background run beside it
+    and are not counted."""
     with _lock:
         if not _listening[0]:
             jax.monitoring.register_event_duration_secs_listener(_listen)
             _listening[0] = True
-        return _total[0]
+        return _totals.get(threading.get_ident(), 0.0)

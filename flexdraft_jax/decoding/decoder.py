@@ -10,6 +10,7 @@ compiled when a decode first needs them, through JAX's persistent compilation ca
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ import numpy as np
 
 from flexdraft_jax import compilation
 from flexdraft_jax.decoding import costs as costs_lib
-from flexdraft_jax.decoding import engine
+from flexdraft_jax.decoding import engine, policy
 from flexdraft_jax.decoding.ar import Generation, bucket, pad_prompts, validate_prompts
 from flexdraft_jax.decoding.costs import CostProfile, branch_name, profile_plan
 from flexdraft_jax.models import transformer as tf
@@ -151,6 +152,7 @@ class Decoder:
         self._prefills = {}  # (Static, batch, prompt width, drafts) -> compiled prefill
         self._loops = {}  # (Static, window, steps per call, ar_only) -> compiled engine.run
         self._branches = {}  # (Static, branch, window) -> compiled engine.branch_step
+        self._ahead = {}  # a key of either -> Future of its compilation (`_compile_ahead`)
         self.compilation_cache = compilation.enable_cache(compilation_cache)
 
     def static(self, batch: int) -> engine.Static:
@@ -160,9 +162,10 @@ class Decoder:
     # ------------------------------------------------------------------ generation
 
     def _prefill(
-        self, st, prompts, max_new_tokens, seed, drafts=True
+        self, st, prompts, max_new_tokens, seed, drafts=True, ahead=False
     ) -> tuple[engine.DecodeState, float]:
-        """The prefilled state, and the seconds its run took (compilation excluded)."""
+        """The prefilled state, and the seconds its run took (compilation excluded). ahead:
+        compile the first step in the background meanwhile (`_compile_ahead`)."""
         lengths = validate_prompts(prompts, self.cfg.vocab_size)
         w = self.dcfg.block_size
         need = int(lengths.max()) + max_new_tokens + 2 * w
@@ -188,7 +191,10 @@ class Decoder:
         shape = (st, len(prompts), width, drafts)
         exe = self._prefills.get(shape)
         if exe is None:
-            exe = self._prefills[shape] = engine.prefill.lower(st, *args, drafts=drafts).compile()
+            lowered = engine.prefill.lower(st, *args, drafts=drafts)
+            if ahead:  # the first step's program compiles beside the prefill's
+                self._compile_ahead(st, lowered.out_info, lengths, max_new_tokens)
+            exe = self._prefills[shape] = lowered.compile()
         t0 = time.perf_counter()
         state = jax.block_until_ready(exe(*args))
         return state, time.perf_counter() - t0
@@ -215,7 +221,7 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         st = self.static(len(prompts))
         drafts = self._prefill_drafts(st, len(prompts))
-        state, seconds = self._prefill(st, prompts, max_new_tokens, seed, drafts)
+        state, seconds = self._prefill(st, prompts, max_new_tokens, seed, drafts, ahead=True)
         return Prefilled(st, state, max_new_tokens, seconds)
 
     def _prefill_drafts(self, st, batch: int) -> bool:
@@ -318,14 +324,51 @@ class Decoder:
             per_sync.append(1)
         return state, per_sync, marks
 
+    def _compile_ahead(self, st, state, lengths, max_new_tokens: int) -> None:
+        """Start compiling, on a background thread, the step programs the first steps will run
+        (the policy's first choice, and flex's AR step): XLA compiles on one core, so they build
+        beside the prefill's compilation. `state`: the prefill's output (shapes suffice)."""
+        costs = self._costs(st, len(lengths))
+        first = policy.first_choice(st.branches, st.ecfg, st.width, costs)
+        kinds = [k for k, _ in st.branches]
+        w = self.dcfg.block_size
+        costs = jax.ShapeDtypeStruct(costs.shape, jnp.float32)
+        jobs = []
+        if self.run_config.resolved_dispatch() == "host":
+            window = engine.kv_window(lengths, max_new_tokens + w, self.cache_len)
+            for b in dict.fromkeys([first] + ([kinds.index("ar")] if "ar" in kinds else [])):
+                args = (st, b, self.target, self.draft, state, costs, window)
+                jobs.append(((st, b, window), engine.branch_step, args))
+        else:
+            window = engine.kv_window(lengths, w, self.cache_len)
+            spc = self.run_config.steps_per_call
+            ar_first = engine.switches_to_ar(st) and kinds[first] == "ar"
+            variants = [ar_first] + ([not ar_first] if engine.switches_to_ar(st) else [])
+            for v in variants:
+                args = (st, self.target, self.draft, state, costs, window, spc, v)
+                jobs.append(((st, window, spc, v), engine.run, args))
+        for key, fn, args in jobs:
+            if key not in self._branches and key not in self._loops and key not in self._ahead:
+                self._ahead[key] = _background().submit(lambda f=fn, a=args: f.lower(*a).compile())
+
+    def _compiled(self, table: dict, key, fn, args):
+        """table[key]: `fn` lowered and compiled for `args`, unless it is compiling ahead (then
+        its result, waited for) or compiled already."""
+        if key not in table:
+            job = self._ahead.pop(key, None)
+            if job is not None and not job.cancel():
+                t0 = time.perf_counter()
+                table[key] = job.result()
+                compilation.waited(time.perf_counter() - t0)
+            else:
+                table[key] = fn.lower(*args).compile()
+        return table[key]
+
     def _branch_step(self, st, branch: int, window: int, state, costs):
         """The compiled `engine.branch_step` of one branch (host dispatch), compiled when first
         chosen: a decode compiles only the branches it takes."""
-        key = (st, branch, window)
-        if key not in self._branches:
-            args = (st, branch, self.target, self.draft, state, costs, window)
-            self._branches[key] = engine.branch_step.lower(*args).compile()
-        return self._branches[key]
+        args = (st, branch, self.target, self.draft, state, costs, window)
+        return self._compiled(self._branches, (st, branch, window), engine.branch_step, args)
 
     def precompile(self, pre: Prefilled) -> None:
         """Compile every step program a decode from `pre` can reach (a decode otherwise compiles
@@ -356,11 +399,8 @@ class Decoder:
     def _loop(self, st, window: int, spc: int, ar_only: bool, state, costs):
         """The compiled `engine.run` for this window (`state`, `costs` give the shapes), compiled
         when first needed: a flex decode that never leaves AR steps never compiles the switch."""
-        key = (st, window, spc, ar_only)
-        if key not in self._loops:
-            args = (st, self.target, self.draft, state, costs, window, spc, ar_only)
-            self._loops[key] = engine.run.lower(*args).compile()
-        return self._loops[key]
+        args = (st, self.target, self.draft, state, costs, window, spc, ar_only)
+        return self._compiled(self._loops, (st, window, spc, ar_only), engine.run, args)
 
     def _force(self, st, idx: int, state, window: int):
         """One compiled step of branch `idx` (forced; profiling)."""
@@ -496,6 +536,16 @@ class Decoder:
         w = self.dcfg.block_size
         rows = {branch_name(b): costs_lib.branch_rows(b, w) for b in st.branches}
         return CostProfile(batch, times, max(refill, 0.0), rows, "measured")
+
+
+_POOL = []
+
+
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+    """One worker for compilations ahead of need (XLA releases the GIL while it compiles)."""
+    if not _POOL:
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile"))
+    return _POOL[0]
 
 
 def _decoding_clock() -> float:

@@ -5,6 +5,7 @@ statistics a decode state carries and a cost profile (`costs.CostProfile.costs`:
 and a trailing draft pass), traced on device inside the compiled step; nothing here reads a clock.
 
   choose             the branch index for the next step
+  first_choice       the branch the first step would take, from the prior (host side)
   drafts_at_prefill  whether a prefill should run the mask block (host side, before it runs)
   expected_tokens    1 + sum_{i<=v} prod_{j<=i} alpha_j
   alpha_prior        the prior acceptance per draft position from `EngineConfig.alpha_init`
@@ -63,25 +64,31 @@ def choose(branches, ecfg, v, has_drafts, alpha, gain_v, ar_streak, probe_every,
 _choose = jax.jit(choose, static_argnums=(0, 1))
 
 
+def first_choice(branches, ecfg, width: int, costs) -> int:
+    """The branch the policy would take first with drafts in hand at the longest verify length
+    and the prior acceptance (the drafts' confidence is not known before the prefill): host side,
+    before the prefill runs."""
+    return int(
+        _choose(
+            branches, ecfg, jnp.asarray(width - 1, jnp.int32), jnp.array(True),
+            alpha_prior(ecfg.alpha_init, width), None, jnp.zeros((), jnp.int32),
+            jnp.asarray(ecfg.probe_interval, jnp.int32), jnp.asarray(costs),
+        )
+    )  # fmt: skip
+
+
 def drafts_at_prefill(branches, ecfg, width: int, costs) -> bool:
     """Whether a prefill should run the mask block, before it runs (host side).
 
-    Not when the policy would take an AR step first even with drafts in hand at the longest
-    verify length: flex at a batch size where speculation does not pay then prefills like AR mode
-    (the mask block adds about a quarter to a small prefill on CPU), and a later probe starts
-    with a draft pass, as after any AR step. Needs the prior known before the prefill
-    (`alpha_init` not None)."""
+    Not when the policy would take an AR step first even with drafts in hand (`first_choice`):
+    flex at a batch size where speculation does not pay then prefills like AR mode (the mask
+    block adds about a quarter to a small prefill on CPU), and a later probe starts with a draft
+    pass, as after any AR step. Needs the prior known before the prefill (`alpha_init` not
+    None)."""
     kinds = [k for k, _ in branches]
     if "ar" not in kinds or ecfg.alpha_init is None:
         return any(k != "ar" for k in kinds)
-    # The policy at its most favourable to drafting: drafts in hand, the longest verify length,
-    # the prior acceptance (the drafts' confidence is not known before the prefill).
-    branch = _choose(
-        branches, ecfg, jnp.asarray(width - 1, jnp.int32), jnp.array(True),
-        alpha_prior(ecfg.alpha_init, width), None, jnp.zeros((), jnp.int32),
-        jnp.asarray(ecfg.probe_interval, jnp.int32), jnp.asarray(costs),
-    )  # fmt: skip
-    return kinds[int(branch)] != "ar"
+    return kinds[first_choice(branches, ecfg, width, costs)] != "ar"
 
 
 def alpha_prior(alpha_init, w: int) -> jnp.ndarray:
