@@ -369,18 +369,18 @@ def test_demo_stages_skip_finished_work(tmp_path):
 def test_demo_plan_retrain_fits_budget():
     from flexdraft_jax.bench import demo
 
-    config = demo._load_config("configs/smollm2_135m.py")
+    config = demo.load_config("configs/smollm2_135m.py")
     minutes = demo.plan_retrain(config, 40.0)
     assert sum(minutes.values()) == pytest.approx(40.0 - demo.BENCH_MINUTES)
     assert config.train.steps * demo.TRAIN_SECONDS_PER_STEP <= 60 * minutes["attention"] + 1e-6
     assert config.data.num_prompts * config.data.max_new_tokens <= (
         60 * minutes["distil"] * demo.DISTILL_TOKENS_PER_S + config.data.max_new_tokens
     )
-    small = demo._load_config("configs/smollm2_135m.py:runlocal")
+    small = demo.load_config("configs/smollm2_135m.py:runlocal")
     demo.plan_retrain(small, 40.0)
     assert (small.train.steps, small.data.num_prompts) == (3, 16)  # never grows a config
     with pytest.raises(ValueError, match="budget_minutes"):
-        demo.plan_retrain(demo._load_config("configs/smollm2_135m.py"), 5.0)
+        demo.plan_retrain(demo.load_config("configs/smollm2_135m.py"), 5.0)
 
 
 def test_rows_time_each_step_at_its_fastest_repeat():
@@ -425,7 +425,7 @@ def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):
     from flexdraft_jax.decoding.decoder import Decoder
     from flexdraft_jax.decoding.engine import EngineConfig
 
-    conf = demo._load_config("configs/tiny.py")
+    conf = demo.load_config("configs/tiny.py")
     cfg = ModelConfig(**dict(conf.model.tiny))
     params = jax.tree.map(np.asarray, tf.init_target(cfg, jax.random.PRNGKey(0)))
     target = (cfg, params, None)

@@ -121,7 +121,7 @@ def retrain(workdir: str, stages: Stages, target, config_path: str, budget_minut
     """Distil, attention-tune and calibrate a draft for the embedded target; its release dir."""
     from flexdraft_jax.training import trainer
 
-    config = _load_config(config_path)
+    config = load_config(config_path)
     config.train.stage = "attention"  # then calibration on the frozen drafter
     minutes = plan_retrain(config, budget_minutes)
     config.data.cache_dir = os.path.join(workdir, "distil")
@@ -153,7 +153,7 @@ def retrain(workdir: str, stages: Stages, target, config_path: str, budget_minut
     return done["release"]
 
 
-def _load_config(config_path: str):
+def load_config(config_path: str):
     """A config file `path.py[:arg]` (ml_collections style: `get_config(arg)`)."""
     import importlib.util
 

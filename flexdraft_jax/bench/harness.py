@@ -3,7 +3,8 @@
 `run_benchmark(cfg, target, tokenizer, draft, dcfg, prompts, ...)` decodes the same prompt batches
 with plain AR and each speculative mode through the same engine (`Decoder`), after a warm-up decode
 per mode that takes compilation out of the timing, and records per (mode, batch size, temperature):
-tau, per-position acceptance, tokens/s, speedup over AR, whether greedy outputs equal AR's, the flex
+tau, per-position acceptance, tokens/s, speedup over AR, whether greedy outputs equal AR's (and the
+share of AR's tokens they reproduce, `match_rate_vs_ar`), the flex
 branch counts and the measured step cost of each branch relative to an AR step. Optionally it times
 `transformers` `generate` on the same weights as a peer row (`hf_baseline`). Results go to
 `output_dir` (results.json, plots; the cost profiles too, so a run is self-contained).
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from flexdraft_jax.bench.hf_peer import hf_row
 from flexdraft_jax.bench.rows import Acc, speedups
 from flexdraft_jax.decoding import engine
+from flexdraft_jax.decoding.ar import match_rate
 from flexdraft_jax.decoding.decoder import Decoder, RunConfig
 from flexdraft_jax.decoding.sampling import SamplingParams
 
@@ -390,6 +392,11 @@ def run_benchmark(
                 step_seconds_vs_ar=row["step_seconds"] / max(ar_row["step_seconds"], 1e-12),
                 outputs_match_ar=accs[spec.name].same_outputs(accs[ar_name].outputs)
                 and accs[ar_name].same_outputs(accs[ar_name].outputs)
+                if greedy
+                else None,
+                # Share of AR's tokens reproduced before the first difference (`ar.match_rate`):
+                # in bfloat16 two logits can tie within rounding and the decodes part there.
+                match_rate_vs_ar=match_rate(accs[spec.name].outputs, accs[ar_name].outputs)
                 if greedy
                 else None,
                 step_cost=_branch_subset(rel, spec.mode),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -153,6 +154,7 @@ class Decoder:
         self._loops = {}  # (Static, window, steps per call, ar_only) -> compiled engine.run
         self._branches = {}  # (Static, branch, window) -> compiled engine.branch_step
         self._ahead = {}  # a key of either -> Future of its compilation (`_compile_ahead`)
+        self._steps = {}  # (Static, batch, window) -> compiled engine.step (forced; profiling)
         self.compilation_cache = compilation.enable_cache(compilation_cache)
 
     def static(self, batch: int) -> engine.Static:
@@ -161,11 +163,9 @@ class Decoder:
 
     # ------------------------------------------------------------------ generation
 
-    def _prefill(
-        self, st, prompts, max_new_tokens, seed, drafts=True, ahead=False
-    ) -> tuple[engine.DecodeState, float]:
-        """The prefilled state, and the seconds its run took (compilation excluded). ahead:
-        compile the first step in the background meanwhile (`_compile_ahead`)."""
+    def _prefill_args(self, prompts, max_new_tokens, seed, abstract=False) -> tuple:
+        """The arguments of `engine.prefill` after (st): as arrays, or (abstract) as their shapes,
+        for compiling without allocating the cache."""
         lengths = validate_prompts(prompts, self.cfg.vocab_size)
         w = self.dcfg.block_size
         need = int(lengths.max()) + max_new_tokens + 2 * w
@@ -175,26 +175,41 @@ class Decoder:
                 f" + 2 blocks of {w} = {need} exceeds the KV cache capacity {self.cache_len}"
             )
         width = min(bucket(int(lengths.max())), self.cache_len)
+        dtype = self.target["embed"]["embedding"].dtype
+        cache = functools.partial(tf.init_cache, self.cfg, len(prompts), self.cache_len, dtype)
         args = (
             self.target,
             self.draft,
             jnp.asarray(pad_prompts(prompts, width)),
             jnp.asarray(lengths),
-            tf.init_cache(
-                self.cfg, len(prompts), self.cache_len, self.target["embed"]["embedding"].dtype
-            ),
+            jax.eval_shape(cache) if abstract else cache(),
             jax.random.PRNGKey(seed),
             jnp.int32(max_new_tokens),
         )
-        # Compiled ahead of time and kept, so the prefill's first run is timed like any other
-        # (a benchmark's warm-up prefill then serves as its first timed one).
-        shape = (st, len(prompts), width, drafts)
+        return args
+
+    def _prefill_exe(self, st, args, drafts: bool, ahead: bool = False):
+        """The compiled prefill for these arguments' shapes, compiled ahead of time and kept, so
+        the prefill's first run is timed like any other (a benchmark's warm-up prefill then
+        serves as its first timed one)."""
+        tokens = args[2]
+        shape = (st, tokens.shape[0], tokens.shape[1], drafts)
         exe = self._prefills.get(shape)
         if exe is None:
             lowered = engine.prefill.lower(st, *args, drafts=drafts)
             if ahead:  # the first step's program compiles beside the prefill's
+                lengths, max_new_tokens = np.asarray(args[3]), int(args[6])
                 self._compile_ahead(st, lowered.out_info, lengths, max_new_tokens)
             exe = self._prefills[shape] = lowered.compile()
+        return exe
+
+    def _prefill(
+        self, st, prompts, max_new_tokens, seed, drafts=True, ahead=False
+    ) -> tuple[engine.DecodeState, float]:
+        """The prefilled state, and the seconds its run took (compilation excluded). ahead:
+        compile the first step in the background meanwhile (`_compile_ahead`)."""
+        args = self._prefill_args(prompts, max_new_tokens, seed)
+        exe = self._prefill_exe(st, args, drafts, ahead)
         t0 = time.perf_counter()
         state = jax.block_until_ready(exe(*args))
         return state, time.perf_counter() - t0
@@ -405,7 +420,18 @@ class Decoder:
     def _force(self, st, idx: int, state, window: int):
         """One compiled step of branch `idx` (forced; profiling)."""
         costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
-        return engine.step(st, self.target, self.draft, state, costs, jnp.int32(idx), window)[0]
+        exe = self._step_exe(st, state, window)
+        return exe(self.target, self.draft, state, costs, jnp.int32(idx))[0]
+
+    def _step_exe(self, st, state, window: int):
+        """`engine.step` compiled ahead of time for `state`'s shapes (arrays or their shapes)."""
+        key = (st, state.output.done.shape[0], window)
+        if key not in self._steps:
+            costs = jax.ShapeDtypeStruct((len(st.branches) + 1,), jnp.float32)
+            force = jax.ShapeDtypeStruct((), jnp.int32)
+            lowered = engine.step.lower(st, self.target, self.draft, state, costs, force, window)
+            self._steps[key] = lowered.compile()
+        return self._steps[key]
 
     def _result(self, st, state, idxs, elapsed, t_prefill, max_new_tokens):
         o, s = jax.device_get((state.output, state.stats))
@@ -497,6 +523,28 @@ class Decoder:
         )
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
+    def _profile_inputs(self, batch: int):
+        """What `measure` decodes from: (Static, context length, prompts, token budget, cache
+        window)."""
+        st = self.static(batch)
+        # A realistic context: attention and cache traffic grow with it (a quarter of the cache).
+        ctx = max(8, min(256, self.cache_len // 4))
+        prompts = [[1 + (i % max(self.cfg.vocab_size - 1, 1))] * ctx for i in range(batch)]
+        budget = self.cache_len - ctx - 2 * self.dcfg.block_size
+        window = engine.kv_window(np.array([ctx]), self.dcfg.block_size, self.cache_len)
+        return st, ctx, prompts, budget, window
+
+    def compile_measure(self, batch: int):
+        """Compile what `measure(batch)` runs (its prefill and the forced step) without running
+        or allocating anything, and keep it for `measure`. XLA compiles with Python's lock
+        released, so callers can compile several batch sizes at once from threads. Returns the
+        compiled step (its `memory_analysis()` says what a step needs on the device)."""
+        st, _, prompts, budget, window = self._profile_inputs(batch)
+        args = self._prefill_args(prompts, budget, 0, abstract=True)
+        out = self._prefill_exe(st, args, True).out_info
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out)
+        return self._step_exe(st, state, window)
+
     def measure(
         self, batch: int, *, repeats: int = 5, max_seconds: float | None = None
     ) -> CostProfile:
@@ -504,13 +552,8 @@ class Decoder:
 
         repeats: rounds over the branches; with `max_seconds`, rounds stop once that much time
         has gone on them (after at least two, or `repeats` if fewer)."""
-        st = self.static(batch)
-        # A realistic context: attention and cache traffic grow with it (a quarter of the cache).
-        ctx = max(8, min(256, self.cache_len // 4))
-        prompts = [[1 + (i % max(self.cfg.vocab_size - 1, 1))] * ctx for i in range(batch)]
-        budget = self.cache_len - ctx - 2 * self.dcfg.block_size
+        st, ctx, prompts, budget, window = self._profile_inputs(batch)
         state, _ = self._prefill(st, prompts, budget, 0)
-        window = engine.kv_window(np.array([ctx]), self.dcfg.block_size, self.cache_len)
         for i in range(len(st.branches)):
             state = self._force(st, i, state, window)  # compile
         # Branches interleaved round by round, and the fastest sample of each kept: load from

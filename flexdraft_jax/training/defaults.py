@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.stage = "attention"  # attention | calibration | joint
     c.train.steps = 1000  # defines the schedule
     c.train.stop_at = 0  # > 0: stop (and checkpoint) at this step, keeping the schedule of `steps`
+    # > 0: stop (checkpoint, export) at the first step that ends this many minutes after train()
+    # was called, data preparation included (single-process runs: a time budget on a lent device)
+    c.train.max_minutes = 0.0
     c.train.batch_size = 8  # global, in sequences
     c.train.lr = 1e-3
     c.train.warmup_steps = 50

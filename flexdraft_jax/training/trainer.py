@@ -223,6 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     devices: the devices of the mesh (default: all). target: optional (cfg, params, tokenizer) to
     use instead of `config.model` (tests).
     """
+    t_call = time.perf_counter()
     tc = config.train
     dcfg = DraftConfig(
         depth=config.draft.depth,
@@ -232,6 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     )
     pi, pc = jax.process_index(), jax.process_count()
     is_main = pi == 0
+    max_minutes = tc.get("max_minutes", 0.0)
+    if max_minutes and pc > 1:  # processes would stop at different steps
+        raise ValueError(f"train.max_minutes={max_minutes} is for single-process runs ({pc} here)")
     os.makedirs(workdir, exist_ok=True)
 
     # ---------------------------------------------------------------- mesh
@@ -427,7 +431,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             pending.append(metrics)
             n_tokens += tc.batch_size * width
             done = step + 1
-            last = done == stop or stopper.requested
+            out_of_time = max_minutes and time.perf_counter() - t_call >= 60 * max_minutes
+            last = done == stop or stopper.requested or bool(out_of_time)
             if done % tc.log_every == 0 or last:
                 host = jax.device_get(pending)
                 now = time.perf_counter()
@@ -460,6 +465,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         stopper.restore()
     if stopper.requested:
         log.info("stopped by SIGTERM after step %d (checkpointed; rerun to resume)", done)
+    elif done < stop:
+        log.info("stopped after step %d: train.max_minutes=%s (checkpointed)", done, max_minutes)
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
