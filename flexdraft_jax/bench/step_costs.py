@@ -303,7 +303,7 @@ def _measure_shape(shape: TargetShape, plan: StepCostPlan, deadline: float, log)
             )
         else:
             log(f"step costs {shape.name} {impl} batch {b}: {rec.status}: {rec.reason[:200]}")
-    del decoders, target, draft
+    decoders.clear()  # the shape's weights go with its decoders
     gc.collect()
     return out
 

@@ -218,7 +218,8 @@ def load_init_draft(path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibr
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, target=None) -> dict:
-    """Run (or resume) training; returns {"state", "target", "cfg", "history"}.
+    """Run (or resume) training; returns {"state", "target", "cfg", "dcfg", "history", "data"}
+    ("data": the training set's sequences and response tokens).
 
     devices: the devices of the mesh (default: all). target: optional (cfg, params, tokenizer) to
     use instead of `config.model` (tests).
@@ -478,7 +479,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         export_release(
             release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab, target
         )
-    return {"state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history}
+    data = {
+        "sequences": int(len(dataset.packed.lengths)),
+        "response_tokens": int(dataset.packed.loss_mask.sum()),
+    }
+    return {
+        "state": state, "target": target, "cfg": cfg, "dcfg": dcfg, "history": history,
+        "data": data,
+    }  # fmt: skip
 
 
 class _GracefulStop:
