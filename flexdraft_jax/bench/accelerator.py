@@ -13,10 +13,11 @@ recorded with its traceback and the next section runs) and each within its share
               release layout in files of at most 16 MiB (`device_train`)
 
 Under `output_dir` it writes accelerator_check.json (rewritten atomically after every section, so
-a run cut short keeps what it finished), accelerator_check.md (the tables), step_costs.png and
-decoding.png, and with training draft_release/; scratch (benchmark files, training checkpoints,
-the distillation cache) goes to `work_dir`. `CheckConfig.dry_run()` is the same check at CPU
-sizes (tests/test_accelerator_check.py).
+a run cut short keeps what it finished), accelerator_check.md (the tables), accelerator_check.png
+(step costs, decoding speedups) and with training draft_release/ (5 files): 8 files at most, what
+one device call brings back. Scratch (benchmark files, training checkpoints,
+the distillation cache) goes to `work_dir` (default: DEFAULT_WORK_DIR).
+`CheckConfig.dry_run()` is the same check at CPU sizes (tests/test_accelerator_check.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("kernels", "decoding", "step_costs", "train")
 RECORD_FILE = "accelerator_check.json"
+# Scratch outside the output folder, which a device call brings back (8 files at most); stable, so
+# a rerun on a warm machine finds its distillation cache.
+DEFAULT_WORK_DIR = os.path.join(tempfile.gettempdir(), "flexdraft_accelerator_check")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +206,7 @@ def run_check(config: CheckConfig, output_dir: str, work_dir: str | None = None)
     """Run the configured sections; returns the record (also written under `output_dir`)."""
     t_start = time.perf_counter()
     deadline = t_start + config.budget_seconds
-    work_dir = work_dir or os.path.join(output_dir, "work")
+    work_dir = work_dir or DEFAULT_WORK_DIR
     os.makedirs(output_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
     say = lambda msg: log.info("%s", msg)  # noqa: E731
@@ -211,6 +216,7 @@ def run_check(config: CheckConfig, output_dir: str, work_dir: str | None = None)
         "device": device_info(),
         "argv": sys.argv,
         "config": _config_record(config),
+        "work_dir": work_dir,
         "sections": {},
     }
     log.info("device: %s", record["device"])

@@ -4,7 +4,8 @@ summary(record)               the numbers the check is for: kernel agreement, th
                               largest row bucket against one AR step per shape and batch size,
                               flex's speedup over AR per batch size, training's outcome
 format_markdown(record)       accelerator_check.md: the summary, then every section's table
-write_outputs(record, dir)    the markdown and the plots (step_costs.png, decoding.png)
+write_outputs(record, dir)    the markdown and one figure (the step costs per shape, the
+                              decoding speedups)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 
 MARKDOWN_FILE = "accelerator_check.md"
+PLOT_FILE = "accelerator_check.png"
 
 
 def _section(record: dict, name: str) -> dict | None:
@@ -273,71 +275,72 @@ def format_markdown(record: dict) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_step_costs(steps: dict, path: str) -> str | None:
-    """One panel per shape: the widest sequential and parallel step / an AR step against batch
-    size, per attention implementation."""
+def _step_panel(ax, measured: list, shape: str) -> None:
+    """The widest sequential and parallel step / an AR step against batch size, per attention."""
+    for impl, style in (("pallas", "-"), ("xla", "--")):
+        rows = sorted(
+            (r for r in measured if r["shape"] == shape and r["impl"] == impl),
+            key=lambda r: r["batch"],
+        )
+        for kind, marker in (("seq", "o"), ("par", "s")):
+            name = _widest(rows[0]["relative"], kind) if rows else None
+            if name:
+                ys = [r["relative"][name] for r in rows]
+                ax.plot([r["batch"] for r in rows], ys, style + marker, label=f"{name} {impl}")
+    ax.set_title(f"{shape}: step cost")
+    ax.set_ylabel("step time / AR step")
+
+
+def _decoding_panel(ax, rows: list) -> None:
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        pts = sorted((r["batch_size"], r["speedup_vs_ar"]) for r in rows if r["mode"] == mode)
+        style = "k--" if mode == "ar" else "o-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mode)
+    ax.set_title("decoding: speedup over AR")
+    ax.set_ylabel("AR time per token / mode's")
+
+
+def plot(record: dict, path: str) -> str | None:
+    """One figure: a step-cost panel per target shape, then the decoding speedups (one file, as a
+    device call brings back only a few)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [r for r in steps["results"] if r["status"] == "measured"]
+    steps, dec = _section(record, "step_costs"), _section(record, "decoding")
+    measured = [r for r in (steps or {}).get("results", []) if r["status"] == "measured"]
     shapes = list(dict.fromkeys(r["shape"] for r in measured))
-    if not shapes:
+    panels = [lambda ax, s=s: _step_panel(ax, measured, s) for s in shapes]
+    if dec and dec["rows"]:
+        panels.append(lambda ax: _decoding_panel(ax, dec["rows"]))
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.8), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
-        for impl, style in (("pallas", "-"), ("xla", "--")):
-            rows = sorted(
-                (r for r in measured if r["shape"] == shape and r["impl"] == impl),
-                key=lambda r: r["batch"],
-            )
-            if not rows:
-                continue
-            for kind, marker in (("seq", "o"), ("par", "s")):
-                name = _widest(rows[0]["relative"], kind)
-                ax.plot(
-                    [r["batch"] for r in rows],
-                    [r["relative"][name] for r in rows],
-                    style + marker,
-                    label=f"{name} {impl}",
-                )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, draw in zip(axes[0], panels):
+        draw(ax)
         ax.set_xscale("log", base=2)
-        ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set_title(shape)
         ax.set_xlabel("batch size")
-        ax.set_ylabel("step time / AR step")
-        ax.legend(fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def write_outputs(record: dict, output_dir: str) -> dict:
-    """accelerator_check.md and the plots; a plot that fails is noted, not raised."""
-    from flexdraft_jax.bench import report
-
+    """accelerator_check.md and accelerator_check.png; a plot that fails is noted, not raised."""
     out = {}
-    steps, dec = _section(record, "step_costs"), _section(record, "decoding")
-    plots = {
-        "step_costs": (lambda p: plot_step_costs(steps, p)) if steps else None,
-        "decoding": (lambda p: report.plot_speedup({"rows": dec["rows"], "config": {}}, p))
-        if dec and dec["rows"]
-        else None,
-    }
-    for name, fn in plots.items():
-        if fn is None:
-            continue
-        try:
-            path = fn(os.path.join(output_dir, f"{name}.png"))
-        except Exception as e:  # a plot is a convenience: the record holds the numbers
-            out[name] = f"failed: {type(e).__name__}: {e}"
-        else:
-            if path:
-                out[name] = os.path.basename(path)
-    path = os.path.join(output_dir, MARKDOWN_FILE)
-    with open(path, "w") as f:
+    try:
+        path = plot(record, os.path.join(output_dir, PLOT_FILE))
+    except Exception as e:  # a plot is a convenience: the record holds the numbers
+        out["plot"] = f"failed: {type(e).__name__}: {e}"
+    else:
+        if path:
+            out["plot"] = PLOT_FILE
+    with open(os.path.join(output_dir, MARKDOWN_FILE), "w") as f:
         f.write(format_markdown(record))
     out["markdown"] = MARKDOWN_FILE
     return out

@@ -80,7 +80,7 @@ class StepCostPlan:
     dtype: str = "bfloat16"
     repeats: int = 5  # rounds over the branches per measurement ...
     max_seconds: float = 2.0  # ... while they take under this long (after two)
-    workers: int = 8  # compiling threads
+    workers: int = 10  # compiling threads: every job of a shape at once (5 batch sizes x 2)
     memory_fraction: float = 0.9  # of the device's free memory a job may plan to use
     seed: int = 0
 

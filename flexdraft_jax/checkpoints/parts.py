@@ -123,6 +123,7 @@ def join_file(manifest: str, dest: str | None = None, *, remove_parts: bool = Fa
                 f"joined {m['file']} has SHA-256 {whole.hexdigest()}, the manifest says "
                 f"{m['sha256']}"
             )
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would survive the rename
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
@@ -161,6 +162,7 @@ def _write_json(path: str, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
