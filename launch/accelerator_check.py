@@ -38,6 +38,7 @@ flags.DEFINE_list(
 )  # fmt: skip
 flags.DEFINE_float("budget_seconds", None, "Time for every section but training (default 420).")
 flags.DEFINE_float("train_minutes", 0.0, "> 0: self-distil and train the SmolLM2 drafter.")
+flags.DEFINE_float("train_data_scale", 10.0, "Training prompts: this many times the CPU recipe's.")
 flags.DEFINE_bool("dry_run", False, "Every section at CPU sizes (what the test suite runs).")
 flags.DEFINE_list(
     "shapes", [s.name for s in FULL_SHAPES], "Step-cost target shapes (random weights)."
@@ -78,8 +79,9 @@ def main(_):
         decoding = base.decoding
         if F.decode_batch_sizes:
             decoding = dataclasses.replace(decoding, batch_sizes=_ints(F.decode_batch_sizes))
+        train = dataclasses.replace(base.train, data_scale=F.train_data_scale)
         config = dataclasses.replace(
-            base, sections=tuple(sections), steps=steps, decoding=decoding,
+            base, sections=tuple(sections), steps=steps, decoding=decoding, train=train,
             train_minutes=F.train_minutes,
         )  # fmt: skip
     if F.budget_seconds:

@@ -577,8 +577,9 @@ def build_examples(
             recs = [{"prompt": t} for t in python_docs_prompts(None, seed)]
         elif src == "python_stubs":
             recs = [{"prompt": t} for t in python_stub_prompts(None, seed)]
-        elif src == "site_stubs":  # parse only what can still be taken (site-packages is big)
-            want = None if limit is None else 2 * max(limit - len(to_distill), 0)
+        elif src == "site_stubs":  # parse only what can still be taken (site-packages is big),
+            # with room for the stubs longer than max_prompt_tokens
+            want = None if limit is None else 3 * max(limit - len(to_distill), 0) // 2
             recs = [{"prompt": t} for t in site_stub_prompts(None, seed, want)]
         elif src.startswith("jsonl:"):
             recs = read_jsonl(src[len("jsonl:") :])
