@@ -13,7 +13,10 @@ k and v), and compares it with `kernels.reference.attention_reference` two ways:
                  float32 matmul may round its inputs to TF32, in the reference and in the
                  backward pass (the reference's VJP) alike
 
-It also times kernel and reference on the decode layouts (`kernels.benchmark.compare`).
+The kernel's backward pass is the reference's VJP (`pallas_attention`), so the gradient cases
+check that the kernel's custom VJP runs and agrees on the device, and `max_err_exact` shows the
+precision that VJP reaches there. It also times kernel and reference on the decode layouts
+(`kernels.benchmark.compare`).
 """
 
 from __future__ import annotations
