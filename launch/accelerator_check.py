@@ -22,8 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-
+from flexdraft_jax import compilation  # noqa: E402
 from flexdraft_jax.bench import accelerator  # noqa: E402
 from flexdraft_jax.bench.step_costs import FULL_SHAPES  # noqa: E402
 
@@ -47,8 +46,10 @@ flags.DEFINE_list("batch_sizes", None, "Step-cost batch sizes (default 1,4,16,64
 flags.DEFINE_list("attention", None, "Step-cost attention implementations (default pallas,xla).")
 flags.DEFINE_list("decode_batch_sizes", None, "Decoding batch sizes, in order (default 1,16,4,64).")
 flags.DEFINE_string(
-    "compilation_cache", "/tmp/flexdraft_jax_xla_cache",
-    "Persistent XLA compilation cache ('' = none): a rerun on a warm machine compiles nothing.",
+    "compilation_cache", compilation.DEFAULT,
+    "JAX's persistent compilation cache: a directory, 'none' (off), or 'default' "
+    f"(${compilation.ENV} if set, else {compilation.DEFAULT_DIR}): a rerun on a warm machine "
+    "compiles nothing.",
 )  # fmt: skip
 
 
@@ -57,9 +58,7 @@ def _ints(values):
 
 
 def main(_):
-    if F.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", F.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    compilation.enable_cache(F.compilation_cache)
     sections = list(F.sections)
     if F.train_minutes > 0 and "train" not in sections:
         sections.append("train")

@@ -35,7 +35,7 @@ def dry_run(tmp_path_factory):
     cmd = [
         sys.executable, os.path.join(REPO, "launch", "accelerator_check.py"),
         f"--output_dir={out}", f"--work_dir={work}", "--dry_run",
-        "--sections=kernels,decoding,step_costs,train", "--compilation_cache=",
+        "--sections=kernels,decoding,step_costs,train", "--compilation_cache=none",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
