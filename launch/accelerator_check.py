@@ -36,6 +36,8 @@ flags.DEFINE_list(
     f"Sections to run, of {', '.join(accelerator.SECTIONS)} (train also with --train_minutes).",
 )  # fmt: skip
 flags.DEFINE_float("budget_seconds", None, "Time for every section but training (default 420).")
+flags.DEFINE_float("kernel_seconds", None, "At most this much of it for the kernels (default 60).")
+flags.DEFINE_float("decoding_seconds", None, "... and for decoding (default 150).")
 flags.DEFINE_float("train_minutes", 0.0, "> 0: self-distil and train the SmolLM2 drafter.")
 flags.DEFINE_float("train_data_scale", 10.0, "Training prompts: this many times the CPU recipe's.")
 flags.DEFINE_bool("dry_run", False, "Every section at CPU sizes (what the test suite runs).")
@@ -83,8 +85,9 @@ def main(_):
             base, sections=tuple(sections), steps=steps, decoding=decoding, train=train,
             train_minutes=F.train_minutes,
         )  # fmt: skip
-    if F.budget_seconds:
-        config = dataclasses.replace(config, budget_seconds=F.budget_seconds)
+    times = {"budget_seconds": F.budget_seconds, "kernel_seconds": F.kernel_seconds,
+             "decoding_seconds": F.decoding_seconds}  # fmt: skip
+    config = dataclasses.replace(config, **{k: v for k, v in times.items() if v})
     record = accelerator.run_check(config, F.output_dir, F.work_dir)
     for name, sec in record["sections"].items():
         logging.info("%-10s %-8s %5.0fs %s", name, sec["status"], sec["seconds"], sec["reason"])
