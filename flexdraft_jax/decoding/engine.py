@@ -240,10 +240,8 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     if ids is not None:
         drafts = ids[drafts]
     conf = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)  # [B, W-1]
-    v_seq = jnp.sum(jnp.cumprod(conf, axis=1) >= st.ecfg.threshold, axis=1)
     active = ~state.output.done
-    v = jnp.max(jnp.where(active, v_seq, 1))
-    v = jnp.clip(v, 1, st.width - 1).astype(jnp.int32)
+    v = verify_length(conf, st.ecfg.threshold, active, st.width)
     n_active = jnp.maximum(active.sum(), 1)
     conf_mean = jnp.sum(jnp.where(active[:, None], conf, 0.0), axis=0) / n_active
     # Per sequence: acceptance of draft j given the ones before = its confidence times the
@@ -257,6 +255,16 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     cand = jnp.concatenate([bonus[:, None], drafts], axis=1)
     block = Block(cand, q, conf.astype(jnp.float32), gain, v, jnp.array(True))
     return block, conf_mean
+
+
+def verify_length(conf, threshold: float, active, width: int):
+    """The next step's verify length (DESIGN §2.3): per sequence, how many leading drafts keep
+    the running product of their confidences >= `threshold`; the maximum over active sequences
+    (finished ones do not count), clamped to [1, W-1]. conf float32[B, W-1], active bool[B]
+    -> int32[]."""
+    v_seq = jnp.sum(jnp.cumprod(conf, axis=1) >= threshold, axis=1)
+    v = jnp.max(jnp.where(active, v_seq, 1))
+    return jnp.clip(v, 1, width - 1).astype(jnp.int32)
 
 
 def _view(kv, lengths) -> tf.KVCache:
