@@ -107,7 +107,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
-        if self.threshold < 0 or self.threshold > 1:
+        if not 0 <= self.threshold <= 1:  # (NaN fails every comparison)
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
@@ -115,11 +115,11 @@ class EngineConfig:
             raise ValueError(f"alpha_init: 'draft', numbers or None, not {self.alpha_init!r}")
         if not 0 < self.alpha_decay <= 1:
             raise ValueError(f"alpha_decay must be in (0, 1], got {self.alpha_decay}")
-        if self.alpha_prior_weight <= 0:
+        if not self.alpha_prior_weight > 0:
             raise ValueError(f"alpha_prior_weight must be > 0, got {self.alpha_prior_weight}")
         if self.gain not in GAINS:
             raise ValueError(f"gain must be one of {GAINS}, got {self.gain!r}")
-        if self.spec_margin < 0:
+        if not self.spec_margin >= 0:
             raise ValueError(f"spec_margin must be >= 0, got {self.spec_margin}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
