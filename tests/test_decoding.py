@@ -581,7 +581,28 @@ def assert_step_times(stats):
     steps = np.asarray(stats["step_seconds"])
     assert len(steps) == stats["steps"] and (steps > 0).all()
     decode = stats["seconds"] - stats["prefill_seconds"]
-    assert steps.sum() <= decode and steps.sum() == pytest.approx(decode, rel=0.05)
+    assert steps.sum() == pytest.approx(decode, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "run, syncs", [(RunConfig(steps_per_call=3), 3), (RunConfig(dispatch="host", lookahead=0), 9)]
+)
+def test_step_seconds_share_each_host_syncs_time(tiny_llama, monkeypatch, run, syncs):
+    """A clock that ticks once per reading: the 9 steps of a 10-token AR decode at 3 steps per
+    device call share each call's tick three ways; host dispatch syncs after every step. The
+    decode's seconds run from the prefill (2 readings) through every sync to the end."""
+    import types
+
+    cfg, target = tiny_llama
+    dcfg, _ = random_draft(cfg, target, 4)
+    dec = decoder(cfg, target, None, dcfg, mode="ar", run=run)
+    dec.generate(PROMPTS[:1], 10)  # compile first (compilation reads clocks of its own)
+    ticks = iter(range(1000))
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks))
+    monkeypatch.setattr(decoder_mod, "time", clock)
+    stats = dec.generate(PROMPTS[:1], 10).stats
+    assert stats["step_seconds"] == pytest.approx([syncs / 9] * 9)
+    assert stats["prefill_seconds"] == 1 and stats["seconds"] == 1 + syncs + 1
 
 
 @pytest.mark.parametrize("mode", ["ar", "flex"])
@@ -802,7 +823,7 @@ def test_cost_estimate_ranks_branches_by_rows_and_device(tmp_path):
     branches = engine.branches_for(engine.EngineConfig(), 8, 1)
     cpu = costs.estimate(cfg, dcfg, 1, branches, backend="cpu").relative()
     tpu = costs.estimate(cfg, dcfg, 1, branches, backend="tpu", itemsize=2).relative()
-    assert cpu["ar1"] == 1.0 and cpu["seq2"] < cpu["seq4"] < cpu["seq8"] < cpu["par8"]
+    assert cpu["seq2"] < cpu["seq4"] < cpu["seq8"] < cpu["par8"]
     assert 1.3 < cpu["seq4"] < 2.2 and cpu["par8"] > 2.0  # measured here: 1.65-1.86, 2.3
     assert tpu["par8"] < 1.6 and tpu["seq8"] < cpu["seq8"]
     big = costs.estimate(cfg, dcfg, 64, branches, backend="cpu").relative()
