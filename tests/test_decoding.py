@@ -836,25 +836,30 @@ def test_cost_estimate_ranks_branches_by_rows_and_device(tmp_path):
         costs.CostProfile.load(str(tmp_path / "bad.json"))
 
 
-SMOLLM2_CASES = [("flex", 4, 16)] + [
+SMOLLM2_CASES = [("flex", 3, 16)] + [
     pytest.param(m, b, spc, marks=pytest.mark.slow)
-    for m in engine.MODES
-    for b in (1, 4)
-    for spc in (1, 16)
-    if (m, b, spc) != ("flex", 4, 16)
+    for m, b, spc in [(m, b, 16) for m in engine.MODES for b in (1, 3)] + [("flex", 3, 1)]
+    if (m, b, spc) != ("flex", 3, 16)
 ]
+
+
+_SMOLLM2_AR: dict = {}
 
 
 @pytest.mark.parametrize("mode,batch,spc", SMOLLM2_CASES)
 def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
-    """SmolLM2 with the shipped draft, through the device loop: greedy tokens equal AR's, and the
-    drafts are accepted (tau well above 1), so the accept paths run on the real model."""
+    """SmolLM2 with the shipped draft, through the device loop, 32 greedy tokens: every mode's
+    tokens equal AR's, and the drafts are accepted (accepted positions counted, tau well above
+    1), so the accept paths run on the real model."""
     from flexdraft_jax import pipeline
 
     cfg, target, tok = smollm2
-    prompts = pipeline.encode(tok, pipeline.humaneval_prompts(4)[:batch], chat=True)
-    ref = ar.generate(cfg, target, prompts, 24, eos_ids=())
+    prompts = pipeline.encode(tok, pipeline.humaneval_prompts(3)[:batch], chat=True)
+    if batch not in _SMOLLM2_AR:  # AR's tokens, once per batch size
+        _SMOLLM2_AR[batch] = ar.generate(cfg, target, prompts, 32, eos_ids=())
+    ref = _SMOLLM2_AR[batch]
     draft = pipeline.load_draft(pipeline.shipped_draft(None), cfg, target)
+    assert draft.target is not None  # the shipped draft names its target, and this is it
     dcfg = draft.config
     # Speculation priced cheap, so flex and paper take speculative branches.
     costs = {f"{k}{r}": 1.0 + 0.05 * r for k in ("ar", "seq", "par") for r in (1, 2, 4, 8)}
@@ -863,6 +868,9 @@ def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
         profiles={batch: CostProfile(batch, costs, 0.1)},
         run=RunConfig(steps_per_call=spc, dispatch="device"),
     )  # fmt: skip
-    gen = dec.generate(prompts, 24)
+    gen = dec.generate(prompts, 32)
     assert gen.tokens == ref.tokens
-    assert mode == "ar" or gen.stats["tau"] > 1.3, gen.stats["tau"]
+    assert [len(t) for t in gen.tokens] == [32] * batch
+    if mode != "ar":
+        hits = np.asarray(gen.stats["per_position_acceptance"])
+        assert hits[0] > 0 and gen.stats["tau"] > 1.3, (hits, gen.stats["tau"])
