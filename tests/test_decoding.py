@@ -585,7 +585,11 @@ def assert_step_times(stats):
 
 
 @pytest.mark.parametrize(
-    "run, syncs", [(RunConfig(steps_per_call=3), 3), (RunConfig(dispatch="host", lookahead=0), 9)]
+    "run, syncs",
+    [
+        (RunConfig(steps_per_call=3, dispatch="device"), 3),
+        (RunConfig(dispatch="host", lookahead=0), 9),
+    ],
 )
 def test_step_seconds_share_each_host_syncs_time(tiny_llama, monkeypatch, run, syncs):
     """A clock that ticks once per reading: the 9 steps of a 10-token AR decode at 3 steps per
@@ -838,7 +842,8 @@ def test_cost_estimate_ranks_branches_by_rows_and_device(tmp_path):
 
 SMOLLM2_CASES = [("flex", 3, 16)] + [
     pytest.param(m, b, spc, marks=pytest.mark.slow)
-    for m, b, spc in [(m, b, 16) for m in engine.MODES for b in (1, 3)] + [("flex", 3, 1)]
+    for m, b, spc in [(m, b, 16) for m in engine.MODES for b in (1, 3)]
+    + [("flex", 3, 1), ("flex", 3, "host")]
     if (m, b, spc) != ("flex", 3, 16)
 ]
 
@@ -848,9 +853,10 @@ _SMOLLM2_AR: dict = {}
 
 @pytest.mark.parametrize("mode,batch,spc", SMOLLM2_CASES)
 def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
-    """SmolLM2 with the shipped draft, through the device loop, 32 greedy tokens: every mode's
-    tokens equal AR's, and the drafts are accepted (accepted positions counted, tau well above
-    1), so the accept paths run on the real model."""
+    """SmolLM2 with the shipped draft, through the device loop (spc steps per call; "host":
+    host dispatch, the default on a CPU), 32 greedy tokens: every mode's tokens equal AR's, and
+    the drafts are accepted (accepted positions counted, tau well above 1), so the accept paths
+    run on the real model."""
     from flexdraft_jax import pipeline
 
     cfg, target, tok = smollm2
@@ -866,7 +872,7 @@ def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
     dec = Decoder(
         cfg, target, draft, dcfg, engine.EngineConfig(mode=mode), cache_len=256, eos_ids=(),
         profiles={batch: CostProfile(batch, costs, 0.1)},
-        run=RunConfig(steps_per_call=spc, dispatch="device"),
+        run=RunConfig(dispatch="host") if spc == "host" else RunConfig(spc, dispatch="device"),
     )  # fmt: skip
     gen = dec.generate(prompts, 32)
     assert gen.tokens == ref.tokens

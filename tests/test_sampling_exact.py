@@ -5,7 +5,8 @@ exactly, by running every continuation (5**n paths), and thousands of decodes ar
 it with a chi-square test (p > 1e-3). Every mode and setting the engine has: parallel, sequential,
 the paper's rule, flex switching between AR and speculative steps (so both device loops, the
 switch and the draft pass after an AR step run), a threshold above 0, top-k, top-p, a restricted
-draft vocabulary, the release's sample-and-match rule and host dispatch. No sample may fall on a
+draft vocabulary, the release's sample-and-match rule; through the device loop (`engine.run`),
+and host dispatch for flex. No sample may fall on a
 path of probability 0 (top-k and top-p zero some).
 
 The test has power: the same statistic rejects (p < 1e-6) subtly wrong rules planted in the engine:
@@ -34,6 +35,7 @@ from flexdraft_jax.models.draft import Draft
 
 PROMPT = [1, 3, 2]
 SAMPLES = 6000  # decodes per check (one batch)
+DEVICE = RunConfig(dispatch="device")  # the device loop, `engine.run` ("auto": host on a CPU)
 P_OK, P_WRONG = 1e-3, 1e-6  # a correct rule passes above P_OK; a wrong one fails below P_WRONG
 T1 = SamplingParams(temperature=1.0)
 
@@ -88,7 +90,7 @@ def chi2_pvalue(counts, expected_p):
     return float(jax.scipy.special.gammaincc(df / 2.0, stat / 2.0)), stat, df
 
 
-def check(setup, *, n=3, seed=1, sp=T1, draft=None, run=RunConfig(), profile=None, **ecfg):
+def check(setup, *, n=3, seed=1, sp=T1, draft=None, run=DEVICE, profile=None, **ecfg):
     """(p-value, Generation) of SAMPLES decodes of PROMPT against the exact joint of n tokens."""
     cfg, target, dcfg, default_draft = setup
     exact = exact_joint(cfg, target, n, sp)
@@ -139,7 +141,7 @@ def test_ar_sampling_is_exact(setup):
     assert p > P_OK and gen.stats["tau"] == 1.0, p
 
 
-@pytest.mark.parametrize("run", [RunConfig(), RunConfig(dispatch="host")], ids=["device", "host"])
+@pytest.mark.parametrize("run", [DEVICE, RunConfig(dispatch="host")], ids=["device", "host"])
 def test_flex_switching_between_ar_and_speculative_steps_is_lossless(setup, run):
     """Flex with speculation priced just above its worth (a low acceptance prior) prefills
     without drafts and takes AR steps, probing a speculative step after each; the probe drafts
