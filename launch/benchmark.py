@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flexdraft_jax import compilation, pipeline  # noqa: E402
 from flexdraft_jax.bench import harness, report  # noqa: E402
+from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")
@@ -47,7 +48,10 @@ flags.DEFINE_list(
     "MODE:la=N (its lookahead), MODE:cap=N (KV cache capacity).",
 )
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens per prompt.", lower_bound=1)
-flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
+flags.DEFINE_integer(
+    "block_size", None, f"Draft block size, 2..{MAX_BLOCK_SIZE} (default: the draft's own).",
+    lower_bound=2, upper_bound=MAX_BLOCK_SIZE,
+)  # fmt: skip
 flags.DEFINE_integer("draft_depth", 6, "Layers with draft projectors (untrained draft only).")
 flags.DEFINE_float("threshold", 0.01, "Confidence threshold (0 = verify the whole block).")
 flags.DEFINE_float(
@@ -88,10 +92,11 @@ def main(_):
     if draft_path is None:
         logging.warning("no trained draft: using UNTRAINED draft projectors (tau ~1, no speedup)")
     draft = pipeline.load_draft(
-        draft_path, cfg, target, depth=F.draft_depth, block_size=F.block_size or 8
-    )
+        draft_path, cfg, target, depth=F.draft_depth,
+        block_size=8 if F.block_size is None else F.block_size,
+    )  # fmt: skip
     dcfg = draft.config
-    if F.block_size and F.block_size != dcfg.block_size:  # decode with another block size
+    if F.block_size is not None and F.block_size != dcfg.block_size:  # another block size
         dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
     ids = pipeline.encode(tok, texts, chat)
     logging.info(

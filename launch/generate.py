@@ -23,6 +23,7 @@ from flexdraft_jax import compilation, pipeline  # noqa: E402
 from flexdraft_jax.decoding.decoder import Decoder, RunConfig  # noqa: E402
 from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
 from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
+from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -35,7 +36,10 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("checkpoint", None, "HF directory or .gguf file (default: embedded SmolLM2).")
 flags.DEFINE_enum("mode", "flex", MODES, "Decoding mode.")
-flags.DEFINE_integer("block_size", None, "Draft block size (default: the draft's own).")
+flags.DEFINE_integer(
+    "block_size", None, f"Draft block size, 2..{MAX_BLOCK_SIZE} (default: the draft's own).",
+    lower_bound=2, upper_bound=MAX_BLOCK_SIZE,
+)  # fmt: skip
 flags.DEFINE_integer("draft_depth", 6, "Layers with draft projectors (untrained draft only).")
 flags.DEFINE_float(
     "threshold", 0.01, "Confidence threshold for the verify length (0 = whole block)."
@@ -87,10 +91,11 @@ def run(_):
     )
     draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
     draft = pipeline.load_draft(
-        draft_path, cfg, target, depth=F.draft_depth, block_size=F.block_size or 8
-    )
+        draft_path, cfg, target, depth=F.draft_depth,
+        block_size=8 if F.block_size is None else F.block_size,
+    )  # fmt: skip
     dcfg = draft.config
-    if F.block_size and F.block_size != dcfg.block_size:  # decode with another block size
+    if F.block_size is not None and F.block_size != dcfg.block_size:  # another block size
         dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
     ids = pipeline.encode(tok, texts, F.chat)
     logging.info(
@@ -105,6 +110,7 @@ def run(_):
         cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len,
         run=RunConfig(steps_per_call=F.steps_per_call, dispatch=F.dispatch),
     )  # fmt: skip
+    dec.check(ids, F.max_new_tokens)  # bad prompts fail before a profile is measured
     dec.setup_profile(len(ids), F.profile)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)
     records = []

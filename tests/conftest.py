@@ -5,12 +5,16 @@ Most of the suite's time is XLA compiling small programs on 2 CPU cores. Backend
 compiled with the same flags (AR vs speculative, kernel vs reference, sharded vs single device), so
 nothing is compared across settings. Speed is measured by launch/benchmark.py, never here.
 Subprocesses inherit XLA_FLAGS; tests that set their own device count append to it.
+
+With FLEXDRAFT_DEFAULT_XLA=1 the flags are left as they are: tests/test_default_xla.py runs a
+smoke set that way, compiled as users' programs are.
 """
 
 import os
 
 # Tests compile into no persistent cache (tests of the cache set their own directory).
 os.environ.setdefault("FLEXDRAFT_JAX_COMPILATION_CACHE", "none")
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+DEFAULT_XLA_ENV = "FLEXDRAFT_DEFAULT_XLA"
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+if not os.environ.get(DEFAULT_XLA_ENV) and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

@@ -1,15 +1,14 @@
 """Flex decoding engine against its slow twin, plain AR decoding (issue: flex decoding engine).
 
 Greedy speculative decoding in every mode must reproduce AR greedy token for token; parallel and
-sequential must agree step for step; speculative sampling must reproduce the target's distribution
-(checked against the exact distribution by enumeration, with a wrong rule shown to fail); a decode
-compiles a fixed set of functions; the flex policy follows the cost profile.
+sequential must agree step for step (sampling against the exact distribution:
+test_sampling_exact.py); a decode compiles a fixed set of functions; the flex policy follows the
+cost profile.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import re
 
@@ -18,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexdraft_jax.decoding import ar, engine, policy, verify
+from flexdraft_jax.decoding import ar, engine, policy
 from flexdraft_jax.decoding import decoder as decoder_mod
 from flexdraft_jax.decoding.decoder import CostProfile, Decoder, RunConfig
 from flexdraft_jax.decoding.sampling import SamplingParams
-from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 from flexdraft_jax.models.draft import Draft
@@ -141,122 +139,6 @@ def test_eos_and_max_tokens_stop_each_sequence(tiny_llama):
     assert gen.tokens == want.tokens
     assert len(gen.tokens[1]) <= 4 and gen.tokens[1][-1] == eos
     assert all(len(t) <= 12 for t in gen.tokens)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def exact_joint(cfg, target, prompt, n, sp):
-    """p(t1..tn | prompt) exactly, by running every continuation path (tiny vocabulary)."""
-    from flexdraft_jax.decoding.sampling import probs
-
-    paths = np.array(list(itertools.product(range(cfg.vocab_size), repeat=n)), np.int32)
-    toks = np.concatenate([np.tile(prompt, (len(paths), 1)), paths], axis=1)
-    lay = layouts.causal(jnp.zeros(len(toks), jnp.int32), toks.shape[1])
-    logits, _ = tf.apply(cfg, target, jnp.asarray(toks), lay.positions, None, lay.meta)
-    p = np.asarray(probs(logits[:, len(prompt) - 1 : len(prompt) - 1 + n], sp))  # [M, n, V]
-    pr = np.prod(p[np.arange(len(paths))[:, None], np.arange(n)[None], paths], axis=1)
-    return pr.reshape([cfg.vocab_size] * n) / pr.sum()
-
-
-def chi2_pvalue(counts, expected_p):
-    n = counts.sum()
-    exp = expected_p.ravel() * n
-    keep = exp >= 5  # pool rare cells into one
-    stat_cells = counts.ravel()[keep]
-    stat_exp = exp[keep]
-    rest_obs, rest_exp = counts.ravel()[~keep].sum(), exp[~keep].sum()
-    stat = np.sum((stat_cells - stat_exp) ** 2 / stat_exp)
-    df = keep.sum() - 1
-    if rest_exp > 0:
-        stat += (rest_obs - rest_exp) ** 2 / rest_exp
-        df += 1
-    return float(jax.scipy.special.gammaincc(df / 2.0, stat / 2.0)), stat, df
-
-
-def sample_counts(dec, prompt, n, samples, seed):
-    gen = dec.generate([prompt] * samples, n, seed=seed)
-    counts = np.zeros([dec.cfg.vocab_size] * n)
-    for t in gen.tokens:
-        counts[tuple(t[:n])] += 1
-    return counts, gen
-
-
-@pytest.fixture(scope="module")
-def sampling_setup():
-    cfg, target = tiny(vocab=5, seed=11, peaky=20.0)
-    dcfg, draft = random_draft(cfg, target, 4, noise=0.3, seed=12)
-    sp = SamplingParams(temperature=1.0)
-    prompt = [1, 3, 2]
-    return cfg, target, dcfg, draft, sp, prompt, exact_joint(cfg, target, prompt, 3, sp)
-
-
-@pytest.mark.parametrize("rule", ["speculative", "match"])
-def test_sampling_is_lossless(sampling_setup, rule):
-    cfg, target, dcfg, draft, sp, prompt, exact = sampling_setup
-    dec = decoder(
-        cfg,
-        target,
-        draft,
-        dcfg,
-        mode="parallel",
-        threshold=0.0,
-        sampling=sp,
-        rule=rule,
-        cache_len=64,
-    )
-    counts, gen = sample_counts(dec, prompt, 3, 6000, seed=1)
-    p, stat, df = chi2_pvalue(counts, exact)
-    assert p > 1e-3, (p, stat, df)
-    assert gen.stats["tau"] > 1.2  # drafts were accepted: the speculative path was exercised
-    ar_dec = decoder(cfg, target, None, dcfg, mode="ar", sampling=sp, cache_len=64)
-    p_ar, _, _ = chi2_pvalue(sample_counts(ar_dec, prompt, 3, 6000, seed=2)[0], exact)
-    assert p_ar > 1e-3
-
-
-def test_wrong_acceptance_rule_is_detected(sampling_setup, monkeypatch):
-    """Accepting every draft (ignoring p/q) must fail the same test: the test has power."""
-    cfg, target, dcfg, draft, sp, prompt, exact = sampling_setup
-
-    def accept_all(key, logits, cand, q, v, sp):
-        acc = jnp.full((logits.shape[0],), v, jnp.int32)
-        p = jax.nn.softmax(logits.astype(jnp.float32) / sp.temperature, axis=-1)
-        p_acc = jnp.take_along_axis(p, acc[:, None, None], axis=1)[:, 0]
-        return acc, jax.random.categorical(key, jnp.log(p_acc)).astype(jnp.int32)
-
-    monkeypatch.setattr(verify, "speculative", accept_all)
-    jax.clear_caches()  # the jitted step must be retraced with the wrong rule
-    dec = decoder(
-        cfg, target, draft, dcfg, mode="parallel", threshold=0.0, sampling=sp, cache_len=64
-    )
-    counts, _ = sample_counts(dec, prompt, 3, 6000, seed=1)
-    p, _, _ = chi2_pvalue(counts, exact)
-    jax.clear_caches()
-    assert p < 1e-6
-
-
-@pytest.mark.parametrize("rule", ["speculative", "match"])
-def test_sampling_with_a_restricted_draft_vocabulary_is_lossless(sampling_setup, rule):
-    """Drafts only from ids {0, 2, 4}: q is 0 on the others, and the target's distribution of
-    the first 3 tokens (which use all 5 ids) must still come out exactly."""
-    cfg, target, dcfg, draft, sp, prompt, exact = sampling_setup
-    dec = decoder(
-        cfg,
-        target,
-        Draft(draft, dcfg, vocab=np.array([4, 0, 2, 1, 3], np.int32)),
-        None,
-        mode="sequential",
-        threshold=0.0,
-        sampling=sp,
-        rule=rule,
-        cache_len=64,
-        draft_vocab_size=3,
-    )
-    np.testing.assert_array_equal(dec.draft["head"]["ids"], [4, 0, 2])
-    counts, gen = sample_counts(dec, prompt, 3, 6000, seed=3)
-    p, stat, df = chi2_pvalue(counts, exact)
-    assert p > 1e-3, (p, stat, df)
-    assert gen.stats["tau"] > 1.1
 
 
 def test_greedy_with_a_restricted_draft_vocabulary_equals_ar(tiny_llama):
@@ -699,7 +581,32 @@ def assert_step_times(stats):
     steps = np.asarray(stats["step_seconds"])
     assert len(steps) == stats["steps"] and (steps > 0).all()
     decode = stats["seconds"] - stats["prefill_seconds"]
-    assert steps.sum() <= decode and steps.sum() == pytest.approx(decode, rel=0.05)
+    assert steps.sum() == pytest.approx(decode, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "run, syncs",
+    [
+        (RunConfig(steps_per_call=3, dispatch="device"), 3),
+        (RunConfig(dispatch="host", lookahead=0), 9),
+    ],
+)
+def test_step_seconds_share_each_host_syncs_time(tiny_llama, monkeypatch, run, syncs):
+    """A clock that ticks once per reading: the 9 steps of a 10-token AR decode at 3 steps per
+    device call share each call's tick three ways; host dispatch syncs after every step. The
+    decode's seconds run from the prefill (2 readings) through every sync to the end."""
+    import types
+
+    cfg, target = tiny_llama
+    dcfg, _ = random_draft(cfg, target, 4)
+    dec = decoder(cfg, target, None, dcfg, mode="ar", run=run)
+    dec.generate(PROMPTS[:1], 10)  # compile first (compilation reads clocks of its own)
+    ticks = iter(range(1000))
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks))
+    monkeypatch.setattr(decoder_mod, "time", clock)
+    stats = dec.generate(PROMPTS[:1], 10).stats
+    assert stats["step_seconds"] == pytest.approx([syncs / 9] * 9)
+    assert stats["prefill_seconds"] == 1 and stats["seconds"] == 1 + syncs + 1
 
 
 @pytest.mark.parametrize("mode", ["ar", "flex"])
@@ -920,7 +827,7 @@ def test_cost_estimate_ranks_branches_by_rows_and_device(tmp_path):
     branches = engine.branches_for(engine.EngineConfig(), 8, 1)
     cpu = costs.estimate(cfg, dcfg, 1, branches, backend="cpu").relative()
     tpu = costs.estimate(cfg, dcfg, 1, branches, backend="tpu", itemsize=2).relative()
-    assert cpu["ar1"] == 1.0 and cpu["seq2"] < cpu["seq4"] < cpu["seq8"] < cpu["par8"]
+    assert cpu["seq2"] < cpu["seq4"] < cpu["seq8"] < cpu["par8"]
     assert 1.3 < cpu["seq4"] < 2.2 and cpu["par8"] > 2.0  # measured here: 1.65-1.86, 2.3
     assert tpu["par8"] < 1.6 and tpu["seq8"] < cpu["seq8"]
     big = costs.estimate(cfg, dcfg, 64, branches, backend="cpu").relative()
@@ -933,33 +840,43 @@ def test_cost_estimate_ranks_branches_by_rows_and_device(tmp_path):
         costs.CostProfile.load(str(tmp_path / "bad.json"))
 
 
-SMOLLM2_CASES = [("flex", 4, 16)] + [
+SMOLLM2_CASES = [("flex", 3, 16)] + [
     pytest.param(m, b, spc, marks=pytest.mark.slow)
-    for m in engine.MODES
-    for b in (1, 4)
-    for spc in (1, 16)
-    if (m, b, spc) != ("flex", 4, 16)
+    for m, b, spc in [(m, b, 16) for m in engine.MODES for b in (1, 3)]
+    + [("flex", 3, 1), ("flex", 3, "host")]
+    if (m, b, spc) != ("flex", 3, 16)
 ]
+
+
+_SMOLLM2_AR: dict = {}
 
 
 @pytest.mark.parametrize("mode,batch,spc", SMOLLM2_CASES)
 def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
-    """SmolLM2 with the shipped draft, through the device loop: greedy tokens equal AR's, and the
-    drafts are accepted (tau well above 1), so the accept paths run on the real model."""
+    """SmolLM2 with the shipped draft, through the device loop (spc steps per call; "host":
+    host dispatch, the default on a CPU), 32 greedy tokens: every mode's tokens equal AR's, and
+    the drafts are accepted (accepted positions counted, tau well above 1), so the accept paths
+    run on the real model."""
     from flexdraft_jax import pipeline
 
     cfg, target, tok = smollm2
-    prompts = pipeline.encode(tok, pipeline.humaneval_prompts(4)[:batch], chat=True)
-    ref = ar.generate(cfg, target, prompts, 24, eos_ids=())
+    prompts = pipeline.encode(tok, pipeline.humaneval_prompts(3)[:batch], chat=True)
+    if batch not in _SMOLLM2_AR:  # AR's tokens, once per batch size
+        _SMOLLM2_AR[batch] = ar.generate(cfg, target, prompts, 32, eos_ids=())
+    ref = _SMOLLM2_AR[batch]
     draft = pipeline.load_draft(pipeline.shipped_draft(None), cfg, target)
+    assert draft.target is not None  # the shipped draft names its target, and this is it
     dcfg = draft.config
     # Speculation priced cheap, so flex and paper take speculative branches.
     costs = {f"{k}{r}": 1.0 + 0.05 * r for k in ("ar", "seq", "par") for r in (1, 2, 4, 8)}
     dec = Decoder(
         cfg, target, draft, dcfg, engine.EngineConfig(mode=mode), cache_len=256, eos_ids=(),
         profiles={batch: CostProfile(batch, costs, 0.1)},
-        run=RunConfig(steps_per_call=spc, dispatch="device"),
+        run=RunConfig(dispatch="host") if spc == "host" else RunConfig(spc, dispatch="device"),
     )  # fmt: skip
-    gen = dec.generate(prompts, 24)
+    gen = dec.generate(prompts, 32)
     assert gen.tokens == ref.tokens
-    assert mode == "ar" or gen.stats["tau"] > 1.3, gen.stats["tau"]
+    assert [len(t) for t in gen.tokens] == [32] * batch
+    if mode != "ar":
+        hits = np.asarray(gen.stats["per_position_acceptance"])
+        assert hits[0] > 0 and gen.stats["tau"] > 1.3, (hits, gen.stats["tau"])

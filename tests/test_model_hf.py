@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from flexdraft_jax.checkpoints.hf import load_hf  # noqa: E402
-from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
-from flexdraft_jax.models import layouts, transformer  # noqa: E402
+from flexdraft_jax.checkpoints.hf import load_hf
+from flexdraft_jax.checkpoints.load import load_checkpoint
+from flexdraft_jax.models import layouts, transformer
 
 LOGIT_ATOL = 1e-4  # float32 on both sides
 CACHE_ATOL = 1e-5  # same JAX model, cached vs uncached

@@ -278,6 +278,8 @@ def run_benchmark(
             )
             for s in specs
         }
+        for d in decoders.values():  # bad prompts fail here, before any profile or compile
+            d.check(prompts, max_new_tokens)
         # Step costs first (a flex decode reads its profile): every branch forced on a warm state;
         # the flex engine holds all of them. Measured once per batch size, cached in output_dir.
         prof = None

@@ -82,6 +82,16 @@ def pad_prompts(prompts, width: int) -> np.ndarray:
 WINDOW = 128  # decode steps read the KV cache up to the next multiple of this
 
 
+def check_cache_len(cfg: ModelConfig, slots: int) -> None:
+    """Refuse a KV cache with slots past the model's `max_position_embeddings` (positions it was
+    never trained at)."""
+    if slots > cfg.max_position_embeddings:
+        raise ValueError(
+            f"a KV cache of {slots} slots exceeds the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings}): positions past it were never trained"
+        )
+
+
 def check_capacity(lengths: np.ndarray, max_new_tokens: int, extra: int, capacity: int) -> None:
     need = int(lengths.max()) + max_new_tokens + extra
     if need > capacity:
@@ -127,10 +137,12 @@ def generate(
     """Generate up to `max_new_tokens` per prompt, stopping each sequence at its first EOS."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling_params.check_vocab(cfg.vocab_size)
     lengths = validate_prompts(prompts, cfg.vocab_size)
     width = bucket(int(lengths.max()))
     capacity = cache_len or round_up(max(width, int(lengths.max()) + max_new_tokens), 64)
     check_capacity(lengths, max_new_tokens, 0, capacity)
+    check_cache_len(cfg, cache_len or int(lengths.max()) + max_new_tokens)
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     b = len(prompts)
     key = jax.random.PRNGKey(seed)

@@ -25,7 +25,13 @@ import numpy as np
 from flexdraft_jax import compilation
 from flexdraft_jax.decoding import costs as costs_lib
 from flexdraft_jax.decoding import engine, policy
-from flexdraft_jax.decoding.ar import Generation, bucket, pad_prompts, validate_prompts
+from flexdraft_jax.decoding.ar import (
+    Generation,
+    bucket,
+    check_cache_len,
+    pad_prompts,
+    validate_prompts,
+)
 from flexdraft_jax.decoding.costs import CostProfile, branch_name, profile_plan
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
@@ -97,8 +103,11 @@ class Decoder:
     """Speculative (or plain AR) decoding of prompt batches with one engine configuration.
 
     draft: a `Draft` record (`pipeline.load_draft`; its config unless `dcfg` overrides it), bare
-    draft parameters with their `dcfg`, or None (AR mode). compilation_cache: the persistent
-    compilation cache's directory (`compilation.enable_cache`; None or "none": not turned on)."""
+    draft parameters with their `dcfg`, or None (AR mode). cache_len: KV cache slots per
+    sequence, at most the model's max_position_embeddings (None: 1024, or that maximum if less).
+    compilation_cache: the persistent compilation cache's directory (`compilation.enable_cache`;
+    None or "none": not turned on). Everything is validated here and in `check`, before anything
+    compiles."""
 
     def __init__(
         self,
@@ -108,7 +117,7 @@ class Decoder:
         dcfg: DraftConfig | None = None,
         ecfg: engine.EngineConfig = engine.EngineConfig(),
         *,
-        cache_len: int = 1024,
+        cache_len: int | None = None,
         eos_ids=None,
         profiles: dict[int, CostProfile] | None = None,
         run: RunConfig = RunConfig(),
@@ -125,6 +134,9 @@ class Decoder:
             dcfg = dcfg or record.config  # a DraftConfig given overrides (e.g. the block size)
         if dcfg is None:
             raise ValueError("a Decoder without a Draft record needs a DraftConfig (dcfg)")
+        cache_len = min(1024, cfg.max_position_embeddings) if cache_len is None else cache_len
+        check_cache_len(cfg, cache_len)
+        ecfg.sampling.check_vocab(cfg.vocab_size)
         if dcfg.block_size + 2 > cache_len:
             raise ValueError(
                 f"block_size {dcfg.block_size} leaves no room in a KV cache of {cache_len} slots"
@@ -163,9 +175,11 @@ class Decoder:
 
     # ------------------------------------------------------------------ generation
 
-    def _prefill_args(self, prompts, max_new_tokens, seed, abstract=False) -> tuple:
-        """The arguments of `engine.prefill` after (st): as arrays, or (abstract) as their shapes,
-        for compiling without allocating the cache."""
+    def check(self, prompts, max_new_tokens: int) -> np.ndarray:
+        """Validate a batch before anything is compiled, profiled or timed for it: token ids in
+        the vocabulary, no empty prompt, room in the cache. Returns the prompt lengths."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lengths = validate_prompts(prompts, self.cfg.vocab_size)
         w = self.dcfg.block_size
         need = int(lengths.max()) + max_new_tokens + 2 * w
@@ -174,6 +188,12 @@ class Decoder:
                 f"longest prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens})"
                 f" + 2 blocks of {w} = {need} exceeds the KV cache capacity {self.cache_len}"
             )
+        return lengths
+
+    def _prefill_args(self, prompts, max_new_tokens, seed, abstract=False) -> tuple:
+        """The arguments of `engine.prefill` after (st): as arrays, or (abstract) as their shapes,
+        for compiling without allocating the cache."""
+        lengths = self.check(prompts, max_new_tokens)
         width = min(bucket(int(lengths.max())), self.cache_len)
         dtype = self.target["embed"]["embedding"].dtype
         cache = functools.partial(tf.init_cache, self.cfg, len(prompts), self.cache_len, dtype)
@@ -232,8 +252,7 @@ class Decoder:
     def start(self, prompts, max_new_tokens: int, *, seed: int = 0) -> Prefilled:
         """Prefill a batch: a state `decode` can run from, as often as wanted (benchmark repeats
         then time the decode steps without paying for the prefill again)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.check(prompts, max_new_tokens)
         st = self.static(len(prompts))
         drafts = self._prefill_drafts(st, len(prompts))
         state, seconds = self._prefill(st, prompts, max_new_tokens, seed, drafts, ahead=True)

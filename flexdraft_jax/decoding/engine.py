@@ -107,7 +107,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
-        if self.threshold < 0 or self.threshold > 1:
+        if not 0 <= self.threshold <= 1:  # (NaN fails every comparison)
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0 < self.probe_budget <= 1:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
@@ -115,11 +115,11 @@ class EngineConfig:
             raise ValueError(f"alpha_init: 'draft', numbers or None, not {self.alpha_init!r}")
         if not 0 < self.alpha_decay <= 1:
             raise ValueError(f"alpha_decay must be in (0, 1], got {self.alpha_decay}")
-        if self.alpha_prior_weight <= 0:
+        if not self.alpha_prior_weight > 0:
             raise ValueError(f"alpha_prior_weight must be > 0, got {self.alpha_prior_weight}")
         if self.gain not in GAINS:
             raise ValueError(f"gain must be one of {GAINS}, got {self.gain!r}")
-        if self.spec_margin < 0:
+        if not self.spec_margin >= 0:
             raise ValueError(f"spec_margin must be >= 0, got {self.spec_margin}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
@@ -240,10 +240,8 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     if ids is not None:
         drafts = ids[drafts]
     conf = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)  # [B, W-1]
-    v_seq = jnp.sum(jnp.cumprod(conf, axis=1) >= st.ecfg.threshold, axis=1)
     active = ~state.output.done
-    v = jnp.max(jnp.where(active, v_seq, 1))
-    v = jnp.clip(v, 1, st.width - 1).astype(jnp.int32)
+    v = verify_length(conf, st.ecfg.threshold, active, st.width)
     n_active = jnp.maximum(active.sum(), 1)
     conf_mean = jnp.sum(jnp.where(active[:, None], conf, 0.0), axis=0) / n_active
     # Per sequence: acceptance of draft j given the ones before = its confidence times the
@@ -257,6 +255,16 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     cand = jnp.concatenate([bonus[:, None], drafts], axis=1)
     block = Block(cand, q, conf.astype(jnp.float32), gain, v, jnp.array(True))
     return block, conf_mean
+
+
+def verify_length(conf, threshold: float, active, width: int):
+    """The next step's verify length (DESIGN §2.3): per sequence, how many leading drafts keep
+    the running product of their confidences >= `threshold`; the maximum over active sequences
+    (finished ones do not count), clamped to [1, W-1]. conf float32[B, W-1], active bool[B]
+    -> int32[]."""
+    v_seq = jnp.sum(jnp.cumprod(conf, axis=1) >= threshold, axis=1)
+    v = jnp.max(jnp.where(active, v_seq, 1))
+    return jnp.clip(v, 1, width - 1).astype(jnp.int32)
 
 
 def _view(kv, lengths) -> tf.KVCache:

@@ -20,12 +20,17 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # (NaN fails every comparison)
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse a top_k the model's vocabulary cannot fill."""
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k {self.top_k} exceeds the vocabulary of {vocab_size} tokens")
 
     @property
     def greedy(self) -> bool:
@@ -38,8 +43,8 @@ def probs(logits, sp: SamplingParams):
     if sp.greedy:
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
     logits = logits / sp.temperature
-    if sp.top_k:
-        kth = jax.lax.top_k(logits, sp.top_k)[0][..., -1:]
+    if sp.top_k:  # (a restricted draft vocabulary may hold fewer than top_k ids: all stay)
+        kth = jax.lax.top_k(logits, min(sp.top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sp.top_p < 1.0:
         srt = jnp.sort(logits, axis=-1)[..., ::-1]

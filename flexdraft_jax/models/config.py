@@ -150,9 +150,16 @@ class ModelConfig:
         )
 
 
+# Block sizes a draft may have: [2, MAX_BLOCK_SIZE]. A parallel step over a block of W runs
+# W + W * W mask rows through the deep layers (the paper's 16: 272; 64: 4160), so a block size
+# far beyond the paper's is a typo, not a configuration (1000 would build a million-row branch).
+MAX_BLOCK_SIZE = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
-    """FlexDraft additions: draft projectors in the last `depth` layers, blocks of `block_size`."""
+    """FlexDraft additions: draft projectors in the last `depth` layers, blocks of `block_size`
+    (2 .. MAX_BLOCK_SIZE)."""
 
     depth: int = 4
     block_size: int = 8
@@ -162,8 +169,8 @@ class DraftConfig:
     def __post_init__(self):
         if self.depth < 1:
             raise ValueError(f"draft depth must be >= 1, got {self.depth}")
-        if self.block_size < 2:
-            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if not 2 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be in [2, {MAX_BLOCK_SIZE}], got {self.block_size}")
         if self.calib_rank < 1:
             raise ValueError(f"calib_rank must be >= 1, got {self.calib_rank}")
 
