@@ -93,17 +93,21 @@ def run(_):
     if F.block_size and F.block_size != dcfg.block_size:  # decode with another block size
         dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
     ids = pipeline.encode(tok, texts, F.chat)
+    mesh = pipeline.decode_mesh(F.mesh, cfg, target, draft.params, batch=len(ids),
+                                cache_len=F.cache_len)  # fmt: skip
     logging.info(
-        "target %s, draft %s, %d prompts, %s, attention %s",
+        "target %s, draft %s, %d prompts, %s, attention %s, mesh %s",
         F.checkpoint or "embedded SmolLM2",
         draft_path or "untrained",
         len(ids),
         target["embed"]["embedding"].dtype,
         cfg.attention_impl,
+        pipeline.mesh_name(mesh),
     )
     dec = Decoder(
         cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len,
         run=RunConfig(steps_per_call=F.steps_per_call, dispatch=F.dispatch),
+        mesh=mesh,
     )  # fmt: skip
     dec.setup_profile(len(ids), F.profile)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)

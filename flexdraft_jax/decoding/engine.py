@@ -220,21 +220,27 @@ def branches_for(ecfg: EngineConfig, block_size: int, batch: int) -> tuple[tuple
     return (("ar", 1),) + tuple(("seq", r) for r in rows) + tuple(("par", r) for r in rows)
 
 
-def _on_mesh(st: Static, state: DecodeState) -> DecodeState:
-    """The state pinned to its decoding layout when a mesh is in context (`placement`): the
-    cache over batch and kv heads, per-sequence arrays over batch, the rest replicated."""
-    if placement.current() is None:
-        return state
+def state_layout(state: DecodeState, cache_fn, batch_fn, replicated_fn) -> DecodeState:
+    """`state` with each leaf mapped by what it is: the cache's k and v (`cache_fn`), per-sequence
+    arrays (`batch_fn`: leading dimension B) and everything else (`replicated_fn`)."""
     c, b, o = state.cache, state.block, state.output
-    bat, rep = placement.batch, placement.replicated
-    kv = functools.partial(placement.cache, cfg=st.cfg)
+    bat, rep = batch_fn, replicated_fn
     return DecodeState(
-        cache=tf.KVCache(kv(c.k), kv(c.v), bat(c.lengths)),
+        cache=tf.KVCache(cache_fn(c.k), cache_fn(c.v), bat(c.lengths)),
         block=Block(bat(b.cand), bat(b.q), bat(b.conf), rep(b.gain), rep(b.v), rep(b.has_drafts)),
         stats=jax.tree.map(rep, state.stats),
         output=Output(bat(o.out), bat(o.n_out), bat(o.done), bat(o.steps), rep(o.max_new)),
         key=rep(state.key),
     )
+
+
+def _on_mesh(st: Static, state: DecodeState) -> DecodeState:
+    """The state pinned to its decoding layout when a mesh is in context (`placement`): the
+    cache over batch and kv heads, per-sequence arrays over batch, the rest replicated."""
+    if placement.current() is None:
+        return state
+    kv = functools.partial(placement.cache, cfg=st.cfg)
+    return state_layout(state, kv, placement.batch, placement.replicated)
 
 
 # ----------------------------------------------------------------------------- drafting
