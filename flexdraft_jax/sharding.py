@@ -315,6 +315,8 @@ def decode_param_specs(cfg, tree, mesh):
 def cache_spec(cfg, batch: int, mesh) -> P:
     """The KV cache k, v [L, B, S, K, D]: batch over "data", kv heads over "tensor"."""
     rules = decode_rules(cfg.num_heads, cfg.num_kv_heads, mesh)
+    if "fsdp" in mesh.axis_names:  # decoding on a training mesh (self-distillation)
+        rules = {**rules, BATCH: ("data", "fsdp")}
     shape = (cfg.num_layers, batch, 1, cfg.num_kv_heads, cfg.head_dim)
     return spec_for((LAYERS, BATCH, LENGTH, KV_HEADS, HEAD_DIM), shape, mesh, rules)
 

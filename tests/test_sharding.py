@@ -128,8 +128,24 @@ def train_cmd(workdir, cache, extra=()):
         sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/tiny.py",
         f"--workdir={workdir}", "--config.train.steps=3", "--config.train.log_every=1",
         "--config.mesh.shape=(2,2,2)", "--config.data.gen_batch_size=16",
-        f"--config.data.cache_dir={cache}", *extra,
+        f"--config.data.cache_dir={cache}", *EVAL_FLAGS, *extra,
     ]  # fmt: skip
+
+
+# Held-out evaluation on (the tiny model has no tokenizer: random held-out prompts), sharded on
+# every process and logged by process 0.
+EVAL_FLAGS = (
+    "--config.eval.every=2", "--config.eval.num_prompts=4", "--config.eval.max_new_tokens=12",
+    "--config.eval.seq_len=64",
+)  # fmt: skip
+
+
+def heldout_taus(workdir) -> list[tuple[int, float]]:
+    import json
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [(r["step"], r["heldout_tau"]) for r in recs if "heldout_tau" in r]
 
 
 def test_two_processes_agree_with_one(tmp_path):
@@ -161,7 +177,7 @@ def test_two_processes_agree_with_one(tmp_path):
         errs.append(err.decode())
     assert all(p.returncode == 0 for p in procs), "\n\n".join(e[-4000:] for e in errs)
     assert "over 8 devices, 2 processes" in errs[0], errs[0][-4000:]
-    # The self-distillation was split across the processes and all-gathered.
+    # The self-distillation ran as one SPMD program over both processes' devices.
     single_env = {
         **env,
         "XLA_FLAGS": DEVICE_FLAGS + "8",
@@ -175,9 +191,15 @@ def test_two_processes_agree_with_one(tmp_path):
     b = load_file(str(tmp_path / "single" / "draft_release" / "model.safetensors"))
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=SHARD_TOL, rtol=0, err_msg=name)
-    ca, cb = os.listdir(tmp_path / "cache_multi"), os.listdir(tmp_path / "cache_single")
-    assert ca == cb  # same distillation key, hence same prompts and model
-    assert (
-        open(tmp_path / "cache_multi" / ca[0]).read()
-        == open(tmp_path / "cache_single" / cb[0]).read()
-    )
+    ca = sorted(os.listdir(tmp_path / "cache_multi"))
+    cb = sorted(os.listdir(tmp_path / "cache_single"))
+    assert ca == cb and len(ca) == 2  # training and held-out sets: same keys (prompts, model)
+    for name in ca:  # the same responses
+        assert (
+            open(tmp_path / "cache_multi" / name).read()
+            == open(tmp_path / "cache_single" / name).read()
+        )
+    # Held-out tau after steps 2 and 3 (the last), the same as one process's.
+    multi, single = heldout_taus(tmp_path / "multi"), heldout_taus(tmp_path / "single")
+    assert [s for s, _ in multi] == [2, 3], multi
+    np.testing.assert_allclose([t for _, t in multi], [t for _, t in single], atol=1e-6)

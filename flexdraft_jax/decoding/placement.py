@@ -89,6 +89,21 @@ def place_params(cfg: ModelConfig, tree, mesh):
     return jax.tree.map(lambda x, s: put(x, NamedSharding(mesh, s)), tree, specs)
 
 
+def mesh_of(tree):
+    """The mesh a parameter tree is sharded over (a NamedSharding of several devices), or None."""
+    sh = getattr(jax.tree.leaves(tree)[0], "sharding", None)
+    return sh.mesh if isinstance(sh, NamedSharding) and sh.mesh.size > 1 else None
+
+
+def inputs_for(params):
+    """A function turning host arrays into inputs of a computation on `params`: global replicated
+    arrays when `params` span a mesh (every process passes the same values), else `jnp.asarray`."""
+    mesh = mesh_of(params)
+    if mesh is None:
+        return jax.numpy.asarray
+    return lambda x: put_replicated(np.asarray(x), mesh)
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, dtype, mesh) -> tf.KVCache:
     """An empty KV cache created sharded (no device ever holds all of it)."""
     spec = shd.cache_spec(cfg, batch_size, mesh)
