@@ -114,6 +114,12 @@ def define_decoding_flags() -> None:
         "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
         "XLA on CPU (auto).",
     )  # fmt: skip
+    flags.DEFINE_bool(
+        "distributed", False,
+        "jax.distributed.initialize() first (Cloud TPU auto-detection): every host of a pod slice "
+        "runs the same command (launch/pod.py --job=generate|benchmark) and decodes as one SPMD "
+        "program; process 0 prints and writes the results.",
+    )  # fmt: skip
     flags.DEFINE_string(
         "compilation_cache", compilation.DEFAULT,
         "JAX's persistent compilation cache: a directory, 'none' (off), or 'default' "
@@ -143,6 +149,14 @@ def decode_mesh(spec: str | None, cfg: ModelConfig, target, draft=None, *, batch
         stats = jax.local_devices()[0].memory_stats() or {}
         spec = shd.default_decode_mesh_shape(n, params + kv, stats.get("bytes_limit"))
     return shd.decode_mesh(spec)
+
+
+def initialize(distributed: bool) -> bool:
+    """`jax.distributed.initialize()` when asked (before any computation); returns whether this
+    is process 0 (the one that prints and writes results)."""
+    if distributed:
+        jax.distributed.initialize()
+    return jax.process_index() == 0
 
 
 def mesh_name(mesh) -> str:

@@ -73,6 +73,7 @@ flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, 
 
 
 def main(_):
+    main_process = pipeline.initialize(F.distributed)
     compilation.enable_cache(F.compilation_cache)
     batch_sizes = [int(b) for b in F.batch_sizes]
     if F.prompts_file:
@@ -126,9 +127,10 @@ def main(_):
               "dtype": str(target["embed"]["embedding"].dtype),
               "mesh": pipeline.mesh_name(mesh)},
     )  # fmt: skip
-    print(report.format_table(results))
-    print(report.format_step_costs(results))
-    print(f"results: {os.path.join(F.output_dir, report.RESULTS_FILE)}")
+    if main_process:
+        print(report.format_table(results))
+        print(report.format_step_costs(results))
+        print(f"results: {os.path.join(F.output_dir, report.RESULTS_FILE)}")
 
 
 if __name__ == "__main__":

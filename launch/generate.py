@@ -72,6 +72,7 @@ flags.DEFINE_string("output_json", None, "Write generations and stats here (atom
 
 
 def run(_):
+    main_process = pipeline.initialize(F.distributed)
     compilation.enable_cache(F.compilation_cache)
     texts = pipeline.read_prompts(F.prompt, F.prompts_file)
     sp = SamplingParams(F.temperature, F.top_k, F.top_p)
@@ -111,6 +112,8 @@ def run(_):
     )  # fmt: skip
     dec.setup_profile(len(ids), F.profile)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)
+    if not main_process:  # every process holds the same tokens; process 0 reports them
+        return
     records = []
     for text, toks in zip(texts, gen.tokens):
         completion = tok.decode(toks, skip_special_tokens=True)
