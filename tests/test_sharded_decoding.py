@@ -13,13 +13,15 @@ set before jax is imported (as tests/test_sharding.py does).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from flexdraft_jax import sharding as shd
 from flexdraft_jax.models.config import ModelConfig
-from tests.test_sharding import run_py
+from tests.test_sharding import DEVICE_FLAGS, free_port, run_py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("data:1,tensor:8", "data:2,tensor:4", "data:8,tensor:1")
@@ -109,6 +111,31 @@ print("OK")
 """
 
 
+_TWO_PROCESSES = (
+    """
+import sys
+import jax
+jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+"""
+    + _SETUP.replace("assert jax.device_count() == 8, jax.devices()", "")
+    + """
+cfg, target = model()
+dcfg, draft = random_draft(cfg, target, 4)
+prompts = (PROMPTS * 2)[:8]
+mesh = shd.decode_mesh("data:2,tensor:4")  # spans both processes
+for mode in ("flex", "sequential"):
+    ecfg = engine.EngineConfig(mode=mode, threshold=0.0)
+    one = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=()).generate(prompts, 16)
+    pod = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=128, eos_ids=(), mesh=mesh)
+    gen = pod.generate(prompts, 16)
+    assert gen.tokens == one.tokens, mode
+    assert gen.stats["branch_per_step"] == one.stats["branch_per_step"], mode
+print("OK", jax.process_index())
+"""
+)
+
+
 def test_decode_mesh_specs_and_rules():
     assert shd.parse_mesh("data:2,tensor:4") == {"data": 2, "tensor": 4}
     assert shd.parse_mesh("tensor:8") == {"data": 1, "tensor": 8}
@@ -146,3 +173,24 @@ def test_every_mode_on_every_mesh_equals_one_device():
 def test_sampling_on_a_mesh_is_lossless():
     res = run_py(_SETUP.format(root=ROOT) + _SAMPLING, devices=8)
     assert "OK" in res.stdout, res.stdout
+
+
+def test_two_processes_decode_as_one_program():
+    """A mesh spanning two processes (4 CPU devices each, localhost collectives): every process
+    makes the same calls and gets every sequence's tokens, the same as one device."""
+    code = _TWO_PROCESSES.format(port=free_port(), root=ROOT)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": DEVICE_FLAGS + "4"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(pid)],
+            env=env,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for pid in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for pid, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {pid}" in out, err[-4000:]
