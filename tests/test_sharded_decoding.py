@@ -31,7 +31,7 @@ import sys, re, jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, {root!r})
 from flexdraft_jax import sharding as shd
 from flexdraft_jax.decoding import ar, engine
-from flexdraft_jax.decoding.decoder import Decoder
+from flexdraft_jax.decoding.decoder import Decoder, RunConfig
 from flexdraft_jax.decoding.sampling import SamplingParams
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import ModelConfig
@@ -53,18 +53,21 @@ prompts = (PROMPTS * 2)[:8]
 want = ar.generate(cfg, target, prompts, 16, eos_ids=()).tokens
 accepted = 0
 for mode in engine.MODES:
-    def dec(mesh):
+    def dec(mesh, dispatch):
         ecfg = engine.EngineConfig(mode=mode, threshold=0.0)
         d = None if mode == "ar" else draft
-        return Decoder(cfg, target, d, dcfg, ecfg, cache_len=128, eos_ids=(), mesh=mesh)
-    one = dec(None).generate(prompts, 16)
+        return Decoder(cfg, target, d, dcfg, ecfg, cache_len=128, eos_ids=(), mesh=mesh,
+                       run=RunConfig(dispatch=dispatch), compilation_cache="none")
+    one = dec(None, "device").generate(prompts, 16)
     assert one.tokens == want, mode
-    for spec in {meshes!r}:
-        gen = dec(shd.decode_mesh(spec)).generate(prompts, 16)
-        assert gen.tokens == one.tokens, (mode, spec)
+    # Every mesh through the device loop; one through host dispatch (one program per step).
+    runs = [(spec, "device") for spec in {meshes!r}] + [("data:2,tensor:4", "host")]
+    for spec, dispatch in runs:
+        gen = dec(shd.decode_mesh(spec), dispatch).generate(prompts, 16)
+        assert gen.tokens == one.tokens, (mode, spec, dispatch)
         assert gen.stats["branch_per_step"] == one.stats["branch_per_step"], (mode, spec)
         accepted += sum(gen.stats["per_position_acceptance"])
-        print(mode, spec, "tau", round(gen.stats["tau"], 3), flush=True)
+        print(mode, spec, dispatch, "tau", round(gen.stats["tau"], 3), flush=True)
 assert accepted > 0  # the accept path ran on the mesh, not only rejections
 
 # The flex loop on a 2x4 mesh: no copy of a cache shard, the cache written once per K and V,
@@ -72,7 +75,7 @@ assert accepted > 0  # the accept path ran on the mesh, not only rejections
 mesh = shd.decode_mesh("data:2,tensor:4")
 dcfg8, draft8 = random_draft(cfg, target, 8)
 dec = Decoder(cfg, target, draft8, dcfg8, engine.EngineConfig(mode="flex"), cache_len=256,
-              eos_ids=(), mesh=mesh)
+              eos_ids=(), mesh=mesh, compilation_cache="none")
 st = dec.static(8)
 state, _ = dec._prefill(st, prompts, 16, 0)
 assert state.cache.k.sharding.spec == P(None, "data", None, "tensor"), state.cache.k.sharding
