@@ -7,6 +7,7 @@ load_draft(path, cfg, target, ...)     -> Draft (models.draft)          release 
                                           target's dtype
 read_prompts(prompts, prompts_file)    -> list[str] ("prompt" or the first of "turns" per line)
 encode(tokenizer, texts, chat)         -> list[list[int]]
+decode_mesh(spec, cfg, target, draft)  -> the --mesh a Decoder runs on (None: one device)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from flexdraft_jax import compilation
+from flexdraft_jax import sharding as shd
 from flexdraft_jax.checkpoints.load import load_checkpoint
 from flexdraft_jax.checkpoints.tokenizer import apply_chat
 from flexdraft_jax.models import precision
@@ -98,8 +100,8 @@ def load_draft(
 
 
 def define_decoding_flags() -> None:
-    """The absl flags --dtype, --attention_impl and --compilation_cache that generate, benchmark
-    and the demo share."""
+    """The absl flags --dtype, --attention_impl, --compilation_cache and --mesh that generate,
+    benchmark and the demo share."""
     from absl import flags
 
     flags.DEFINE_enum(
@@ -112,11 +114,56 @@ def define_decoding_flags() -> None:
         "Attention: the Pallas kernel (pallas), the XLA reference (xla), or Pallas on TPU/GPU and "
         "XLA on CPU (auto).",
     )  # fmt: skip
+    flags.DEFINE_bool(
+        "distributed", False,
+        "jax.distributed.initialize() first (Cloud TPU auto-detection): every host of a pod slice "
+        "runs the same command (launch/pod.py --job=generate|benchmark) and decodes as one SPMD "
+        "program; process 0 prints and writes the results.",
+    )  # fmt: skip
     flags.DEFINE_string(
         "compilation_cache", compilation.DEFAULT,
         "JAX's persistent compilation cache: a directory, 'none' (off), or 'default' "
         f"(${compilation.ENV} if set, else {compilation.DEFAULT_DIR}).",
     )  # fmt: skip
+    flags.DEFINE_string(
+        "mesh", "auto",
+        "Devices to decode on, e.g. data:2,tensor:4 (batch over data; heads, FFN, vocabulary and "
+        "the KV cache's heads over tensor). auto: every device on data where the model fits one "
+        "device, else on tensor; a single device runs without a mesh.",
+    )  # fmt: skip
+
+
+def decode_mesh(spec: str | None, cfg: ModelConfig, target, draft=None, *, batch: int = 1,
+                cache_len: int = 1024):  # fmt: skip
+    """The launch scripts' --mesh: a spec ("data:2,tensor:4", `sharding.parse_mesh`), or "auto"
+    / None: every device on "data" where the target, draft and a KV cache of `batch` x
+    `cache_len` fit one device's memory (unknown on a CPU: taken to fit), else on "tensor"
+    (`sharding.default_decode_mesh_shape`). Returns None (no mesh) for "auto" on one device."""
+    n = jax.device_count()
+    if spec in (None, "", "auto"):
+        if n == 1:
+            return None
+        itemsize = jnp.dtype(target["embed"]["embedding"].dtype).itemsize
+        kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * itemsize
+        params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((target, draft)))
+        stats = jax.local_devices()[0].memory_stats() or {}
+        spec = shd.default_decode_mesh_shape(n, params + kv, stats.get("bytes_limit"))
+    return shd.decode_mesh(spec)
+
+
+def initialize(distributed: bool) -> bool:
+    """`jax.distributed.initialize()` when asked (before any computation); returns whether this
+    is process 0 (the one that prints and writes results)."""
+    if distributed:
+        jax.distributed.initialize()
+    return jax.process_index() == 0
+
+
+def mesh_name(mesh) -> str:
+    """ "data:2,tensor:4" for a decoding mesh, "one device" for None."""
+    if mesh is None:
+        return "one device"
+    return ",".join(f"{a}:{mesh.shape[a]}" for a in mesh.axis_names)
 
 
 def read_prompts(prompts=(), prompts_file: str | None = None, limit: int | None = None) -> list:

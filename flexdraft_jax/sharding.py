@@ -11,6 +11,20 @@ test model on 8 simulated CPU devices and an 8B target on a pod slice.
   param_specs(tree, mesh)               PartitionSpec per leaf (target, draft or grads)
   opt_state_specs(opt, opt_state, ps)   optimizer state mirrors its parameters' specs
   check_sharded(tree, mesh, min_bytes)  every leaf > min_bytes is sharded (abstract; no allocation)
+
+Decoding has a mesh of its own, ("data", "tensor"), and its own short table, `DECODE_RULES`: no
+fsdp (the parameters are read every step, so they stay whole on their `tensor` shard), heads, FFN
+and vocabulary over "tensor", the batch and the KV cache's batch over "data", the cache's kv heads
+over "tensor". Attention heads are split only where both head counts divide the tensor axis
+(`decode_rules`), so every shard holds whole query groups with their kv head.
+
+  parse_mesh("data:2,tensor:4")         {"data": 2, "tensor": 4}
+  decode_mesh(spec, devices)            Mesh over ("data", "tensor"), -1 fills
+  default_decode_mesh_shape(n, b, lim)  all on "data" where the model fits one device, else
+                                        "tensor"
+  decode_param_specs(cfg, tree, mesh)   PartitionSpec per target / draft leaf for decoding
+  cache_spec(cfg, batch, mesh)          the KV cache's PartitionSpec
+  tree_bytes_per_device(tree, specs, m) one device's share of a (possibly abstract) tree
 """
 
 from __future__ import annotations
@@ -55,6 +69,22 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     NORM: None,
 }
 
+# Decoding: the same logical names, mapped without fsdp (`decode_rules` adapts it to a model).
+DECODE_AXES = ("data", "tensor")
+DECODE_RULES: dict[str, str | tuple[str, ...] | None] = {
+    BATCH: "data",
+    LENGTH: None,
+    LAYERS: None,
+    EMBED: None,
+    VOCAB: "tensor",
+    HEADS: "tensor",
+    KV_HEADS: "tensor",  # k/v projections' K * D columns; the KV cache's K dimension
+    HEAD_DIM: None,
+    MLP: "tensor",
+    CALIB: None,
+    NORM: None,
+}
+
 # Parameter name (last path components) -> logical axes, *without* the leading layer axis.
 _PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("embed", "embedding"): (VOCAB, EMBED),
@@ -75,6 +105,8 @@ _PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("fc1", "bias"): (CALIB,),
     ("fc2", "kernel"): (CALIB, VOCAB),
     ("fc2", "bias"): (VOCAB,),
+    ("head", "kernel"): (EMBED, VOCAB),  # a restricted draft vocabulary's output layer
+    ("head", "ids"): (NORM,),
     ("mask_embedding",): (NORM,),
     ("scale",): (NORM,),  # input_norm, post_norm, final_norm
 }
@@ -213,3 +245,88 @@ def check_sharded(tree, mesh, min_bytes: int = 4 * 2**20, rules=None) -> list[st
         if all(s is None for s in spec):
             bad.append(f"{'/'.join(_path_names(path))} {tuple(x.shape)} {x.dtype}")
     return bad
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """ "data:2,tensor:4" -> {"data": 2, "tensor": 4}; axes missing from the spec are 1."""
+    out = {a: 1 for a in DECODE_AXES}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition(":")
+        if name not in DECODE_AXES or not size.lstrip("-").isdigit():
+            raise ValueError(
+                f"mesh {spec!r}: expected comma-separated AXIS:SIZE with AXIS in {DECODE_AXES} "
+                f"(e.g. data:2,tensor:4), got {part!r}"
+            )
+        out[name] = int(size)
+    return out
+
+
+def default_decode_mesh_shape(num_devices: int, nbytes: int, limit: int | None) -> dict:
+    """Every device on "data" when `nbytes` (parameters, draft and KV cache) fit one device's
+    `limit` (None: unknown, as on a CPU), else on "tensor"."""
+    if limit is None or nbytes <= limit:
+        return {"data": num_devices, "tensor": 1}
+    return {"data": 1, "tensor": num_devices}
+
+
+def decode_mesh(shape: str | Mapping[str, int], devices=None) -> Mesh:
+    """A decoding mesh over ("data", "tensor") from a spec ("data:2,tensor:4") or sizes."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    named = parse_mesh(shape) if isinstance(shape, str) else dict(shape)
+    if set(named) - set(DECODE_AXES):
+        raise ValueError(f"decoding mesh axes are {DECODE_AXES}, got {tuple(named)}")
+    sizes = [named.get(a, 1) for a in DECODE_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(DECODE_AXES, sizes))}")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        sizes[sizes.index(-1)] = devices.size // max(rest, 1)
+    if math.prod(sizes) != devices.size or min(sizes) < 1:
+        raise ValueError(
+            f"mesh {dict(zip(DECODE_AXES, sizes))} has {math.prod(sizes)} devices, "
+            f"but {devices.size} are available"
+        )
+    if jax.default_backend() == "tpu":
+        grid = mesh_utils.create_device_mesh(sizes, list(devices), allow_split_physical_axes=True)
+    else:
+        grid = devices.reshape(sizes)
+    return Mesh(grid, DECODE_AXES)
+
+
+def decode_rules(num_heads: int, num_kv_heads: int, mesh) -> dict:
+    """`DECODE_RULES` for a model: attention heads (q, k, v, o columns and the cache's kv heads)
+    over "tensor" only when both head counts divide it, else replicated (the MLP and vocabulary
+    stay split). A shard then holds whole query groups together with their kv head."""
+    t = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
+    if num_heads % t or num_kv_heads % t:
+        return {**DECODE_RULES, HEADS: None, KV_HEADS: None}
+    return DECODE_RULES
+
+
+def decode_param_specs(cfg, tree, mesh):
+    """PartitionSpec of every target or draft leaf for decoding on `mesh` (`decode_rules`); the
+    draft's projectors get their target layers' specs (same names, same logical axes)."""
+    return param_specs(tree, mesh, decode_rules(cfg.num_heads, cfg.num_kv_heads, mesh))
+
+
+def cache_spec(cfg, batch: int, mesh) -> P:
+    """The KV cache k, v [L, B, S, K, D]: batch over "data", kv heads over "tensor"."""
+    rules = decode_rules(cfg.num_heads, cfg.num_kv_heads, mesh)
+    if "fsdp" in mesh.axis_names:  # decoding on a training mesh (self-distillation)
+        rules = {**rules, BATCH: ("data", "fsdp")}
+    shape = (cfg.num_layers, batch, 1, cfg.num_kv_heads, cfg.head_dim)
+    return spec_for((LAYERS, BATCH, LENGTH, KV_HEADS, HEAD_DIM), shape, mesh, rules)
+
+
+def tree_bytes_per_device(tree, specs, mesh) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) sharded by `specs`."""
+    total = 0
+    leaves = jax.tree.leaves(tree)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for x, spec in zip(leaves, spec_leaves):
+        n = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        total += n // math.prod(_mesh_size(mesh, a) for a in spec)
+    return total

@@ -77,6 +77,7 @@ flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, 
 
 
 def main(_):
+    main_process = pipeline.initialize(F.distributed)
     compilation.enable_cache(F.compilation_cache)
     batch_sizes = [int(b) for b in F.batch_sizes]
     if F.prompts_file:
@@ -99,12 +100,15 @@ def main(_):
     if F.block_size is not None and F.block_size != dcfg.block_size:  # another block size
         dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
     ids = pipeline.encode(tok, texts, chat)
+    mesh = pipeline.decode_mesh(F.mesh, cfg, target, draft.params, batch=max(batch_sizes),
+                                cache_len=F.cache_len or 1024)  # fmt: skip
     logging.info(
-        "target %s, draft %s, %d prompts, chat=%s",
+        "target %s, draft %s, %d prompts, chat=%s, mesh %s",
         F.checkpoint or "embedded SmolLM2",
         draft_path or "untrained",
         len(ids),
         chat,
+        pipeline.mesh_name(mesh),
     )
     results = harness.run_benchmark(
         cfg, target, tok, draft, dcfg, ids,
@@ -122,13 +126,16 @@ def main(_):
         repeats_within_seconds=F.repeats_within_seconds,
         profile_repeats=F.profile_repeats,
         profile_seconds=F.profile_seconds,
+        mesh=mesh,
         meta={"checkpoint": F.checkpoint or "embedded", "draft": draft_path or "untrained",
               "prompts": F.prompts_file or "humaneval", "chat": chat,
-              "dtype": str(target["embed"]["embedding"].dtype)},
+              "dtype": str(target["embed"]["embedding"].dtype),
+              "mesh": pipeline.mesh_name(mesh)},
     )  # fmt: skip
-    print(report.format_table(results))
-    print(report.format_step_costs(results))
-    print(f"results: {os.path.join(F.output_dir, report.RESULTS_FILE)}")
+    if main_process:
+        print(report.format_table(results))
+        print(report.format_step_costs(results))
+        print(f"results: {os.path.join(F.output_dir, report.RESULTS_FILE)}")
 
 
 if __name__ == "__main__":

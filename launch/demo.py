@@ -62,6 +62,7 @@ def main(_):
         hf_baseline=F.hf_baseline,
         dtype=F.dtype,
         attention_impl=F.attention_impl,
+        mesh=F.mesh,
     )
     print(report.format_table(results))
     print(report.format_step_costs(results))

@@ -76,6 +76,7 @@ flags.DEFINE_string("output_json", None, "Write generations and stats here (atom
 
 
 def run(_):
+    main_process = pipeline.initialize(F.distributed)
     compilation.enable_cache(F.compilation_cache)
     texts = pipeline.read_prompts(F.prompt, F.prompts_file)
     sp = SamplingParams(F.temperature, F.top_k, F.top_p)
@@ -98,21 +99,27 @@ def run(_):
     if F.block_size is not None and F.block_size != dcfg.block_size:  # another block size
         dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
     ids = pipeline.encode(tok, texts, F.chat)
+    mesh = pipeline.decode_mesh(F.mesh, cfg, target, draft.params, batch=len(ids),
+                                cache_len=F.cache_len)  # fmt: skip
     logging.info(
-        "target %s, draft %s, %d prompts, %s, attention %s",
+        "target %s, draft %s, %d prompts, %s, attention %s, mesh %s",
         F.checkpoint or "embedded SmolLM2",
         draft_path or "untrained",
         len(ids),
         target["embed"]["embedding"].dtype,
         cfg.attention_impl,
+        pipeline.mesh_name(mesh),
     )
     dec = Decoder(
         cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len,
         run=RunConfig(steps_per_call=F.steps_per_call, dispatch=F.dispatch),
+        mesh=mesh,
     )  # fmt: skip
     dec.check(ids, F.max_new_tokens)  # bad prompts fail before a profile is measured
     dec.setup_profile(len(ids), F.profile)
     gen = dec.generate(ids, F.max_new_tokens, seed=F.seed)
+    if not main_process:  # every process holds the same tokens; process 0 reports them
+        return
     records = []
     for text, toks in zip(texts, gen.tokens):
         completion = tok.decode(toks, skip_special_tokens=True)

@@ -1,8 +1,12 @@
-"""Train on a Cloud TPU pod slice: install the repo on every host, start launch/train.py on all.
+"""Train, decode or benchmark on a Cloud TPU pod slice: install the repo on every host, start the
+same job on all.
 
   python launch/pod.py --tpu_name=my-v5p-128 --zone=us-east5-a --project=my-project \
       --config=configs/qwen3_8b_v5p128.py --workdir=/shared/qwen3_attn \
       --config.model.source=/data/Qwen3-8B --config.train.steps=5000 --dry_run
+  python launch/pod.py --tpu_name=my-v5e-8 --zone=us-west4-a --job=generate --dry_run -- \
+      --checkpoint=/data/Qwen3-8B --draft_checkpoint=/shared/qwen3_attn --mesh=data:1,tensor:8 \
+      --prompts_file=/data/prompts.jsonl --output_json=/shared/out.json
 
 Steps, each one command run from this machine (`--dry_run` prints them and runs nothing):
 
@@ -11,6 +15,9 @@ Steps, each one command run from this machine (`--dry_run` prints them and runs 
   copy     gcloud compute tpus tpu-vm scp of that archive to every host (--worker=all)
   install  on every host: unpack (or clone), pip install jax[tpu] + requirements + the package
   train    on every host: python3 launch/train.py --distributed --config=... --workdir=...
+           (--job=generate / benchmark: python3 launch/generate.py or launch/benchmark.py
+           --distributed, then every argument after `--`, e.g. --mesh=data:1,tensor:8: one SPMD
+           decode over the slice's chips, the same prompts on every host)
 
 `--distributed` makes launch/train.py call `jax.distributed.initialize()` with no arguments, which
 auto-detects the pod's coordinator, process count and process index on Cloud TPU; every host runs
@@ -38,6 +45,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Training workdir, the same path on every host (see launch/train.py)."
 )
+_JOB = flags.DEFINE_enum(
+    "job", "train", ["train", "generate", "benchmark"],
+    "What every host runs: launch/JOB.py --distributed (generate / benchmark: with the arguments "
+    "given after `--`).",
+)  # fmt: skip
 _STAGE = flags.DEFINE_enum(
     "stage", None, ["attention", "calibration", "joint"], "Forwarded to launch/train.py."
 )
@@ -59,9 +71,9 @@ _DETACH = flags.DEFINE_bool(
     "detach", False, "Run training under nohup (log: ~/flexdraft_train.log) and return."
 )
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands; run nothing.")
-flags.mark_flags_as_required(["tpu_name", "zone", "config", "workdir"])
+flags.mark_flags_as_required(["tpu_name", "zone"])
 
-LOG_FILE = "flexdraft_train.log"
+LOG_FILE = "flexdraft_train.log"  # flexdraft_{job}.log
 
 
 def config_overrides(argv: list[str]) -> list[str]:
@@ -100,9 +112,11 @@ def build_commands(
     *,
     tpu_name: str,
     zone: str,
-    config: str,
-    workdir: str,
+    config: str | None = None,
+    workdir: str | None = None,
     overrides: list[str] = (),
+    job: str = "train",
+    job_args: list[str] = (),
     project: str | None = None,
     stage: str | None = None,
     repo_url: str | None = None,
@@ -140,18 +154,30 @@ def build_commands(
         if extra_setup:
             install += f" && {extra_setup}"
         steps.append(("install", ssh(install)))
-    train = [python, "launch/train.py", "--distributed", f"--config={config}"]
-    train += [f"--workdir={workdir}", *([f"--stage={stage}"] if stage else []), *overrides]
-    train_sh = " ".join(q(a) for a in train)
+    if job == "train":
+        run = [python, "launch/train.py", "--distributed", f"--config={config}"]
+        run += [f"--workdir={workdir}", *([f"--stage={stage}"] if stage else []), *overrides]
+    else:  # a decode or benchmark job: one SPMD program over every host's chips
+        run = [python, f"launch/{job}.py", "--distributed", *job_args]
+    run_sh = " ".join(q(a) for a in run)
     if detach:
-        train_sh = f"nohup {train_sh} > ~/{LOG_FILE} 2>&1 < /dev/null &"
-    steps.append(("train", ssh(f"cd {home_dir} && {train_sh}")))
+        log = LOG_FILE if job == "train" else f"flexdraft_{job}.log"
+        run_sh = f"nohup {run_sh} > ~/{log} 2>&1 < /dev/null &"
+    steps.append((job, ssh(f"cd {home_dir} && {run_sh}")))
     return steps
 
 
 def main(argv):
-    del argv
-    if _WORKDIR.value.startswith("gs://"):
+    job_args = argv[1:]  # after `--`
+    if _JOB.value == "train":
+        for flag in ("config", "workdir"):
+            if flags.FLAGS[flag].value is None:
+                raise app.UsageError(f"--{flag} is required for --job=train")
+        if job_args:
+            raise app.UsageError(f"--job=train takes no arguments after --, got {job_args}")
+    elif flags.FLAGS["config"].value is not None:
+        raise app.UsageError(f"--config is for --job=train; give {_JOB.value}'s flags after --")
+    if _WORKDIR.value and _WORKDIR.value.startswith("gs://"):
         logging.warning(
             "workdir %s: the trainer writes with os/open, so a gs:// path is not supported yet; "
             "use a directory every host shares (e.g. a gcsfuse mount of the bucket)",
@@ -160,9 +186,13 @@ def main(argv):
     steps = build_commands(
         tpu_name=_TPU.value,
         zone=_ZONE.value,
-        config=repo_relative(config_flags.get_config_filename(flags.FLAGS["config"])),
+        config=repo_relative(config_flags.get_config_filename(flags.FLAGS["config"]))
+        if _JOB.value == "train"
+        else None,
         workdir=_WORKDIR.value,
-        overrides=config_overrides(sys.argv[1:]),
+        overrides=config_overrides(sys.argv[1:]) if _JOB.value == "train" else [],
+        job=_JOB.value,
+        job_args=job_args,
         project=_PROJECT.value,
         stage=_STAGE.value,
         repo_url=_REPO_URL.value,
@@ -190,7 +220,8 @@ def main(argv):
         logging.info("step %s: %s", name, shlex.join(cmd))
         subprocess.run(cmd, check=True)
     if _DETACH.value and not _DRY_RUN.value:
-        logging.info("training runs in the background; logs: ~/%s on each host", LOG_FILE)
+        log = LOG_FILE if _JOB.value == "train" else f"flexdraft_{_JOB.value}.log"
+        logging.info("%s runs in the background; logs: ~/%s on each host", _JOB.value, log)
 
 
 if __name__ == "__main__":

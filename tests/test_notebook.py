@@ -35,6 +35,10 @@ def _text(outputs) -> str:
 def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("FLEXDRAFT_WORKDIR", str(tmp_path / "work"))
+    # The kernel imports this checkout's package, not one the environment has installed.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    )
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -48,6 +52,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     print(text)
     assert "flexdraft_jax from" in text and "cpu device(s)" in text
     assert "config tiny" in text
+    assert "decoding mesh: one device of 1 cpu device(s)" in text  # the mesh it chose
     for mode in ("ar", "sequential", "parallel", "flex", "paper"):
         assert any(
             line.split()[:1] == [mode] and line.rstrip().endswith("True")

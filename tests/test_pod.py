@@ -104,6 +104,32 @@ def test_dry_run_clone_detach_stage_and_skip_setup():
     assert [s for s, _ in steps] == ["train"]
 
 
+@pytest.mark.parametrize("job", ["generate", "benchmark"])
+def test_dry_run_starts_a_sharded_decode_job_on_every_host(job):
+    """--job=generate|benchmark: the same launch/JOB.py --distributed on every host, with the
+    arguments after `--` (the mesh among them) forwarded verbatim and quoted."""
+    res = subprocess.run(
+        [sys.executable, POD, *BASE, f"--job={job}", "--dry_run", "--",
+         "--checkpoint=/data/Qwen3-8B", "--mesh=data:1,tensor:8", "--prompt", "Hello there"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    steps = [(lines[i][2:], shlex.split(lines[i + 1])) for i in range(0, len(lines), 2)]
+    assert [s for s, _ in steps] == ["package", "copy", "install", job]
+    argv = dict(steps)[job]
+    assert "--worker=all" in argv
+    assert shlex.split(remote(argv)) == [
+        "cd", "~/flexdraft_jax", "&&", "python3", f"launch/{job}.py", "--distributed",
+        "--checkpoint=/data/Qwen3-8B", "--mesh=data:1,tensor:8", "--prompt", "Hello there",
+    ]  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, POD, *BASE, f"--job={job}", "--config=configs/tiny.py", "--dry_run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--config is for --job=train" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -220,8 +220,23 @@ def train_cmd(workdir, cache, mesh, extra=()):
         f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
         f"--config.train.warmup_steps={WARMUP}", f"--config.train.lr={LR}",
         "--config.train.stage=joint", f"--config.mesh.shape={mesh}",
-        "--config.data.gen_batch_size=16", f"--config.data.cache_dir={cache}", *extra,
+        "--config.data.gen_batch_size=16", f"--config.data.cache_dir={cache}", *EVAL_FLAGS,
+        *extra,
     ]  # fmt: skip
+
+
+# Held-out evaluation on (the tiny model has no tokenizer: random held-out prompts), sharded on
+# every process and logged by process 0.
+EVAL_FLAGS = (
+    "--config.eval.every=2", "--config.eval.num_prompts=4", "--config.eval.max_new_tokens=12",
+    "--config.eval.seq_len=64",
+)  # fmt: skip
+
+
+def heldout_taus(workdir) -> list[tuple[int, float]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [(r["step"], r["heldout_tau"]) for r in recs if "heldout_tau" in r]
 
 
 def final_state(workdir, like=None) -> dict:
@@ -244,7 +259,8 @@ def test_two_processes_agree_with_one_device(tmp_path):
     """Two processes of 4 devices each (a 2x2x2 mesh, coordinated over localhost) train the joint
     stage as one process on one device does: the exported draft and the last checkpoint's whole
     state (draft, Adam moments, counts) agree to SHARD_TOL, after steps at a nonzero learning
-    rate; the self-distillation was split across the processes and gives the same data."""
+    rate; the self-distillation and the held-out evaluation ran as one SPMD program over both
+    processes and give the same responses and held-out tau."""
     from safetensors.numpy import load_file
 
     port = free_port()
@@ -290,9 +306,15 @@ def test_two_processes_agree_with_one_device(tmp_path):
         np.testing.assert_allclose(x, y, atol=SHARD_TOL, rtol=0, err_msg=jax.tree_util.keystr(path))
     mu = single["opt_state"][1][0]["mu"]
     assert max(float(np.abs(m).max()) for m in jax.tree.leaves(mu)) > 100 * SHARD_TOL
-    ca, cb = os.listdir(tmp_path / "cache_multi"), os.listdir(tmp_path / "cache_single")
-    assert ca == cb  # same distillation key, hence same prompts and model
-    assert (
-        open(tmp_path / "cache_multi" / ca[0]).read()
-        == open(tmp_path / "cache_single" / cb[0]).read()
-    )
+    ca = sorted(os.listdir(tmp_path / "cache_multi"))
+    cb = sorted(os.listdir(tmp_path / "cache_single"))
+    assert ca == cb and len(ca) == 2  # training and held-out sets: same keys (prompts, model)
+    for name in ca:  # the same responses
+        assert (
+            open(tmp_path / "cache_multi" / name).read()
+            == open(tmp_path / "cache_single" / name).read()
+        )
+    multi_tau, single_tau = heldout_taus(tmp_path / "multi"), heldout_taus(tmp_path / "single")
+    assert [s for s, _ in multi_tau] == list(range(2, STEPS + 1, 2)), multi_tau
+    assert [s for s, _ in single_tau] == [s for s, _ in multi_tau]
+    np.testing.assert_allclose([t for _, t in multi_tau], [t for _, t in single_tau], atol=1e-6)

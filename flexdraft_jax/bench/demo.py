@@ -181,11 +181,12 @@ def run_demo(
     hf_baseline: bool = False,
     dtype: str = "auto",
     attention_impl: str = "auto",
+    mesh: str | None = "auto",
 ) -> dict:
     """Load the embedded target, get a draft, benchmark; returns the benchmark results.
 
-    dtype, attention_impl: how decoding runs (`precision.DTYPES`, `config.ATTENTION_IMPLS`);
-    training (--retrain) always runs in float32."""
+    dtype, attention_impl, mesh: how decoding runs (`precision.DTYPES`, `config.ATTENTION_IMPLS`,
+    `pipeline.decode_mesh`); training (--retrain) always runs in float32."""
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     stages = Stages(workdir)
@@ -214,11 +215,14 @@ def run_demo(
     pick = sorted(sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))[:n])
     ids = [all_ids[i] for i in pick]
     log.info("HumanEval problems %s (%s tokens)", pick, [len(p) for p in ids])
+    sizes = bench.get("batch_sizes", (1,))
+    dmesh = pipeline.decode_mesh(mesh, cfg, target, draft.params, batch=max(sizes))
+    log.info("decoding on %s", pipeline.mesh_name(dmesh))
     out_dir = os.path.join(workdir, "benchmark")
     key = {k: list(v) if isinstance(v, tuple) else v for k, v in bench.items()}
     key.update(
         draft=draft_path or "untrained", num_prompts=n, hf_baseline=hf_baseline, dtype=dtype,
-        attention_impl=attention_impl,
+        attention_impl=attention_impl, mesh=pipeline.mesh_name(dmesh),
     )  # fmt: skip
     prev = stages.done("benchmark")
     if prev is not None and prev.get("key") == key:
@@ -233,8 +237,9 @@ def run_demo(
             res = harness.run_benchmark(
                 cfg, target, tok, draft, dcfg, ids, output_dir=out_dir, hf_baseline=hf_baseline,
                 meta={"draft": draft_path or "untrained", "chat": True,
-                      "prompts": f"humaneval, the {n} shortest: {pick}"},
-                **bench,
+                      "prompts": f"humaneval, the {n} shortest: {pick}",
+                      "mesh": pipeline.mesh_name(dmesh)},
+                mesh=dmesh, **bench,
             )  # fmt: skip
             return {"key": key, "results": os.path.join(out_dir, report.RESULTS_FILE),
                     "wall_seconds": res["config"]["wall_seconds"]}  # fmt: skip

@@ -212,6 +212,7 @@ def run_benchmark(
     profile_seconds: float | None = None,
     meta: dict | None = None,
     plots: bool = True,
+    mesh=None,
 ) -> dict:
     """Benchmark `modes` (AR is always added as the baseline) at each batch size; returns the
     results dict (also written to output_dir/results.json, with plots beside it).
@@ -220,7 +221,8 @@ def run_benchmark(
     the `transformers` peer row. `repeats` timed decodes per batch, all with the same seed
     (tokens/s: each step at its fastest repeat, see `rows.Acc`); with `repeats_within_seconds`,
     a mode's repeats after the second run only if `repeats` decodes as long as its first fit in
-    that many seconds (extra precision where decodes are cheap)."""
+    that many seconds (extra precision where decodes are cheap). mesh: every Decoder's
+    (`Decoder`; None: one device)."""
     from flexdraft_jax.bench import report
 
     del tokenizer  # prompts arrive encoded; kept in the signature for callers that decode outputs
@@ -275,6 +277,7 @@ def run_benchmark(
                 cache_len=s.cache_len or cache_len,
                 eos_ids=eos_ids,
                 run=s.run,
+                mesh=mesh,
             )
             for s in specs
         }
@@ -288,7 +291,7 @@ def run_benchmark(
             if prof_dec is None:
                 ecfg = dataclasses.replace(specs[0].engine_config(temperature), mode="flex")
                 prof_dec = Decoder(
-                    cfg, target, draft, dcfg, ecfg, cache_len=cache_len, eos_ids=eos_ids
+                    cfg, target, draft, dcfg, ecfg, cache_len=cache_len, eos_ids=eos_ids, mesh=mesh
                 )  # fmt: skip
             log.info("batch %d: profiling the step cost of each branch", bs)
             prof = prof_dec.measure(bs, repeats=profile_repeats, max_seconds=profile_seconds)

@@ -3,11 +3,14 @@
 `generate(cfg, params, prompts, max_new_tokens, ...)` prefills a batch of prompts of different
 lengths (padded to a bucket, lengths tracked per sequence), then runs one jitted step per token
 that donates the cache. Greedy or temperature / top-k / top-p sampling; per-sequence stop on EOS
-or `max_new_tokens`.
+or `max_new_tokens`. With a `mesh` it is one SPMD program (`placement`): the batch over the data
+axes, the cache over batch and kv heads, the parameters as they are sharded (or placed by the
+decoding rules); every process makes the same call and gets every sequence's tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexdraft_jax.decoding import sampling
+from flexdraft_jax.decoding import placement, sampling
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import ModelConfig
@@ -110,7 +113,13 @@ def _prefill(cfg, params, tokens, lengths, cache, key, sp):
     )  # fmt: skip
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = tf.lm_head(cfg, params, last)
-    return sampling.choose(key, logits, sp), cache._replace(lengths=lengths)
+    return sampling.choose(key, logits, sp), _pin(cfg, cache._replace(lengths=lengths))
+
+
+def _pin(cfg, cache):
+    """The cache in its layout on the mesh in context (a no-op without one)."""
+    kv = functools.partial(placement.cache, cfg=cfg)
+    return tf.KVCache(kv(cache.k), kv(cache.v), placement.batch(cache.lengths))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sp", "window"), donate_argnums=(3,))
@@ -120,7 +129,7 @@ def _step(cfg, params, token, cache, key, sp, window=None):
         cfg, params, token[:, None], lay.positions, lay.meta, cache, kv_window=window
     )
     nxt = sampling.choose(key, logits[:, 0], sp)
-    return nxt, cache._replace(lengths=cache.lengths + 1)
+    return nxt, _pin(cfg, cache._replace(lengths=cache.lengths + 1))
 
 
 def generate(
@@ -133,8 +142,10 @@ def generate(
     eos_ids=None,
     seed: int = 0,
     cache_len: int | None = None,
+    mesh=None,
 ) -> Generation:
-    """Generate up to `max_new_tokens` per prompt, stopping each sequence at its first EOS."""
+    """Generate up to `max_new_tokens` per prompt, stopping each sequence at its first EOS.
+    mesh: decode as one SPMD program on it (see the module docstring); None: one device."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling_params.check_vocab(cfg.vocab_size)
@@ -146,23 +157,27 @@ def generate(
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
     b = len(prompts)
     key = jax.random.PRNGKey(seed)
-    cache = tf.init_cache(cfg, b, capacity, params["embed"]["embedding"].dtype)
+    dtype = params["embed"]["embedding"].dtype
+    tokens = pad_prompts(prompts, width)
+    if mesh is None:
+        cache = tf.init_cache(cfg, b, capacity, dtype)
+        tokens, lens, rep, ctx = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray, None
+    else:
+        if placement.mesh_of(params) is None:
+            params = placement.place_params(cfg, params, mesh)
+        cache = placement.init_cache(cfg, b, capacity, dtype, mesh)
+        tokens, lens = placement.put_batch(tokens, mesh), placement.put_batch(lengths, mesh)
+        rep, ctx = functools.partial(placement.put_replicated, mesh=mesh), mesh
+    on_mesh = contextlib.nullcontext if ctx is None else functools.partial(jax.set_mesh, ctx)
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    tok, cache = _prefill(
-        cfg,
-        params,
-        jnp.asarray(pad_prompts(prompts, width)),
-        jnp.asarray(lengths),
-        cache,
-        sub,
-        sampling_params,
-    )
+    with on_mesh():
+        tok, cache = _prefill(cfg, params, tokens, lens, cache, rep(sub), sampling_params)
     out = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     steps = 0
     while True:
-        host = np.asarray(tok)
+        host = placement.to_host(tok)
         for i in range(b):
             if not done[i]:
                 out[i].append(int(host[i]))
@@ -172,7 +187,8 @@ def generate(
         key, sub = jax.random.split(key)
         # Attend only to the filled part of the cache, in steps of WINDOW slots (a few compiles).
         window = min(capacity, round_up(int(lengths.max()) + steps + 1, WINDOW))
-        tok, cache = _step(cfg, params, tok, cache, sub, sampling_params, window)
+        with on_mesh():
+            tok, cache = _step(cfg, params, tok, cache, rep(sub), sampling_params, window)
         steps += 1
     elapsed = time.perf_counter() - t0
     n = sum(len(o) for o in out)

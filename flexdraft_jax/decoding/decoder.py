@@ -6,11 +6,17 @@ profile the flex policy reads (`costs.CostProfile`): given, stored, measured on 
 `setup_profile`), or else estimated; a decode never times branches on its own. Executables are
 compiled when a decode first needs them, through JAX's persistent compilation cache
 (`compilation.enable_cache`), so a second process over the same shapes compiles nothing.
+
+With a `mesh` (`sharding.decode_mesh`, e.g. "data:2,tensor:4") the target and draft are placed by
+`sharding.DECODE_RULES`, the batch and the KV cache sharded (`placement`), and every prefill, step
+and loop is traced under that mesh: one SPMD program, the same tokens as one device. Every process
+of a multi-process run makes the same calls with the same prompts; results come back to each.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,7 +30,7 @@ import numpy as np
 
 from flexdraft_jax import compilation
 from flexdraft_jax.decoding import costs as costs_lib
-from flexdraft_jax.decoding import engine, policy
+from flexdraft_jax.decoding import engine, placement, policy
 from flexdraft_jax.decoding.ar import (
     Generation,
     bucket,
@@ -57,7 +63,7 @@ class Prefilled:
         shared, so decode it with reuse=True to keep this one intact)."""
         n = min(max_new_tokens, self.max_new_tokens)
         o = self.state.output
-        output = o._replace(max_new=jnp.asarray(n, jnp.int32), done=o.done | (n <= 1))
+        output = o._replace(max_new=jnp.minimum(o.max_new, n), done=o.done | (n <= 1))
         state = self.state._replace(output=output)
         return dataclasses.replace(self, state=state, max_new_tokens=n)
 
@@ -106,8 +112,9 @@ class Decoder:
     draft parameters with their `dcfg`, or None (AR mode). cache_len: KV cache slots per
     sequence, at most the model's max_position_embeddings (None: 1024, or that maximum if less).
     compilation_cache: the persistent compilation cache's directory (`compilation.enable_cache`;
-    None or "none": not turned on). Everything is validated here and in `check`, before anything
-    compiles."""
+    None or "none": not turned on). mesh: a `jax.sharding.Mesh` over ("data", "tensor")
+    (`sharding.decode_mesh`), or None: one device, the parameters where they are. Everything is
+    validated here and in `check`, before anything compiles."""
 
     def __init__(
         self,
@@ -122,6 +129,7 @@ class Decoder:
         profiles: dict[int, CostProfile] | None = None,
         run: RunConfig = RunConfig(),
         compilation_cache: str | None = compilation.DEFAULT,
+        mesh=None,
     ):
         if isinstance(draft, dict) and {"vocab", "vocab_size", "acceptance"} & draft.keys():
             raise ValueError(
@@ -157,6 +165,10 @@ class Decoder:
             if isinstance(prior, tuple) and len(prior) != dcfg.block_size - 1:
                 prior = float(np.mean(prior))  # recorded for another block size: its mean
             ecfg = dataclasses.replace(ecfg, alpha_init=prior)
+        if mesh is not None:
+            target = placement.place_params(cfg, target, mesh)
+            draft = placement.place_params(cfg, draft, mesh)
+        self.mesh = mesh
         self.cfg, self.target, self.draft, self.dcfg, self.ecfg = cfg, target, draft, dcfg, ecfg
         self.cache_len = cache_len
         self.run_config = run
@@ -195,18 +207,18 @@ class Decoder:
         for compiling without allocating the cache."""
         lengths = self.check(prompts, max_new_tokens)
         width = min(bucket(int(lengths.max())), self.cache_len)
-        dtype = self.target["embed"]["embedding"].dtype
-        cache = functools.partial(tf.init_cache, self.cfg, len(prompts), self.cache_len, dtype)
-        args = (
-            self.target,
-            self.draft,
-            jnp.asarray(pad_prompts(prompts, width)),
-            jnp.asarray(lengths),
-            jax.eval_shape(cache) if abstract else cache(),
-            jax.random.PRNGKey(seed),
-            jnp.int32(max_new_tokens),
-        )
-        return args
+        dtype, b, m = self.target["embed"]["embedding"].dtype, len(prompts), self.mesh
+        tokens, key = pad_prompts(prompts, width), jax.random.PRNGKey(seed)
+        if m is None:
+            cache = functools.partial(tf.init_cache, self.cfg, b, self.cache_len, dtype)
+            inputs = (jnp.asarray(tokens), jnp.asarray(lengths),
+                      jax.eval_shape(cache) if abstract else cache(), key)  # fmt: skip
+        else:  # the batch over "data", the cache over batch and kv heads
+            cache = functools.partial(placement.init_cache, self.cfg, b, self.cache_len, dtype, m)
+            inputs = (placement.put_batch(tokens, m), placement.put_batch(lengths, m),
+                      jax.eval_shape(cache) if abstract else cache(),
+                      placement.put_replicated(key, m))  # fmt: skip
+        return (self.target, self.draft, *inputs, self._replicated(np.int32(max_new_tokens)))
 
     def _prefill_exe(self, st, args, drafts: bool, ahead: bool = False):
         """The compiled prefill for these arguments' shapes, compiled ahead of time and kept, so
@@ -216,9 +228,10 @@ class Decoder:
         shape = (st, tokens.shape[0], tokens.shape[1], drafts)
         exe = self._prefills.get(shape)
         if exe is None:
-            lowered = engine.prefill.lower(st, *args, drafts=drafts)
+            with self._on_mesh():
+                lowered = engine.prefill.lower(st, *args, drafts=drafts)
             if ahead:  # the first step's program compiles beside the prefill's
-                lengths, max_new_tokens = np.asarray(args[3]), int(args[6])
+                lengths, max_new_tokens = placement.to_host(args[3]), int(args[6])
                 self._compile_ahead(st, lowered.out_info, lengths, max_new_tokens)
             exe = self._prefills[shape] = lowered.compile()
         return exe
@@ -233,6 +246,22 @@ class Decoder:
         t0 = time.perf_counter()
         state = jax.block_until_ready(exe(*args))
         return state, time.perf_counter() - t0
+
+    def _on_mesh(self):
+        """The context every engine function is traced in (`placement`; thread-local, so a
+        compilation on another thread enters it too)."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _replicated(self, x):
+        """A host value as an input of the compiled functions (replicated on the mesh)."""
+        return jnp.asarray(x) if self.mesh is None else placement.put_replicated(x, self.mesh)
+
+    def _replicated_sharding(self):
+        return None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.P())
+
+    def _lower_compile(self, fn, args):
+        with self._on_mesh():
+            return fn.lower(*args).compile()
 
     def generate(self, prompts, max_new_tokens: int, *, seed: int = 0) -> Generation:
         """Tokens per prompt (first EOS included) and stats (tau, acceptance, branches, speed;
@@ -273,24 +302,27 @@ class Decoder:
         `pre` can be decoded again; False consumes it."""
         st, max_new_tokens = pre.st, pre.max_new_tokens
         # The profile as it is now (a benchmark refines it after prefilling its first batches).
-        costs = jnp.asarray(self._costs(st, len(pre.state.output.done)))
+        costs = self._replicated(self._costs(st, len(pre.state.output.done)))
         state = pre.state
         if reuse:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, state))
         marks = [_decoding_clock()]  # then one per host sync
         compiled = compilation.seconds()
         idxs, counts = [], []  # per step
-        if self.run_config.resolved_dispatch() == "device":
-            state, per_sync, syncs = self._device_loop(st, state, costs, idxs, counts)
-        else:
-            state, per_sync, syncs = self._host_loop(st, state, costs, idxs, counts, max_new_tokens)
+        with self._on_mesh():
+            if self.run_config.resolved_dispatch() == "device":
+                state, per_sync, syncs = self._device_loop(st, state, costs, idxs, counts)
+            else:
+                state, per_sync, syncs = self._host_loop(
+                    st, state, costs, idxs, counts, max_new_tokens
+                )
         marks += syncs
         compiled = compilation.seconds() - compiled
         elapsed = pre.prefill_seconds + _decoding_clock() - marks[0]
         gen = self._result(
             st, state, [int(i) for i in idxs], elapsed, pre.prefill_seconds, max_new_tokens
         )
-        counts = [np.asarray(c) for c in counts]
+        counts = [placement.to_host(c) for c in counts]
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
         if self.ecfg.mode == "flex":  # "measured" or "estimate"
             gen.stats["cost_profile"] = self.cost_profile(len(pre.state.output.done)).source
@@ -305,11 +337,12 @@ class Decoder:
         """`engine.run` calls until every sequence is done; appends each step's branch and counts.
         Returns (state, steps between host syncs, the time of each sync)."""
         per_sync, marks = [], []
-        lengths, done = jax.device_get((state.cache.lengths, state.output.done))
+        lengths, done = placement.host_tree((state.cache.lengths, state.output.done))
         spc = self.run_config.steps_per_call
         ar_only = False
         if engine.switches_to_ar(st):  # AR steps run in a loop of their own (`engine.run`)
-            ar_only = engine.read_status(np.asarray(engine.first_branch(st, state, costs)))[0] == 0
+            status = placement.to_host(engine.first_branch(st, state, costs))
+            ar_only = engine.read_status(status)[0] == 0
         while not done.all():
             # The smallest window with room for a step: a call that fills it ends early and the
             # next one reads the next window size (reserving room for all `spc` steps would
@@ -317,7 +350,7 @@ class Decoder:
             window = engine.kv_window(lengths[~done], self.dcfg.block_size, self.cache_len)
             exe = self._loop(st, window, spc, ar_only, state, costs)
             state, br, cnt, nxt_ar = exe(self.target, self.draft, state, costs)
-            br, cnt, lengths, done, nxt_ar = jax.device_get(
+            br, cnt, lengths, done, nxt_ar = placement.host_tree(
                 (br, cnt, state.cache.lengths, state.output.done, nxt_ar)
             )  # the one sync per call
             marks.append(_decoding_clock())
@@ -335,12 +368,14 @@ class Decoder:
         """Host dispatch: one executable per step, its branch read from the previous step's
         status (`RunConfig.lookahead` steps queued ahead). Returns like `_device_loop`."""
         per_sync, marks = [], []
-        lengths = np.asarray(state.cache.lengths)
+        lengths = placement.to_host(state.cache.lengths)
         window = engine.kv_window(lengths, max_new_tokens + self.dcfg.block_size, self.cache_len)
         lookahead = self.run_config.lookahead
         if lookahead is None:
             lookahead = 0 if jax.default_backend() == "cpu" else 1
-        nxt, done, n_out = engine.read_status(np.asarray(engine.first_branch(st, state, costs)))
+        nxt, done, n_out = engine.read_status(
+            placement.to_host(engine.first_branch(st, state, costs))
+        )
         inflight = []  # status of launched steps the host has not read yet
         while not done.all() or inflight:
             # Each step commits >= 1 token per active sequence: stop launching once the steps in
@@ -353,7 +388,7 @@ class Decoder:
                 inflight.append(status)
                 if len(inflight) <= lookahead:
                     continue
-            nxt, done, n_out = engine.read_status(np.asarray(inflight.pop(0)))  # the sync
+            nxt, done, n_out = engine.read_status(placement.to_host(inflight.pop(0)))  # the sync
             marks.append(_decoding_clock())
             per_sync.append(1)
         return state, per_sync, marks
@@ -366,7 +401,7 @@ class Decoder:
         first = policy.first_choice(st.branches, st.ecfg, st.width, costs)
         kinds = [k for k, _ in st.branches]
         w = self.dcfg.block_size
-        costs = jax.ShapeDtypeStruct(costs.shape, jnp.float32)
+        costs = jax.ShapeDtypeStruct(costs.shape, jnp.float32, sharding=self._replicated_sharding())
         jobs = []
         if self.run_config.resolved_dispatch() == "host":
             window = engine.kv_window(lengths, max_new_tokens + w, self.cache_len)
@@ -383,7 +418,8 @@ class Decoder:
                 jobs.append(((st, window, spc, v), engine.run, args))
         for key, fn, args in jobs:
             if key not in self._branches and key not in self._loops and key not in self._ahead:
-                self._ahead[key] = _background().submit(lambda f=fn, a=args: f.lower(*a).compile())
+                job = lambda f=fn, a=args: self._lower_compile(f, a)
+                self._ahead[key] = _background().submit(job)
 
     def _compiled(self, table: dict, key, fn, args):
         """table[key]: `fn` lowered and compiled for `args`, unless it is compiling ahead (then
@@ -395,7 +431,7 @@ class Decoder:
                 table[key] = job.result()
                 compilation.waited(time.perf_counter() - t0)
             else:
-                table[key] = fn.lower(*args).compile()
+                table[key] = self._lower_compile(fn, args)
         return table[key]
 
     def _branch_step(self, st, branch: int, window: int, state, costs):
@@ -409,8 +445,8 @@ class Decoder:
         each when it first needs it, so which ones depends on the acceptance pattern): a
         benchmark's warm-up, after which timed decodes compile nothing."""
         st, state = pre.st, pre.state
-        costs = jnp.asarray(self._costs(st, len(state.output.done)))
-        lengths = np.asarray(state.cache.lengths)
+        costs = self._replicated(self._costs(st, len(state.output.done)))
+        lengths = placement.to_host(state.cache.lengths)
         w = self.dcfg.block_size
         if self.run_config.resolved_dispatch() == "host":
             window = engine.kv_window(lengths, pre.max_new_tokens + w, self.cache_len)
@@ -438,22 +474,23 @@ class Decoder:
 
     def _force(self, st, idx: int, state, window: int):
         """One compiled step of branch `idx` (forced; profiling)."""
-        costs = jnp.zeros(len(st.branches) + 1, jnp.float32)
+        costs = self._replicated(np.zeros(len(st.branches) + 1, np.float32))
         exe = self._step_exe(st, state, window)
-        return exe(self.target, self.draft, state, costs, jnp.int32(idx))[0]
+        return exe(self.target, self.draft, state, costs, self._replicated(np.int32(idx)))[0]
 
     def _step_exe(self, st, state, window: int):
         """`engine.step` compiled ahead of time for `state`'s shapes (arrays or their shapes)."""
         key = (st, state.output.done.shape[0], window)
         if key not in self._steps:
-            costs = jax.ShapeDtypeStruct((len(st.branches) + 1,), jnp.float32)
-            force = jax.ShapeDtypeStruct((), jnp.int32)
-            lowered = engine.step.lower(st, self.target, self.draft, state, costs, force, window)
-            self._steps[key] = lowered.compile()
+            rep = self._replicated_sharding()
+            costs = jax.ShapeDtypeStruct((len(st.branches) + 1,), jnp.float32, sharding=rep)
+            force = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+            args = (st, self.target, self.draft, state, costs, force, window)
+            self._steps[key] = self._lower_compile(engine.step, args)
         return self._steps[key]
 
     def _result(self, st, state, idxs, elapsed, t_prefill, max_new_tokens):
-        o, s = jax.device_get((state.output, state.stats))
+        o, s = placement.host_tree((state.output, state.stats))
         tokens = [o.out[i, : min(n, max_new_tokens)].tolist() for i, n in enumerate(o.n_out)]
         steps, n_out, tried, hits = o.steps, o.n_out, s.tried, s.hits
         committed = int((n_out - 1).sum())  # the prefill's bonus is not a step's work
@@ -524,7 +561,7 @@ class Decoder:
 
     def profile_key(self, batch: int) -> str:
         """A digest of what a measured profile depends on (device, model, draft shape, buckets,
-        cache, batch, greedy or not, draft vocabulary): the file name in a profile store."""
+        cache, batch, greedy or not, draft vocabulary, mesh): the file name in a profile store."""
         ident = json.dumps(
             [
                 jax.devices()[0].device_kind,
@@ -539,6 +576,7 @@ class Decoder:
                 self._draft_vocab(),
                 str(self.target["embed"]["embedding"].dtype),
             ]
+            + ([] if self.mesh is None else [dict(self.mesh.shape)])  # the devices' share
         )
         return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
@@ -561,7 +599,10 @@ class Decoder:
         st, _, prompts, budget, window = self._profile_inputs(batch)
         args = self._prefill_args(prompts, budget, 0, abstract=True)
         out = self._prefill_exe(st, args, True).out_info
-        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out)
+        sds = lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+        )
+        state = jax.tree.map(sds, out)
         return self._step_exe(st, state, window)
 
     def measure(

@@ -20,6 +20,10 @@ branch, in place. (XLA copies a buffer that several `lax.switch` branches update
 steps in a `lax.while_loop` on device; every step reads only a static window of the cache that
 covers the filled part (`kv_window`), so attention follows the filled length, not the capacity.
 `branch_step` runs one branch as its own executable instead (host dispatch, `RunConfig`).
+
+On a mesh (traced under `jax.set_mesh`: `Decoder(mesh=...)`) the same functions run as one SPMD
+program: every state they return is pinned to the layout it came in with (`_on_mesh`), so the
+donated cache is aliased across calls.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexdraft_jax.decoding import policy, sampling, verify
+from flexdraft_jax.decoding import placement, policy, sampling, verify
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
@@ -214,6 +218,29 @@ def branches_for(ecfg: EngineConfig, block_size: int, batch: int) -> tuple[tuple
     if mode == "parallel":
         return tuple(("par", r) for r in rows)
     return (("ar", 1),) + tuple(("seq", r) for r in rows) + tuple(("par", r) for r in rows)
+
+
+def state_layout(state: DecodeState, cache_fn, batch_fn, replicated_fn) -> DecodeState:
+    """`state` with each leaf mapped by what it is: the cache's k and v (`cache_fn`), per-sequence
+    arrays (`batch_fn`: leading dimension B) and everything else (`replicated_fn`)."""
+    c, b, o = state.cache, state.block, state.output
+    bat, rep = batch_fn, replicated_fn
+    return DecodeState(
+        cache=tf.KVCache(cache_fn(c.k), cache_fn(c.v), bat(c.lengths)),
+        block=Block(bat(b.cand), bat(b.q), bat(b.conf), rep(b.gain), rep(b.v), rep(b.has_drafts)),
+        stats=jax.tree.map(rep, state.stats),
+        output=Output(bat(o.out), bat(o.n_out), bat(o.done), bat(o.steps), rep(o.max_new)),
+        key=rep(state.key),
+    )
+
+
+def _on_mesh(st: Static, state: DecodeState) -> DecodeState:
+    """The state pinned to its decoding layout when a mesh is in context (`placement`): the
+    cache over batch and kv heads, per-sequence arrays over batch, the rest replicated."""
+    if placement.current() is None:
+        return state
+    kv = functools.partial(placement.cache, cfg=st.cfg)
+    return state_layout(state, kv, placement.batch, placement.replicated)
 
 
 # ----------------------------------------------------------------------------- drafting
@@ -529,7 +556,7 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
         if st.ecfg.alpha_init is None:  # (gain does not depend on the prior before any verify)
             prior = jnp.clip(conf_mean, 0.05, 0.95).astype(jnp.float32)
             state = state._replace(stats=state.stats._replace(alpha=prior, alpha_prior=prior))
-    return state
+    return _on_mesh(st, state)
 
 
 def kv_window(lengths, rows: int, capacity: int) -> int:
@@ -556,7 +583,7 @@ def step(st: Static, target, draft, state: DecodeState, costs, force, window: in
 
     force >= 0 runs that branch (profiling, tests); otherwise the mode's policy chooses."""
     idx = jnp.where(force >= 0, force, choose_branch(st, state, costs)).astype(jnp.int32)
-    new = _run_branch(st, window, target, draft, state, idx)
+    new = _on_mesh(st, _run_branch(st, window, target, draft, state, idx))
     return new, idx, new.output.n_out - state.output.n_out
 
 
@@ -616,7 +643,7 @@ def run(st: Static, target, draft, state: DecodeState, costs, window: int, steps
         jnp.zeros((steps, b), jnp.int32),
     )
     state, _, branches, counts = jax.lax.while_loop(cond, body, init)
-    return state, branches, counts, choose_branch(st, state, costs) == ar
+    return _on_mesh(st, state), branches, counts, choose_branch(st, state, costs) == ar
 
 
 # ----------------------------------------------------------------------------- host dispatch
@@ -647,5 +674,5 @@ def branch_step(st: Static, branch: int, target, draft, state: DecodeState, cost
     """Host dispatch: run branch `branch` as its own executable (no while loop, no lax.switch) and
     choose the next one on device. Returns (state, status for `read_status`, tokens committed per
     sequence int32[B])."""
-    new = _run_branch(st, window, target, draft, state, branch)
+    new = _on_mesh(st, _run_branch(st, window, target, draft, state, branch))
     return new, _status(st, new, costs), new.output.n_out - state.output.n_out

@@ -155,20 +155,23 @@ def precompute(
         top, ids = jax.lax.top_k(logp, topk)
         return kv + (ids.astype(jnp.int32), top)
 
+    from flexdraft_jax.decoding import placement
+
+    put = placement.inputs_for(target)  # global arrays when the target spans processes
     order = first + np.argsort(-lengths[first:], kind="stable")
     for i in tqdm(range(0, n - first, batch_size), desc="clean pass", unit="batch"):
         idx = order[i : i + batch_size]
         w = min(t, -(-int(lengths[idx].max()) // bucket) * bucket)
         start = np.minimum(starts[idx], lengths[idx])
         rows = min(w, -(-int((lengths[idx] - start).max()) // bucket) * bucket) if topk else 0
-        got = run(target, jnp.asarray(tokens[idx, :w]), jnp.asarray(start, jnp.int32), rows)
+        got = run(target, put(tokens[idx, :w]), put(start.astype(np.int32)), rows)
+        got = [placement.to_host(x) for x in got]
         for arr, x in zip(out[:2], got[:2]):
-            arr[idx, :, :w] = np.asarray(x).transpose(1, 0, 2, 3, 4).astype(arr.dtype)
+            arr[idx, :, :w] = x.transpose(1, 0, 2, 3, 4).astype(arr.dtype)
         for arr, x in zip(out[2:], got[2:]):
-            x = np.asarray(x)
             for r, (j, s0, n_i) in enumerate(zip(idx, start, lengths[idx])):
                 arr[j, s0:n_i] = x[r, : n_i - s0]
-    if path:
+    if path and jax.process_index() == 0:  # every process computed the same arrays
         os.makedirs(cache_dir, exist_ok=True)
         for kind, arr in zip(_parts(topk), out):
             tmp = f"{path}.{kind}.tmp.npy"

@@ -9,7 +9,8 @@ prompt sources   `python_stub_prompts` (signature + docstring stubs parsed from 
                  tokenizer-less test models)
 tokenization     `encode_prompt` renders one user turn with the tokenizer's chat template
 distillation     `distill`: batched greedy generation with `decoding.ar.generate` (prompts sorted
-                 by length), cached on disk per chunk of prompts (resumable), atomic writes
+                 by length), cached on disk per chunk of prompts (resumable), atomic writes; on a
+                 mesh one SPMD program over the global batch, the same on every process
 packing          `pack`: fixed-shape arrays tokens [N, T], lengths [N], loss_mask [N, T] (the
                  response tokens: the only loss region)
 anchors          `sample_anchors`: A anchors per sequence, uniform over the loss region
@@ -261,11 +262,17 @@ def params_fingerprint(cfg, params) -> str:
     """A cheap identity for a target: its config plus a strided sample of every parameter."""
     import jax
 
+    from flexdraft_jax.decoding import placement
+
     h = hashlib.sha1(repr(cfg).encode())
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.asarray(x).ravel()
+        stride = max(1, int(np.prod(x.shape)) // 4096)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # spans processes
+            sample = placement.to_host(x.ravel()[::stride])
+        else:
+            sample = np.asarray(x).ravel()[::stride]
         h.update(f"{jax.tree_util.keystr(path)}{x.shape}{x.dtype}".encode())
-        h.update(np.ascontiguousarray(a[:: max(1, a.size // 4096)]).astype(np.float32).tobytes())
+        h.update(np.ascontiguousarray(sample).astype(np.float32).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -293,6 +300,7 @@ def distill(
     model_id: str | None = None,
     eos_ids: Sequence[int] | None = None,
     chunk_size: int = 256,
+    mesh=None,
 ) -> list[list[int]]:
     """Greedy responses of the target to `prompts` (token ids), cached on disk chunk by chunk.
 
@@ -301,8 +309,11 @@ def distill(
     So an interrupted distillation resumes at the first missing chunk, and a larger prompt set
     that starts with a smaller one reuses its chunks. Inside a chunk the prompts are sorted by
     length and generated in batches (one compiled prefill per length bucket, one compiled step).
-    With several processes, each generates every `process_count`-th batch of a chunk and the
-    results are all-gathered.
+    With a `mesh` (the parameters sharded over it, or placed on it), every process runs the same
+    sharded generation over each whole batch (its rows over the data axes): one SPMD program, so
+    the responses are those of one process on the same mesh. Without one, with several
+    processes, each generates every `process_count`-th batch on its own and the results are
+    all-gathered (parameters held whole by every process).
     """
     import jax
 
@@ -334,7 +345,7 @@ def distill(
             with open(path) as f:
                 out += json.load(f)["responses"]
             continue
-        responses = _distill_chunk(cfg, params, chunk, max_new_tokens, batch_size, eos, bar)
+        responses = _distill_chunk(cfg, params, chunk, max_new_tokens, batch_size, eos, bar, mesh)
         if path and pi == 0:
             _atomic_write_json(path, {"max_new_tokens": max_new_tokens, "responses": responses})
         out += responses
@@ -342,7 +353,9 @@ def distill(
     return out
 
 
-def _distill_chunk(cfg, params, prompts, max_new_tokens, batch_size, eos, bar) -> list[list[int]]:
+def _distill_chunk(
+    cfg, params, prompts, max_new_tokens, batch_size, eos, bar, mesh=None
+) -> list[list[int]]:
     import jax
 
     from flexdraft_jax.decoding import ar
@@ -350,14 +363,20 @@ def _distill_chunk(cfg, params, prompts, max_new_tokens, batch_size, eos, bar) -
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     pi, pc = jax.process_index(), jax.process_count()
+    if mesh is not None:  # one SPMD program: every process runs every batch
+        pi, pc = 0, 1
+        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.axis_names]))
     responses: dict[int, list[int]] = {}
     for idx in batches[pi::pc]:
-        gen = ar.generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, eos_ids=eos)
+        batch = [prompts[i] for i in idx]
+        if mesh is not None:  # rows split evenly over the data axes: pad with the last prompt
+            batch += [batch[-1]] * (-len(batch) % shards)
+        gen = ar.generate(cfg, params, batch, max_new_tokens, eos_ids=eos, mesh=mesh)
         for i, toks in zip(idx, gen.tokens):
             responses[i] = toks
         bar.update(len(idx) * pc)
         bar.set_postfix(tok_s=f"{gen.stats['tokens'] / max(gen.stats['seconds'], 1e-9):.0f}")
-    if pc > 1:
+    if pc > 1:  # (pc is 1 on a mesh: every process already holds every response)
         responses = _allgather_responses(responses, len(prompts), max_new_tokens)
     return [responses[i] for i in range(len(prompts))]
 

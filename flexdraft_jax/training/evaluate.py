@@ -13,8 +13,11 @@ the next step's bonus sits at p + tau_p, so it takes short steps where drafts fa
 the stretches where they succeed. Walking the same runs that way gives `decoded_tau`, exactly the
 tau of greedy decoding with threshold 0 on these responses (tested against the engine), and lower
 than the position mean (SmolLM2's shipped draft: 1.76 against 2.01). `heldout_set` builds the
-sequences from HumanEval prompts (evaluation only: never a training source) and `tau_curve_plot`
-draws tau against training minutes.
+sequences from HumanEval prompts (evaluation only: never a training source; a tokenizer-less
+test model gets random token prompts of another seed than its training prompts) and
+`tau_curve_plot` draws tau against training minutes. With the target sharded over a mesh, every
+process builds the same held-out set (one SPMD self-distillation) and runs the same sharded
+evaluation; the trainer logs process 0's numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax.decoding import placement
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.training import clean_cache
@@ -106,22 +110,12 @@ def teacher_forced_tau(
         anchors[i, : len(p)], valid[i, : len(p)] = p, True
     runs = []
     met = []  # runs the decoding walk meets, one per step
+    put = placement.inputs_for(target)  # global arrays when the target spans processes
     for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
-        ok = np.asarray(
-            _block_hits(
-                cfg,
-                dcfg,
-                target,
-                draft,
-                jnp.asarray(tokens[sl]),
-                jnp.asarray(lengths[sl]),
-                jnp.asarray(anchors[sl]),
-                jnp.asarray(valid[sl]),
-                jnp.asarray(heldout["clean_k"][sl]),
-                jnp.asarray(heldout["clean_v"][sl]),
-                use_calibration,
-            )
+        host = (tokens, lengths, anchors, valid, heldout["clean_k"], heldout["clean_v"])
+        ok = placement.to_host(
+            _block_hits(cfg, dcfg, target, draft, *(put(x[sl]) for x in host), use_calibration)
         )
         lead = np.cumprod(ok, axis=-1)  # [b, A, W-1]
         v = valid[sl]
@@ -162,25 +156,35 @@ def heldout_set(
     cache_dir: str,
     workdir: str,
     model_id=None,
+    mesh=None,
+    seed: int = 0,
 ) -> dict:
-    """Greedy target responses to HumanEval prompts (chat template), packed, with clean K/V."""
+    """Greedy target responses to HumanEval prompts (chat template), packed, with clean K/V.
+    Without a tokenizer (test models): random token prompts (seed `seed` + 1, so never the
+    training prompts of `seed`). mesh: the target's (self-distillation as one SPMD program)."""
     from flexdraft_jax.pipeline import humaneval_prompts
     from flexdraft_jax.training import data as data_lib
 
-    prompts = [data_lib.encode_prompt(tokenizer, p, True) for p in humaneval_prompts(num_prompts)]
+    if tokenizer is None:
+        top = max(4, min(32, seq_len // 4))
+        prompts = data_lib.synthetic_prompts(num_prompts, cfg.vocab_size, 4, top, seed + 1)
+    else:
+        prompts = [
+            data_lib.encode_prompt(tokenizer, p, True) for p in humaneval_prompts(num_prompts)
+        ]
     prompts = [p for p in prompts if len(p) + 8 < seq_len]
-    host = jax.tree.map(np.asarray, target)
     responses = data_lib.distill(
         cfg,
-        host,
+        target,
         prompts,
         max_new_tokens,
         batch_size=len(prompts),
         cache_dir=cache_dir,
         model_id=model_id,
+        mesh=mesh,
     )
     packed = data_lib.pack(list(zip(prompts, responses)), seq_len)
-    ident = model_id or data_lib.params_fingerprint(cfg, host)
+    ident = model_id or data_lib.params_fingerprint(cfg, target)
     k, v = clean_cache.precompute(
         cfg,
         dcfg.depth,

@@ -92,7 +92,9 @@ def place_target(cfg, params, mesh, dtype, seed: int):
 # ----------------------------------------------------------------------------- data
 
 
-def build_dataset(config, cfg, target, tokenizer, model_id) -> data_lib.Dataset:
+def build_dataset(config, cfg, target, tokenizer, model_id, mesh=None) -> data_lib.Dataset:
+    """Prompts, their self-distilled responses (one SPMD generation on `mesh` with the sharded
+    `target`, the same on every process), packed into a Dataset."""
     dc, tc = config.data, config.train
     to_distill, given = data_lib.build_examples(
         list(dc.sources),
@@ -105,15 +107,15 @@ def build_dataset(config, cfg, target, tokenizer, model_id) -> data_lib.Dataset:
     )
     examples = list(given)
     if to_distill:
-        host_params = jax.tree.map(_to_host, target)
         responses = data_lib.distill(
             cfg,
-            host_params,
+            target,
             to_distill,
             dc.max_new_tokens,
             batch_size=dc.gen_batch_size,
             cache_dir=dc.cache_dir or os.path.expanduser("~/.cache/flexdraft_jax/distill"),
             model_id=model_id,
+            mesh=mesh,
         )
         examples += list(zip(to_distill, responses))
     packed = data_lib.pack(examples, dc.seq_len)
@@ -263,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         log.warning("large target params left replicated: %s", missing)
 
     # ---------------------------------------------------------------- data
-    dataset = build_dataset(config, cfg, target, tokenizer, model_id)
+    dataset = build_dataset(config, cfg, target, tokenizer, model_id, mesh)
     batch_keys = BATCH_KEYS
     if tc.get("cache_clean"):
         if pc > 1:
@@ -360,7 +362,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     # ---------------------------------------------------------------- held-out tau
     ec = config.get("eval", None)
     heldout = None
-    if ec is not None and ec.every > 0 and is_main and tokenizer is not None:
+    if ec is not None and ec.every > 0:  # every process: one sharded evaluation, logged by 0
         from flexdraft_jax.training import evaluate
 
         heldout = evaluate.heldout_set(
@@ -374,6 +376,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             workdir=workdir,
             cache_dir=config.data.cache_dir or os.path.expanduser("~/.cache/flexdraft_jax/distill"),
             model_id=model_id,
+            mesh=mesh,
+            seed=config.seed,
         )
 
     def eval_record(done, minutes):
@@ -454,9 +458,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
                 t_eval = time.perf_counter()
                 rec = eval_record(done, minutes)
                 history.append(rec)
-                with open(metrics_path, "a") as f:  # heldout exists on the main process only
-                    f.write(json.dumps(rec) + "\n")
-                evaluate.tau_curve_plot(metrics_path, os.path.join(workdir, "tau_vs_minutes.png"))
+                if is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    png = os.path.join(workdir, "tau_vs_minutes.png")
+                    evaluate.tau_curve_plot(metrics_path, png)
                 t_last += time.perf_counter() - t_eval  # evaluation is not training time
             mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=last)
             bar.update(1)
