@@ -35,7 +35,8 @@ from flexdraft_jax.decoding.decoder import Decoder, RunConfig
 from flexdraft_jax.decoding.sampling import SamplingParams
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import ModelConfig
-from tests.test_decoding import PROMPTS, random_draft, _hlo_ops_of_shape, exact_joint, chi2_pvalue
+from tests.test_decoding import PROMPTS, random_draft, _hlo_ops_of_shape
+from tests.test_sampling_exact import PROMPT, exact_joint, chi2_pvalue
 assert jax.device_count() == 8, jax.devices()
 
 def model(vocab=64, seed=0, peaky=50.0):
@@ -97,8 +98,8 @@ _SAMPLING = """
 cfg, target = model(vocab=5, seed=11, peaky=20.0)
 dcfg, draft = random_draft(cfg, target, 4, noise=0.3, seed=12)
 sp = SamplingParams(temperature=1.0)
-prompt = [1, 3, 2]
-exact = exact_joint(cfg, target, prompt, 3, sp)
+prompt = PROMPT
+exact = exact_joint(cfg, target, 3, sp)
 ecfg = engine.EngineConfig(mode="parallel", threshold=0.0, sampling=sp)
 dec = Decoder(cfg, target, draft, dcfg, ecfg, cache_len=64, eos_ids=(),
               mesh=shd.decode_mesh("data:2,tensor:4"))

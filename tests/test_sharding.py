@@ -290,7 +290,7 @@ def test_two_processes_agree_with_one_device(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     assert "over 1 devices, 1 processes" in res.stderr, res.stderr[-4000:]
     with open(tmp_path / "single" / "metrics.jsonl") as f:
-        lrs = [json.loads(line)["lr"] for line in f]
+        lrs = [r["lr"] for r in map(json.loads, f) if "lr" in r]  # held-out records have none
     assert len(lrs) == STEPS > WARMUP and lrs[0] == 0 and min(lrs[1:]) > 0, lrs
     a = load_file(str(tmp_path / "multi" / "draft_release" / "model.safetensors"))
     b = load_file(str(tmp_path / "single" / "draft_release" / "model.safetensors"))
