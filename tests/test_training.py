@@ -52,15 +52,22 @@ def sharp_target(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def test_slot_targets_masks_slot0_end_and_prompt():
-    tokens = jnp.arange(10, dtype=jnp.int32)[None] + 100
-    loss_mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0]], bool)  # response = 3..7, length 8
-    anchors = jnp.array([[3, 6, 0]], jnp.int32)
-    valid_anchor = jnp.array([[True, True, False]])
-    labels, valid = losses.slot_targets(tokens, jnp.array([8]), loss_mask, anchors, valid_anchor, 4)
+    tokens = jnp.tile(jnp.arange(10, dtype=jnp.int32)[None] + 100, (2, 1))
+    # Sequence 0: response 3..7, length 8. Sequence 1: response 3..6, then rows 7..9 that are
+    # inside its length but outside the loss region (a prompt packed after the response).
+    loss_mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]], bool)
+    anchors = jnp.array([[3, 6, 0], [1, 5, 0]], jnp.int32)
+    valid_anchor = jnp.array([[True, True, False], [True, True, False]])
+    labels, valid = losses.slot_targets(
+        tokens, jnp.array([8, 10]), loss_mask, anchors, valid_anchor, 4
+    )
     np.testing.assert_array_equal(labels[0, 0], [103, 104, 105, 106])
     np.testing.assert_array_equal(valid[0, 0], [False, True, True, True])
     np.testing.assert_array_equal(valid[0, 1], [False, True, False, False])  # 8, 9 past the end
-    assert not valid[0, 2].any()
+    assert not valid[0, 2].any() and not valid[1, 2].any()  # padding anchors
+    np.testing.assert_array_equal(labels[1, 0], [101, 102, 103, 104])
+    np.testing.assert_array_equal(valid[1, 0], [False, False, True, True])  # 2: prompt
+    np.testing.assert_array_equal(valid[1, 1], [False, True, False, False])  # 7, 8: not response
     w = losses.position_weights(4, 2.0)
     np.testing.assert_allclose(w, [0.0, 1.0, np.exp(-0.5), np.exp(-1.0)], rtol=1e-6)
 
