@@ -130,10 +130,10 @@ def run_py(code: str, devices: int, env_extra=None, timeout=900):
 
 # Training long enough to leave the warm-up (lr 0 at step 0: one step would compare the initial
 # parameters): 6 steps, warm-up 2, then a decaying nonzero learning rate, peak LR. Adam turns a
-# gradient's relative rounding difference into a parameter difference of about lr times it: the
-# calibration stage's fc1 gradients (tiny while fc2 is near its zero init) differ by up to 1%
-# between meshes, 1.3e-5 in the parameters at the tiny config's lr 1e-2; at the default
-# config's 1e-3 the parameters agree to 2e-6.
+# gradient's relative rounding difference into a parameter difference of about lr times it, and
+# the calibration stage's fc1 gradients are tiny while fc2 is near its zero init, so their
+# relative rounding differs most between meshes: lr 1e-3 (the default config's) keeps that
+# well inside SHARD_TOL.
 STEPS, WARMUP, LR = 6, 2, 1e-3
 
 _SHARDED_TRAINING = """
