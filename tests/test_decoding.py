@@ -858,9 +858,10 @@ def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
     the drafts are accepted (accepted positions counted, tau well above 1), so the accept paths
     run on the real model."""
     from flexdraft_jax import pipeline
+    from flexdraft_jax.prompts import humaneval_prompts
 
     cfg, target, tok = smollm2
-    prompts = pipeline.encode(tok, pipeline.humaneval_prompts(3)[:batch], chat=True)
+    prompts = pipeline.encode(tok, humaneval_prompts(3)[:batch], chat=True)
     if batch not in _SMOLLM2_AR:  # AR's tokens, once per batch size
         _SMOLLM2_AR[batch] = ar.generate(cfg, target, prompts, 32, eos_ids=())
     ref = _SMOLLM2_AR[batch]

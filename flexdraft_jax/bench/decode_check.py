@@ -20,6 +20,7 @@ import jax
 
 from flexdraft_jax import pipeline
 from flexdraft_jax.bench import harness
+from flexdraft_jax.prompts import humaneval_prompts
 
 TINY_VOCAB = 64
 
@@ -59,7 +60,7 @@ def _smollm2(plan: DecodePlan):
     )
     draft = pipeline.load_draft(draft_dir, cfg, target)
     try:
-        texts = pipeline.humaneval_prompts()
+        texts = humaneval_prompts()
         source = "humaneval"
     except FileNotFoundError:  # decode speed still means something; tau is then optimistic
         from flexdraft_jax.training.data import python_stub_prompts

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 
-from flexdraft_jax import pipeline
+from flexdraft_jax import pipeline, prompts
 from flexdraft_jax.bench import harness, report
 from flexdraft_jax.models import precision
 
@@ -211,7 +211,7 @@ def run_demo(
     # The n shortest HumanEval prompts: at batch 64 the prefill of long prompts (padded to a
     # power-of-two width) would take most of the demo's time; launch/benchmark.py takes the first n.
     # Chat template on: SmolLM2 is an instruct model and its drafter is trained on chat turns.
-    all_ids = pipeline.encode(tok, pipeline.humaneval_prompts(), chat=True)
+    all_ids = pipeline.encode(tok, prompts.humaneval_prompts(), chat=True)
     pick = sorted(sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))[:n])
     ids = [all_ids[i] for i in pick]
     log.info("HumanEval problems %s (%s tokens)", pick, [len(p) for p in ids])

@@ -35,6 +35,8 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from flexdraft_jax import prompts as prompts_lib
+
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- prompt sources
@@ -573,26 +575,37 @@ def build_examples(
     chat_template: bool,
     max_prompt_tokens: int,
     vocab_size: int,
+    weights: Sequence[float] = (),
 ) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
     """Tokenized prompts to distill (at most `num_prompts`, 0 = all) and ready (prompt, response)
     pairs from JSONL records that carry a response.
 
-    sources: "python_stubs", "python_docs", "site_stubs", "synthetic" or "jsonl:PATH" (several
-    may be combined, taken in order up to `num_prompts`). Prompts longer than `max_prompt_tokens`
-    are skipped and counted.
+    sources: "sharegpt" (its training split), "python_stubs", "python_docs", "site_stubs",
+    "synthetic" or "jsonl:PATH". Without `weights` they are taken in order up to `num_prompts`;
+    with them (one per source) source i gives its first round(num_prompts * w_i / sum(w))
+    prompts: a mix. Prompts longer than `max_prompt_tokens` are skipped and counted.
     """
     limit = num_prompts or None
+    if weights and (len(weights) != len(sources) or min(weights) < 0 or not sum(weights)):
+        raise ValueError(f"data weights {tuple(weights)} must be >= 0, one per source {sources}")
+    if weights and limit is None:
+        raise ValueError("data weights need num_prompts > 0 (they split it between the sources)")
     to_distill: list[list[int]] = []
     given: list[tuple[list[int], list[int]]] = []
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     skipped = 0
-    for src in sources:
+    for n_src, src in enumerate(sources):
+        if weights:  # this source's share, on top of what the earlier ones gave
+            quota = round(num_prompts * sum(weights[: n_src + 1]) / sum(weights))
+            limit = quota
         if src == "synthetic":
             to_distill += synthetic_prompts(num_prompts, vocab_size, 4, max_prompt_tokens, seed)
             continue
         if tokenizer is None:
             raise ValueError(f"data source {src!r} needs a tokenizer, and the target has none")
-        if src == "python_docs":
+        if src == "sharegpt":
+            recs = [{"prompt": t} for t in prompts_lib.sharegpt_prompts("train", None, seed)]
+        elif src == "python_docs":
             recs = [{"prompt": t} for t in python_docs_prompts(None, seed)]
         elif src == "python_stubs":
             recs = [{"prompt": t} for t in python_stub_prompts(None, seed)]
@@ -605,7 +618,7 @@ def build_examples(
         else:
             raise ValueError(
                 f"unknown data source {src!r} "
-                "(python_stubs, python_docs, site_stubs, synthetic, jsonl:PATH)"
+                "(sharegpt, python_stubs, python_docs, site_stubs, synthetic, jsonl:PATH)"
             )
         for rec in tqdm(recs, desc=f"tokenize {src}", unit="prompt", leave=False):
             if "response" not in rec and limit is not None and len(to_distill) >= limit:
@@ -621,4 +634,4 @@ def build_examples(
         log.info("skipped %d prompts longer than %d tokens", skipped, max_prompt_tokens)
     if not to_distill and not given:
         raise ValueError(f"no prompts of at most {max_prompt_tokens} tokens in sources {sources}")
-    return to_distill[:limit], given
+    return to_distill[: num_prompts or None], given

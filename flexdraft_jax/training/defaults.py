@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.sources = ("python_docs",)
+    c.data.weights = ()  # one per source: a mix splitting num_prompts; () = sources in order
     c.data.num_prompts = 1024  # prompts to self-distill (0 = all)
     c.data.max_prompt_tokens = 320  # longer prompts are skipped (and counted)
     c.data.max_new_tokens = 192

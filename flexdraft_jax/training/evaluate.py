@@ -162,7 +162,7 @@ def heldout_set(
     """Greedy target responses to HumanEval prompts (chat template), packed, with clean K/V.
     Without a tokenizer (test models): random token prompts (seed `seed` + 1, so never the
     training prompts of `seed`). mesh: the target's (self-distillation as one SPMD program)."""
-    from flexdraft_jax.pipeline import humaneval_prompts
+    from flexdraft_jax.prompts import humaneval_prompts
     from flexdraft_jax.training import data as data_lib
 
     if tokenizer is None:

@@ -104,6 +104,7 @@ def build_dataset(config, cfg, target, tokenizer, model_id, mesh=None) -> data_l
         chat_template=dc.chat_template,
         max_prompt_tokens=dc.max_prompt_tokens,
         vocab_size=cfg.vocab_size,
+        weights=tuple(dc.get("weights", ())),
     )
     examples = list(given)
     if to_distill:
