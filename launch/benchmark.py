@@ -5,9 +5,10 @@
       --modes=ar,flex,flex:nocalib,paper --hf_baseline --output_dir=/tmp/bench
 
 Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipped in drafts/
-(embedded target only), else untrained copies of the target's projectors. Default prompts: HumanEval
-(rendered as chat turns when the tokenizer has a chat template, as the shipped draft was trained;
-`--nochat` for raw code completions). Mode specs take ablation options: `flex:nocalib`, `flex:t=0`.
+(embedded target only), else untrained copies of the target's projectors. Prompts: HumanEval
+(`--dataset=humaneval`, the default) or held-out ShareGPT chat (`--dataset=sharegpt`), rendered as
+chat turns when the tokenizer has a chat template, as the shipped draft was trained (`--nochat`
+for raw completions). Mode specs take ablation options: `flex:nocalib`, `flex:t=0`.
 Writes results.json, speedup.png, acceptance.png and step_cost.png to --output_dir.
 """
 
@@ -28,6 +29,11 @@ from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
 F = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")
 flags.DEFINE_string("draft_checkpoint", None, "Release-format dir/.safetensors or orbax workdir.")
+flags.DEFINE_enum(
+    "dataset", "humaneval", prompts.BENCHMARK_SETS,
+    "Prompt set when no --prompts_file: HumanEval problems (code) or held-out ShareGPT first "
+    "turns (chat; never seen in training).",
+)  # fmt: skip
 flags.DEFINE_string("prompts_file", None, 'JSONL of {"prompt": ...} or {"turns": [...]} lines.')
 flags.DEFINE_bool(
     "chat",
@@ -83,7 +89,7 @@ def main(_):
     if F.prompts_file:
         texts = pipeline.read_prompts((), F.prompts_file)
     else:
-        texts = prompts.humaneval_prompts()
+        texts = prompts.benchmark_prompts(F.dataset)
     texts = texts[: F.num_prompts]
     cfg, target, tok = pipeline.load_target(
         F.checkpoint, dtype=F.dtype, attention_impl=F.attention_impl
@@ -128,7 +134,7 @@ def main(_):
         profile_seconds=F.profile_seconds,
         mesh=mesh,
         meta={"checkpoint": F.checkpoint or "embedded", "draft": draft_path or "untrained",
-              "prompts": F.prompts_file or "humaneval", "chat": chat,
+              "prompts": F.prompts_file or F.dataset, "chat": chat,
               "dtype": str(target["embed"]["embedding"].dtype),
               "mesh": pipeline.mesh_name(mesh)},
     )  # fmt: skip

@@ -6,7 +6,8 @@ Reads the last workdir's draft_release/ and every workdir's metrics.jsonl and pr
 writes OUTPUT/{config.json, model.safetensors, provenance.json} atomically. The provenance records
 the training command, steps, minutes and the held-out tau of each stage, and (unless
 --heldout_prompts=0) the held-out tau of the draft as it ships: stored dtype, decoding's draft
-vocabulary, teacher-forced and along the greedy decoding walk (`training.evaluate`).
+vocabulary, teacher-forced and along the greedy decoding walk (`training.evaluate`), on held-out
+HumanEval (code) and held-out ShareGPT (chat).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flexdraft_jax.checkpoints import release  # noqa: E402
 from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
 from flexdraft_jax.decoding.engine import draft_vocab_in_use  # noqa: E402
 from flexdraft_jax.models.draft import target_fingerprint  # noqa: E402
+from flexdraft_jax.training.evaluate import EVAL_SETS  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")
@@ -40,7 +42,11 @@ flags.DEFINE_integer(
     "engine.DEFAULT_DRAFT_VOCAB.",
     lower_bound=0,
 )
-flags.DEFINE_integer("heldout_prompts", 24, "HumanEval prompts of the held-out check (0: none).")
+flags.DEFINE_integer("heldout_prompts", 24, "Prompts per held-out set (0: no held-out check).")
+flags.DEFINE_list(
+    "heldout_sets", ["humaneval", "sharegpt"],
+    "Held-out sets (training.evaluate.EVAL_SETS): HumanEval (code), held-out ShareGPT (chat).",
+)  # fmt: skip
 flags.DEFINE_integer("heldout_new_tokens", 96, "Greedy response tokens per held-out prompt.")
 flags.DEFINE_string(
     "distill_cache", "~/.cache/flexdraft_jax/distill", "Where held-out responses are cached."
@@ -49,6 +55,7 @@ flags.mark_flags_as_required(["workdirs", "output"])
 
 
 def stage_summary(workdir: str) -> dict:
+    """Steps, minutes, loss and each held-out set's tau curves ([step, minutes, tau]) of a run."""
     recs = []
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
@@ -57,33 +64,33 @@ def stage_summary(workdir: str) -> dict:
     evals = [r for r in recs if "heldout_tau" in r]
     train = [r for r in recs if "loss" in r]
     last = evals[-1] if evals and train and evals[-1]["step"] == train[-1]["step"] else {}
-    return {
+    out = {
         "final_heldout_acceptance": last.get("heldout_acceptance"),
         "workdir": os.path.abspath(workdir),
         "steps": train[-1]["step"] if train else 0,
         "train_minutes": round(train[-1]["train_minutes"], 2) if train else 0.0,
         "final_loss": train[-1]["loss"] if train else None,
-        "heldout_tau_curve": [
-            [r["step"], round(r["train_minutes"], 2), round(r["heldout_tau"], 4)] for r in evals
-        ],
-        # Along the greedy decoding walk (`training.evaluate`; runs that log it).
-        "heldout_decoded_tau_curve": [
-            [r["step"], round(r["train_minutes"], 2), round(r["heldout_decoded_tau"], 4)]
-            for r in evals
-            if "heldout_decoded_tau" in r
-        ],
-        # The same draft evaluated without its calibration MLP (stages that train it).
-        "heldout_tau_nocalib_curve": [
-            [r["step"], round(r["train_minutes"], 2), round(r["heldout_tau_nocalib"], 4)]
-            for r in evals
-            if "heldout_tau_nocalib" in r
-        ],
     }
+    # teacher-forced, along the greedy decoding walk, and without the calibration MLP (stages
+    # that train it), for each held-out set the run logged
+    for prefix in EVAL_SETS.values():
+        for key in ("tau", "decoded_tau", "tau_nocalib"):
+            name = prefix + key
+            if key == "tau" or any(name in r for r in recs):
+                out[name + "_curve"] = [
+                    [r["step"], round(r["train_minutes"], 2), round(r[name], 4)]
+                    for r in recs
+                    if name in r
+                ]
+    return out
 
 
-def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, n: int, workdir: str) -> dict:
-    """Held-out tau of the draft as decoding will use it: rounded to the stored dtype, its head
-    restricted to the first `n` ids of `vocab`. The clean pass is cached in `workdir`."""
+def heldout_summary(
+    cfg, target, tokenizer, dcfg, draft, vocab, n: int, workdir: str, prompt_set: str
+) -> dict:
+    """Held-out tau on `prompt_set` of the draft as decoding will use it: rounded to the stored
+    dtype, its head restricted to the first `n` ids of `vocab`. The clean pass is cached in
+    `workdir`."""
     import jax
     import jax.numpy as jnp
 
@@ -95,13 +102,14 @@ def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, n: int, workdir:
     if vocab is not None and 0 < n < len(vocab):
         stored = tf.restrict_draft_vocab(cfg, target, stored, vocab[:n])
     held = evaluate.heldout_set(
-        cfg, dcfg, target, tokenizer, num_prompts=F.heldout_prompts,
+        cfg, dcfg, target, tokenizer, prompt_set=prompt_set, num_prompts=F.heldout_prompts,
         max_new_tokens=F.heldout_new_tokens, seq_len=512, workdir=workdir,
         cache_dir=os.path.expanduser(F.distill_cache),
     )  # fmt: skip
     res = evaluate.teacher_forced_tau(cfg, dcfg, target, stored, held, use_calibration=True)
     r4 = lambda x: round(float(x), 4)
     return {
+        "prompt_set": prompt_set,
         "prompts": F.heldout_prompts,
         "max_new_tokens": F.heldout_new_tokens,
         "draft_vocab_size": n,
@@ -123,14 +131,18 @@ def main(_):
         F.draft_vocab_size, record.vocab_size, None if vocab is None else len(vocab)
     )
     stages = [stage_summary(w) for w in F.workdirs]
-    heldout = None
-    if F.heldout_prompts > 0:  # before anything is written: a failure leaves no partial output
-        # a training workdir keeps (and reuses) the held-out clean pass; a release dir stays as is
+    heldout = {}  # provenance key ("heldout": HumanEval, "heldout_chat": ShareGPT) -> summary
+    for name in F.heldout_sets if F.heldout_prompts > 0 else ():
+        # before anything is written: a failure leaves no partial output. A training workdir
+        # keeps (and reuses) the held-out clean pass; a release dir stays as it is.
         is_workdir = os.path.isdir(os.path.join(last, "draft_release"))
         with tempfile.TemporaryDirectory() as tmp:
             cache_in = last if is_workdir else tmp
-            heldout = heldout_summary(cfg, params, tokenizer, dcfg, draft, vocab, n_vocab, cache_in)
-        print(f"held-out: tau {heldout['tau']}, decoded tau {heldout['decoded_tau']}")
+            res = heldout_summary(
+                cfg, params, tokenizer, dcfg, draft, vocab, n_vocab, cache_in, name
+            )
+        heldout[EVAL_SETS[name].rstrip("_")] = res
+        print(f"held-out {name}: tau {res['tau']}, decoded tau {res['decoded_tau']}")
     # Flex decoding's prior: the last workdir's held-out acceptance at its final step.
     acceptance = stages[-1]["final_heldout_acceptance"]
     out = release.save_release(
@@ -148,7 +160,8 @@ def main(_):
             "dtype": F.dtype,
         },
         "stages": stages,
-        "heldout": heldout,
+        "heldout": heldout.get("heldout"),
+        "heldout_chat": heldout.get("heldout_chat"),
         "total_train_minutes": round(sum(s["train_minutes"] for s in stages), 2),
         "notes": F.note,
     }

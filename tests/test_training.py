@@ -558,6 +558,9 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
         assert a.read() == b.read()
     with open(out / "provenance.json") as f:
         held = json.load(f)["heldout"]
+    chat = json.load(open(out / "provenance.json"))["heldout_chat"]
+    assert held["prompt_set"] == "humaneval" and chat["prompt_set"] == "sharegpt"
+    assert chat["decoded_steps"] > 0 and chat["tau"] > 1.0
     assert held["prompts"] == 2 and held["draft_vocab_size"] == 8192
     assert held["decoded_steps"] > 0 and held["tau"] > 1.0 and held["decoded_tau"] > 1.0
     assert len(held["decoded_acceptance"]) == len(held["per_position_acceptance"]) == 7
@@ -575,7 +578,8 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "provenance.json") as f:
         prov = json.load(f)
-    assert prov["heldout"] is None and prov["stages"][0]["steps"] == 5
+    assert prov["heldout"] is None and prov["heldout_chat"] is None
+    assert prov["stages"][0]["steps"] == 5
     assert prov["stages"][0]["heldout_tau_curve"] == [[5, 0.5, 1.5]]
     assert prov["stages"][0]["heldout_decoded_tau_curve"] == [[5, 0.5, 1.25]]
     bad = subprocess.run(

@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # > 0: held-out teacher-forced tau every N steps (and at the end)
-    c.eval.num_prompts = 24  # HumanEval prompts (chat template), greedy target responses
+    c.eval.sets = ("humaneval",)  # held-out prompt sets: "humaneval" (code), "sharegpt" (chat)
+    c.eval.num_prompts = 24  # per set (chat template), greedy target responses
     c.eval.max_new_tokens = 96
     c.eval.seq_len = 512
 

@@ -12,10 +12,11 @@ positions is the teacher-forced tau. Decoding visits only some positions: from b
 the next step's bonus sits at p + tau_p, so it takes short steps where drafts fail and jumps over
 the stretches where they succeed. Walking the same runs that way gives `decoded_tau`, exactly the
 tau of greedy decoding with threshold 0 on these responses (tested against the engine), and lower
-than the position mean (SmolLM2's shipped draft: 1.76 against 2.01). `heldout_set` builds the
-sequences from HumanEval prompts (evaluation only: never a training source; a tokenizer-less
-test model gets random token prompts of another seed than its training prompts) and
-`tau_curve_plot` draws tau against training minutes. With the target sharded over a mesh, every
+than the position mean. `heldout_set` builds the sequences from a prompt set of `EVAL_SETS`:
+HumanEval (code; evaluation only, never a training source) or the held-out split of ShareGPT
+(chat; training reads only the other split); a tokenizer-less test model gets random token
+prompts of another seed than its training prompts. `tau_curve_plot` draws every set's tau
+against training minutes. With the target sharded over a mesh, every
 process builds the same held-out set (one SPMD self-distillation) and runs the same sharded
 evaluation; the trainer logs process 0's numbers.
 """
@@ -144,12 +145,17 @@ def _acceptance(runs: np.ndarray, w: int) -> list[float]:
     return (hit / np.maximum(tried, 1)).tolist()
 
 
+# held-out prompt set -> the prefix of its metrics in metrics.jsonl ("heldout_tau", ...)
+EVAL_SETS = {"humaneval": "heldout_", "sharegpt": "heldout_chat_"}
+
+
 def heldout_set(
     cfg,
     dcfg,
     target,
     tokenizer,
     *,
+    prompt_set: str = "humaneval",
     num_prompts: int,
     max_new_tokens: int,
     seq_len: int,
@@ -159,19 +165,24 @@ def heldout_set(
     mesh=None,
     seed: int = 0,
 ) -> dict:
-    """Greedy target responses to HumanEval prompts (chat template), packed, with clean K/V.
-    Without a tokenizer (test models): random token prompts (seed `seed` + 1, so never the
-    training prompts of `seed`). mesh: the target's (self-distillation as one SPMD program)."""
-    from flexdraft_jax.prompts import humaneval_prompts
+    """Greedy target responses to the first `num_prompts` prompts of `prompt_set` (chat
+    template), packed, with clean K/V. Without a tokenizer (test models): random token prompts
+    (seed `seed` + 1, so never the training prompts of `seed`). mesh: the target's
+    (self-distillation as one SPMD program)."""
+    from flexdraft_jax import prompts as prompts_lib
     from flexdraft_jax.training import data as data_lib
 
+    if prompt_set not in EVAL_SETS:
+        raise ValueError(f"unknown held-out set {prompt_set!r} (one of {tuple(EVAL_SETS)})")
     if tokenizer is None:
         top = max(4, min(32, seq_len // 4))
         prompts = data_lib.synthetic_prompts(num_prompts, cfg.vocab_size, 4, top, seed + 1)
     else:
-        prompts = [
-            data_lib.encode_prompt(tokenizer, p, True) for p in humaneval_prompts(num_prompts)
-        ]
+        if prompt_set == "humaneval":
+            texts = prompts_lib.humaneval_prompts(num_prompts)
+        else:
+            texts = prompts_lib.sharegpt_prompts("heldout", num_prompts)
+        prompts = [data_lib.encode_prompt(tokenizer, p, True) for p in texts]
     prompts = [p for p in prompts if len(p) + 8 < seq_len]
     responses = data_lib.distill(
         cfg,
@@ -194,7 +205,7 @@ def heldout_set(
         dtype="float32",
         cache_dir=os.path.join(workdir, "clean_cache"),
         ident=ident,
-        name="heldout-",
+        name="heldout-" if prompt_set == "humaneval" else f"heldout-{prompt_set}-",
     )
     return {
         "tokens": packed.tokens,
@@ -206,33 +217,35 @@ def heldout_set(
 
 
 def tau_curve_plot(metrics_path: str, out_png: str) -> None:
-    """Held-out tau against cumulative training minutes, from the workdir's metrics.jsonl."""
+    """Held-out tau against cumulative training minutes, from the workdir's metrics.jsonl: each
+    held-out set in its own colour; teacher-forced with calibration (solid), without (dashed),
+    and along the decoding walk (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts, nocalib, decoded = [], [], []
+    styles = (("tau", "o", "-", ""), ("tau_nocalib", ".", "--", ", without calibration"),
+              ("decoded_tau", "x", ":", ", decoded"))  # fmt: skip
+    curves = {}  # (set, key) -> [(minutes, tau)]
     with open(metrics_path) as f:
         for line in f:
             rec = json.loads(line)
-            for key, out in (
-                ("heldout_tau", pts),
-                ("heldout_tau_nocalib", nocalib),
-                ("heldout_decoded_tau", decoded),
-            ):
-                if key in rec:
-                    out.append((rec["train_minutes"], rec[key]))
-    if not pts:
+            for name, prefix in EVAL_SETS.items():
+                for key, *_ in styles:
+                    if prefix + key in rec:
+                        curves.setdefault((name, key), []).append(
+                            (rec["train_minutes"], rec[prefix + key])
+                        )
+    if not curves:
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(*zip(*pts), marker="o", label="with calibration" if nocalib or decoded else None)
-    if nocalib:
-        ax.plot(*zip(*nocalib), marker=".", linestyle="--", label="without calibration")
-    if decoded:
-        ax.plot(*zip(*decoded), marker="x", linestyle=":", label="decoded (the decoding walk)")
-    if nocalib or decoded:
-        ax.legend()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for colour, name in zip(("C0", "C1"), EVAL_SETS):
+        for key, marker, line, label in styles:
+            if (name, key) in curves:
+                ax.plot(*zip(*curves[name, key]), marker=marker, linestyle=line, color=colour,
+                        label=name + label)  # fmt: skip
+    ax.legend(fontsize=7)
     ax.set_xlabel("training minutes")
     ax.set_ylabel("held-out tau (greedy)")
     ax.grid(alpha=0.3)

@@ -362,15 +362,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
 
     # ---------------------------------------------------------------- held-out tau
     ec = config.get("eval", None)
-    heldout = None
+    heldout = None  # {set name: sequences}
     if ec is not None and ec.every > 0:  # every process: one sharded evaluation, logged by 0
         from flexdraft_jax.training import evaluate
 
-        heldout = evaluate.heldout_set(
+        sets = tuple(ec.get("sets", ("humaneval",)))
+        heldout = {name: evaluate.heldout_set(
             cfg,
             dcfg,
             target,
             tokenizer,
+            prompt_set=name,
             num_prompts=ec.num_prompts,
             max_new_tokens=ec.max_new_tokens,
             seq_len=ec.seq_len,
@@ -379,29 +381,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
             model_id=model_id,
             mesh=mesh,
             seed=config.seed,
-        )
+        ) for name in sets}  # fmt: skip
 
     def eval_record(done, minutes):
         calib = "calibration" in keys
         draft = state["draft"]
         if draft_vocab is not None:  # as decoding will use it
             draft = tf.restrict_draft_vocab(cfg, target, draft, draft_vocab)
-        res = evaluate.teacher_forced_tau(cfg, dcfg, target, draft, heldout, use_calibration=calib)
-        log.info(
-            "step %d: held-out tau %.3f (%d anchors), decoded %.3f",
-            done, res["tau"], res["anchors"], res["decoded_tau"],
-        )  # fmt: skip
-        rec = {
-            "step": done,
-            "train_minutes": minutes,
-            "heldout_tau": res["tau"],
-            "heldout_decoded_tau": res["decoded_tau"],
-            "heldout_acceptance": res["per_position_acceptance"],
-        }
-        if calib:  # the same draft without its calibration MLP: the ablation
-            rec["heldout_tau_nocalib"] = evaluate.teacher_forced_tau(
-                cfg, dcfg, target, draft, heldout, use_calibration=False
-            )["tau"]
+        rec = {"step": done, "train_minutes": minutes}
+        for name, seqs in heldout.items():
+            res = evaluate.teacher_forced_tau(cfg, dcfg, target, draft, seqs, use_calibration=calib)
+            log.info(
+                "step %d: held-out %s tau %.3f (%d anchors), decoded %.3f",
+                done, name, res["tau"], res["anchors"], res["decoded_tau"],
+            )  # fmt: skip
+            pre = evaluate.EVAL_SETS[name]
+            rec[pre + "tau"] = res["tau"]
+            rec[pre + "decoded_tau"] = res["decoded_tau"]
+            rec[pre + "acceptance"] = res["per_position_acceptance"]
+            if calib:  # the same draft without its calibration MLP: the ablation
+                rec[pre + "tau_nocalib"] = evaluate.teacher_forced_tau(
+                    cfg, dcfg, target, draft, seqs, use_calibration=False
+                )["tau"]
         return rec
 
     # ---------------------------------------------------------------- loop
