@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # are ~2 hours, cached per chunk of 256 so distillation can run in pieces.
     c.data.sources = ("sharegpt", "python_stubs", "python_docs")
     c.data.weights = (0.6, 0.3, 0.1)
-    c.data.num_prompts = 4096
+    c.data.num_prompts = 3072
     c.data.max_prompt_tokens = 256
     c.data.max_new_tokens = 128
     c.data.gen_batch_size = 64
