@@ -8,6 +8,7 @@ JSONL "turns" prompts; one subprocess run of launch/benchmark.py on the embedded
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,14 +44,13 @@ def tiny(vocab=64, seed=0, peaky=50.0):
     return cfg, target, dcfg, draft
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_settling_rounds():
-    """Repeat counts here are the planned ones: the settling rounds (timing noise decides them)
-    are tested on their own."""
-    was = harness.SETTLE_ROUNDS
-    harness.SETTLE_ROUNDS = 0
-    yield
-    harness.SETTLE_ROUNDS = was
+# Repeat counts here are the planned ones: the settling rounds (timing noise decides them) are
+# tested on their own.
+PLAN = harness.TimingPlan(settle_rounds=0, profile_repeats=1)
+
+
+def plan(**changes) -> harness.TimingPlan:
+    return dataclasses.replace(PLAN, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def tiny_run(tmp_path_factory):
     modes = ("sequential", "flex", "flex:nocalib")
     res = harness.run_benchmark(
         cfg, target, None, draft, dcfg, PROMPTS, batch_sizes=(1, 3), modes=modes,
-        max_new_tokens=12, output_dir=out, eos_ids=(), profile_repeats=1, repeats=2,
+        max_new_tokens=12, output_dir=out, eos_ids=(), timing=plan(repeats=2),
     )  # fmt: skip
     return res, out, modes
 
@@ -69,22 +69,23 @@ def test_cheap_decodes_are_all_repeated(tiny_run):
     res, _, _ = tiny_run
     for bs in (1, 3):
         rows = [r for r in res["rows"] if r["batch_size"] == bs]
-        for r in rows:  # every decode here is far under harness.SLOW_SECONDS
+        for r in rows:  # every decode here is far under PLAN.slow_seconds
             assert len(r["repeat_seconds"]) == 2
             # Step by step, the row is at least as fast as its fastest whole decodes.
             assert r["batches_timed_stepwise"] == r["num_batches"]
             assert r["tokens_per_s"] >= r["fastest_repeat_tokens_per_s"] * (1 - 1e-9)
 
 
-def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path, monkeypatch):
+def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path):
     cfg, target, dcfg, draft = tiny()
     # (within, keep prefilled states, repeats expected); without keeping, each repeat prefills.
     for within, keep, want in ((0.0, True, 2), (None, True, 3), (None, False, 3)):
-        monkeypatch.setattr(harness, "KEEP_PREFILLED_BYTES", (1 << 40) if keep else 0)
+        timing = plan(repeats=3, repeats_within_seconds=within,
+                      keep_prefilled_bytes=(1 << 40) if keep else 0)  # fmt: skip
         res = harness.run_benchmark(
             cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,), modes=("flex",),
             max_new_tokens=4, output_dir=str(tmp_path / f"{within}{keep}"), eos_ids=(),
-            profile_repeats=1, repeats=3, repeats_within_seconds=within, plots=False,
+            timing=timing, plots=False,
         )  # fmt: skip
         for r in res["rows"]:  # cheap decodes: every mode is repeated
             assert len(r["repeat_seconds"]) == want, (within, r["mode"])
@@ -98,13 +99,26 @@ def test_which_modes_are_repeated():
     not fit in the time allowed stops at two."""
     names = ["ar", "sequential", "parallel", "flex"]
     always = {"ar", "flex"}
+    demo = harness.TimingPlan(repeats=4, repeats_within_seconds=60.0)  # slow: 2.5x and 5 s
+    no_limit = dataclasses.replace(demo, repeats_within_seconds=None)
     first = {"ar": 6.5, "sequential": 20.8, "parallel": 39.8, "flex": 6.6}
-    assert harness._repeated(names, first, always, 4, 60.0) == (["ar", "flex"], ["ar", "flex"])
+    assert harness._repeated(names, first, always, demo) == (["ar", "flex"], ["ar", "flex"])
     burst = dict(first, flex=21.0)
-    assert harness._repeated(names, burst, always, 4, 60.0) == (["ar", "flex"], ["ar"])
-    assert harness._repeated(names, burst, always, 4, None) == (["ar", "flex"], ["ar", "flex"])
-    cheap = {"ar": 1.0, "sequential": 2.4, "parallel": 4.9, "flex": 1.1}  # all under SLOW_SECONDS
-    assert harness._repeated(names, cheap, always, 4, 60.0) == (names, names)
+    assert harness._repeated(names, burst, always, demo) == (["ar", "flex"], ["ar"])
+    assert harness._repeated(names, burst, always, no_limit) == (["ar", "flex"], ["ar", "flex"])
+    cheap = {"ar": 1.0, "sequential": 2.4, "parallel": 4.9, "flex": 1.1}  # all under 5 s
+    assert harness._repeated(names, cheap, always, demo) == (names, names)
+
+
+def test_timing_plan_is_checked_and_split_from_run_keywords():
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        harness.TimingPlan(repeats=0)
+    with pytest.raises(ValueError, match="settle_rounds must be >= 0"):
+        dataclasses.replace(PLAN, settle_rounds=-1)
+    keywords = {"repeats": 4, "profile_seconds": 6.0, "modes": ("ar",), "max_new_tokens": 8}
+    timing, rest = harness.split_timing(keywords, PLAN)
+    assert timing == dataclasses.replace(PLAN, repeats=4, profile_seconds=6.0)
+    assert rest == {"modes": ("ar",), "max_new_tokens": 8}
 
 
 def test_settling_repeat_is_one_that_cut_the_stepwise_time():
@@ -124,33 +138,29 @@ def test_settling_repeat_is_one_that_cut_the_stepwise_time():
     assert not acc.settling(0.0) and acc.repeats() == 3
 
 
-def test_ar_and_flex_are_timed_again_while_settling(tmp_path, monkeypatch):
-    """Extra rounds (up to SETTLE_ROUNDS) for AR and flex only, while their latest repeat still
+def test_ar_and_flex_are_timed_again_while_settling(tmp_path):
+    """Extra rounds (up to `settle_rounds`) for AR and flex only, while their latest repeat still
     cut their step-wise time; none when it did not."""
     cfg, target, dcfg, draft = tiny()
-    monkeypatch.setattr(harness, "SETTLE_ROUNDS", 2)
     for by, extra in ((-1.0, 2), (1.0, 0)):  # -1: every repeat "cuts"; 1: none can
-        monkeypatch.setattr(harness, "SETTLE_BY", by)
         res = harness.run_benchmark(
             cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,),
             modes=("flex", "sequential"), max_new_tokens=4, output_dir=str(tmp_path / str(by)),
-            eos_ids=(), profile_repeats=1, repeats=2, plots=False,
+            eos_ids=(), timing=plan(repeats=2, settle_rounds=2, settle_by=by), plots=False,
         )  # fmt: skip
         got = {r["mode"]: len(r["repeat_seconds"]) for r in res["rows"]}
         assert got == {"ar": 2 + extra, "flex": 2 + extra, "sequential": 2}, by
         assert all(r["outputs_match_ar"] and r["batches_timed_stepwise"] for r in res["rows"])
 
 
-def test_repeats_only_for_modes_near_the_fastest(tmp_path, monkeypatch):
+def test_repeats_only_for_modes_near_the_fastest(tmp_path):
     """With no slack at all every speculative mode but flex counts as slow: only AR (the
     baseline) and flex (the subject) are repeated."""
     cfg, target, dcfg, draft = tiny()
-    monkeypatch.setattr(harness, "SLOW_FACTOR", 0.0)
-    monkeypatch.setattr(harness, "SLOW_SECONDS", 0.0)
     res = harness.run_benchmark(
         cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,),
         modes=("flex", "sequential"), max_new_tokens=4, output_dir=str(tmp_path), eos_ids=(),
-        profile_repeats=1, repeats=3, plots=False,
+        timing=plan(repeats=3, slow_factor=0.0, slow_seconds=0.0), plots=False,
     )  # fmt: skip
     got = {r["mode"]: len(r["repeat_seconds"]) for r in res["rows"]}
     assert got == {"ar": 3, "flex": 3, "sequential": 1}
@@ -171,12 +181,13 @@ def test_each_batch_is_prefilled_once_per_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(harness.Decoder, "start", counted)
     batches = [PROMPTS[:2], PROMPTS[2:4], [PROMPTS[4], PROMPTS[0]]]
     for keep in (True, False):
-        monkeypatch.setattr(harness, "KEEP_PREFILLED_BYTES", (1 << 40) if keep else 0)
+        timing = plan(repeats=2, repeats_within_seconds=0.0,
+                      keep_prefilled_bytes=(1 << 40) if keep else 0)  # fmt: skip
         starts.clear()
         res = harness.run_benchmark(
             cfg, target, None, draft, dcfg, PROMPTS, batch_sizes=(2,), modes=("sequential",),
-            max_new_tokens=6, output_dir=str(tmp_path / str(keep)), eos_ids=(),
-            profile_repeats=1, repeats=2, repeats_within_seconds=0.0, plots=False,
+            max_new_tokens=6, output_dir=str(tmp_path / str(keep)), eos_ids=(), timing=timing,
+            plots=False,
         )  # fmt: skip
         assert all(r["outputs_match_ar"] for r in res["rows"])
         for mode in ("ar", "sequential"):
@@ -319,7 +330,7 @@ def test_turns_prompts_through_harness(tmp_path):
     ids = [[1 + (ord(c) % 60) for c in t] for t in texts]  # a stand-in tokenizer
     res = harness.run_benchmark(
         cfg, target, None, draft, dcfg, ids, batch_sizes=(2,), modes=("paper:t=0",),
-        max_new_tokens=6, output_dir=str(tmp_path / "out"), eos_ids=(), profile_repeats=1,
+        max_new_tokens=6, output_dir=str(tmp_path / "out"), eos_ids=(), timing=PLAN,
         plots=False,
     )  # fmt: skip
     assert [r["mode"] for r in res["rows"]] == ["ar", "paper:t=0"]

@@ -107,9 +107,9 @@ def check_decoding(plan: DecodePlan, work_dir: str, deadline: float, log=print) 
         res = harness.run_benchmark(
             cfg, target, None, draft, draft.config, prompts, batch_sizes=(bs,), modes=plan.modes,
             max_new_tokens=plan.max_new_tokens, output_dir=os.path.join(work_dir, f"batch{bs}"),
-            num_prompts=max(bs, plan.min_prompts_per_batch), repeats=plan.repeats,
-            profile_repeats=plan.profile_repeats, profile_seconds=plan.profile_seconds,
-            plots=False, meta={"prompts": source},
+            num_prompts=max(bs, plan.min_prompts_per_batch), plots=False, meta={"prompts": source},
+            timing=harness.TimingPlan(repeats=plan.repeats, profile_repeats=plan.profile_repeats,
+                                      profile_seconds=plan.profile_seconds),
         )  # fmt: skip
         seconds[str(bs)] = time.perf_counter() - t0
         rows += res["rows"]

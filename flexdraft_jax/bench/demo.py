@@ -234,12 +234,13 @@ def run_demo(
             os.remove(stages.path("benchmark"))  # settings changed: measure again
 
         def bench_stage():
+            timing, options = harness.split_timing(bench)
             res = harness.run_benchmark(
                 cfg, target, tok, draft, dcfg, ids, output_dir=out_dir, hf_baseline=hf_baseline,
                 meta={"draft": draft_path or "untrained", "chat": True,
                       "prompts": f"humaneval, the {n} shortest: {pick}",
                       "mesh": pipeline.mesh_name(dmesh)},
-                mesh=dmesh, **bench,
+                mesh=dmesh, timing=timing, **options,
             )  # fmt: skip
             return {"key": key, "results": os.path.join(out_dir, report.RESULTS_FILE),
                     "wall_seconds": res["config"]["wall_seconds"]}  # fmt: skip

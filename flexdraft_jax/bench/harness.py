@@ -7,7 +7,10 @@ tau, per-position acceptance, tokens/s, speedup over AR, whether greedy outputs 
 share of AR's tokens they reproduce, `match_rate_vs_ar`), the flex
 branch counts and the measured step cost of each branch relative to an AR step. Optionally it times
 `transformers` `generate` on the same weights as a peer row (`hf_baseline`). Results go to
-`output_dir` (results.json, plots; the cost profiles too, so a run is self-contained).
+`output_dir` (results.json, plots; the cost profiles too, so a run is self-contained). How it
+times (repeats, settling rounds, step-cost profiles, memory for prefilled batches) is a
+`TimingPlan` passed in; `run_benchmark` reads as the recipe, one part per function: per batch size
+(`_batch_size`) the profile, the warm-up, the timed rounds and the rows, then the report.
 
 Speed is measured on the decode phase: `tokens_per_s` and `speedup_vs_ar` exclude the prefill and
 the first token it yields (identical work in every mode, and with short outputs it would swamp the
@@ -131,34 +134,173 @@ def make_batches(prompts: list, batch_size: int, num_prompts: int | None = None)
     return [cyc[i : i + batch_size] for i in range(0, len(cyc), batch_size)]
 
 
-# ----------------------------------------------------------------------------- aggregation
-
-# Prefilled batches kept for the timed repeats of one batch size (all modes and batches).
-KEEP_PREFILLED_BYTES = 4 << 30
-# AR (the baseline) and flex (the subject) are always repeated. Another mode's later repeats are
-# skipped when its first pass's decode took over SLOW_FACTOR times the fastest mode's and over
-# SLOW_SECONDS: noise cannot change the verdict on it, and it costs minutes at batch 64. (Bursts of
-# load on a shared machine have made one pass 2x slow: a mode cut on such a pass keeps its burst,
-# as flex once did at 0.49x of AR.) Cheap decodes are always repeated.
-SLOW_FACTOR = 2.5
-SLOW_SECONDS = 5.0
-# After the planned repeats, AR and flex are timed again, round by round (up to SETTLE_ROUNDS,
-# started within SETTLE_SECONDS per batch size), while their latest repeat still cut their
-# step-wise decode time by over SETTLE_BY: a burst of load (everything ~2x slow for tens of
-# seconds) once covered all four of flex's repeats at batch 4 while AR had a clean one (0.50x of
-# AR for one and the same AR executable).
-SETTLE_BY = 0.02
-SETTLE_ROUNDS = 4
-SETTLE_SECONDS = 20.0
+# ----------------------------------------------------------------------------- how to time
 
 
-def _repeated(names, first: dict, always, repeats: int, within: float | None) -> tuple:
+@dataclasses.dataclass(frozen=True)
+class TimingPlan:
+    """How the harness times the modes (docs/benchmark.md, "How it times, and why"): override
+    fields with `dataclasses.replace(TimingPlan(), ...)`.
+
+    repeats: timed decodes per batch and mode, all with the same seed (a row counts each step at
+      its fastest repeat: `rows.Acc`).
+    repeats_within_seconds: a mode's third repeat and later run only if `repeats` decodes as long
+      as its first fit in this many seconds (None: no limit): extra precision where it is cheap.
+    slow_factor, slow_seconds: a mode other than AR (the baseline) and flex (the subject) is not
+      repeated when its first decode took over `slow_factor` times the fastest mode's and over
+      `slow_seconds`: noise cannot change the verdict on it, and its repeats cost minutes at large
+      batches. A mode cut on a pass slowed by load keeps that slowness, so AR and flex never are.
+    settle_by, settle_rounds, settle_seconds: after the planned repeats AR and flex are timed
+      again, round by round (up to `settle_rounds`, started within `settle_seconds` per batch
+      size), while their latest repeat still cut their step-wise time by over the fraction
+      `settle_by`: a burst of load can cover all of one mode's repeats and none of the other's.
+    warmup_tokens: the token budget of the warm-up decode that compiles the steps (the budget is
+      traced, so the timed decodes reuse its compilations).
+    profile_repeats, profile_seconds: rounds over the branches when profiling step costs, stopping
+      after `profile_seconds` (`Decoder.measure`).
+    keep_prefilled_bytes: memory for prefilled batches at one batch size (every batch and mode):
+      while they fit, each batch is prefilled once per mode (the warm-up's serve as the first
+      timed pass) and its decode repeated from that state; else every repeat prefills again.
+    """
+
+    repeats: int = 1
+    repeats_within_seconds: float | None = None
+    slow_factor: float = 2.5
+    slow_seconds: float = 5.0
+    settle_by: float = 0.02
+    settle_rounds: int = 4
+    settle_seconds: float = 20.0
+    warmup_tokens: int = 2
+    profile_repeats: int = 5
+    profile_seconds: float | None = None
+    keep_prefilled_bytes: int = 4 << 30
+
+    def __post_init__(self):
+        for name in ("repeats", "warmup_tokens", "profile_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.settle_rounds < 0:
+            raise ValueError(f"settle_rounds must be >= 0, got {self.settle_rounds}")
+
+
+def split_timing(options: dict, base: TimingPlan = TimingPlan()) -> tuple[TimingPlan, dict]:
+    """`options` (run_benchmark keywords, e.g. a config's) as the TimingPlan its timing keys
+    make of `base`, and the other keywords."""
+    names = {f.name for f in dataclasses.fields(TimingPlan)}
+    timing = dataclasses.replace(base, **{k: v for k, v in options.items() if k in names})
+    return timing, {k: v for k, v in options.items() if k not in names}
+
+
+# ----------------------------------------------------------------------------- the run's parts
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Run:
+    """What every batch size of a run shares: the models, the modes, how they decode, the peer."""
+
+    cfg: object
+    target: dict
+    draft: object
+    dcfg: object
+    specs: tuple[ModeSpec, ...]
+    temperature: float
+    max_new_tokens: int
+    cache_len: int
+    eos_ids: object
+    seed: int
+    mesh: object
+    hf_baseline: bool  # the `transformers` peer row, from this checkpoint (None: embedded GGUF)
+    hf_source: str | None
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def ar_name(self) -> str:
+        return next(s.name for s in self.specs if s.mode == "ar")
+
+    @property
+    def always(self) -> list[str]:
+        """The modes always repeated: AR (the baseline) and flex (the subject)."""
+        return [self.ar_name] + [s.name for s in self.specs if s.mode == "flex"]
+
+    def decoder(self, spec: ModeSpec) -> Decoder:
+        return Decoder(
+            self.cfg, self.target, self.draft if spec.mode != "ar" else None, self.dcfg,
+            spec.engine_config(self.temperature), cache_len=spec.cache_len or self.cache_len,
+            eos_ids=self.eos_ids, run=spec.run, mesh=self.mesh,
+        )  # fmt: skip
+
+
+def _mode_specs(modes, threshold: float, use_calibration: bool, draft) -> tuple[ModeSpec, ...]:
+    """The parsed modes, AR first unless given: refused when duplicated, or speculative without
+    a draft."""
+    specs = [parse_mode(m, threshold, use_calibration) for m in modes]
+    if not any(s.mode == "ar" for s in specs):
+        specs.insert(0, parse_mode("ar", threshold, use_calibration))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate modes in {names}")
+    if draft is None and any(s.mode != "ar" for s in specs):
+        raise ValueError("speculative modes need a draft; pass one or benchmark modes=('ar',)")
+    return tuple(specs)
+
+
+def _profiler(run: _Run, decoders: dict) -> Decoder | None:
+    """The decoder to measure step costs with: flex's engine holds every branch (a flex engine
+    of the first mode's settings when no mode is flex); None without a draft."""
+    if run.draft is None:
+        return None
+    dec = next((d for d in decoders.values() if d.ecfg.mode == "flex"), None)
+    if dec is None:
+        ecfg = dataclasses.replace(run.specs[0].engine_config(run.temperature), mode="flex")
+        dec = Decoder(run.cfg, run.target, run.draft, run.dcfg, ecfg, cache_len=run.cache_len,
+                      eos_ids=run.eos_ids, mesh=run.mesh)  # fmt: skip
+    return dec
+
+
+def _profile(prof_dec: Decoder, decoders: dict, bs: int, timing: TimingPlan, before=None):
+    """Every branch forced on a warm state and timed at batch `bs` (each at its faster time
+    against the profile `before`), then used by every decoder: a flex decode reads it."""
+    prof = prof_dec.measure(bs, repeats=timing.profile_repeats, max_seconds=timing.profile_seconds)
+    if before is not None:
+        prof = before.merged(prof)
+    for d in decoders.values():
+        d.use(prof)
+    return prof
+
+
+def _warm_up(run: _Run, decoders: dict, batches: list, bs: int, timing: TimingPlan) -> tuple:
+    """Compile each prompt-width bucket's prefill and every step program (a short decode and
+    `Decoder.precompile` per bucket). The prefill is compiled before it runs and timed without
+    it, so the warm-up's prefilled batches can be the first timed pass's: returns them,
+    {(batch index, mode): Prefilled}, and whether every batch's prefilled state, for every mode,
+    fits in `timing.keep_prefilled_bytes` (then the timed repeats keep theirs too)."""
+    pres, keep, widths = {}, None, {}
+    for i, b in enumerate(batches):
+        widths.setdefault(_width_bucket(b), i)
+    for name in tqdm(run.names, desc=f"batch {bs}: warm-up", leave=False):
+        for i in widths.values():
+            pre = decoders[name].start(batches[i], run.max_new_tokens, seed=run.seed)
+            decoders[name].decode(pre.capped(timing.warmup_tokens), reuse=True)
+            decoders[name].precompile(pre)  # every branch, though the warm-up takes few
+            if keep is None:
+                size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
+                keep = size * len(batches) * len(run.names) <= timing.keep_prefilled_bytes
+            if keep:
+                pres[i, name] = pre
+    return pres, keep
+
+
+def _repeated(names, first: dict, always, timing: TimingPlan) -> tuple:
     """The modes timed again after the first pass (`first`: each mode's first-pass decode
-    seconds), and those timed a third time and later (`repeats` of their decodes fit in `within`
-    seconds, or no limit)."""
-    cut = max(SLOW_FACTOR * min(first.values()), SLOW_SECONDS)
+    seconds), and those timed a third time and later (`timing.repeats` of their decodes fit in
+    `timing.repeats_within_seconds`, or no limit)."""
+    cut = max(timing.slow_factor * min(first.values()), timing.slow_seconds)
     again = [n for n in names if n in always or first[n] <= cut]
-    later = [n for n in again if within is None or repeats * first[n] <= within]
+    within = timing.repeats_within_seconds
+    later = [n for n in again if within is None or timing.repeats * first[n] <= within]
     return again, later
 
 
@@ -175,11 +317,104 @@ def _timed_decode(decoders, pres, keep, max_new_tokens, seed, i, batch, name):
     return gen
 
 
+def _timed_rounds(run: _Run, decoders, batches, pres, keep, bs, timing: TimingPlan) -> dict:
+    """Each mode's `Acc` of its timed decodes: repeat by repeat, modes interleaved batch by
+    batch, so a burst of load from elsewhere (seconds long) rarely covers one step's every
+    repeat. Which modes each round times: `_repeated`, then `_settle`."""
+    names, accs = run.names, {n: Acc() for n in run.names}
+    decode = functools.partial(_timed_decode, decoders, pres, keep, run.max_new_tokens, run.seed)
+    timed = list(names)
+    with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
+        for r in range(timing.repeats):
+            if r == 1:
+                first = {n: accs[n].one_pass()["whole"] for n in names}
+                timed, later = _repeated(names, first, run.always, timing)
+            elif r == 2:
+                timed = later
+            if r > 0:
+                bar.total += len(batches) * len(timed)
+            _round(accs, decode, batches, timed, r, bar)
+        _settle(accs, decode, batches, run.always, timing, bar)
+    pres.clear()
+    return accs
+
+
+def _round(accs, decode, batches, names, r: int, bar) -> None:
+    """Repeat `r` of every batch in each of `names`, mode after mode within a batch."""
+    for i, b in enumerate(batches):
+        for name in names:
+            accs[name].add(decode(i, b, name), repeat=r, batch=i)
+            bar.update()
+
+
+def _settle(accs, decode, batches, always, timing: TimingPlan, bar) -> None:
+    """More rounds of AR and flex while their latest repeat still cut their step-wise time
+    (`Acc.settling`), within `timing.settle_rounds` rounds started in `settle_seconds`."""
+    r, t_settle = timing.repeats, time.perf_counter()
+    settle = [n for n in always if timing.repeats > 1 and accs[n].settling(timing.settle_by)]
+    while (
+        settle
+        and r < timing.repeats + timing.settle_rounds
+        and time.perf_counter() - t_settle < timing.settle_seconds
+    ):
+        bar.total += len(batches) * len(settle)
+        _round(accs, decode, batches, settle, r, bar)
+        settle = [n for n in settle if accs[n].settling(timing.settle_by)]
+        r += 1
+
+
 def _branch_subset(rel: dict, mode: str) -> dict:
     prefixes = {"ar": ("ar",), "sequential": ("seq",), "parallel": ("par",)}.get(mode)
     if prefixes is None:  # flex / paper: every branch (paper uses one kind per batch size)
         return dict(rel)
     return {k: v for k, v in rel.items() if k.startswith(prefixes)}
+
+
+def _rows(run: _Run, accs: dict, ar_row: dict, bs: int, n_batches: int, prof) -> list[dict]:
+    """One row per mode at batch size `bs`: its timing (`Acc.row`), speed against AR's, the
+    match with AR's greedy outputs and the step costs of the branches it can take."""
+    ar_acc, greedy = accs[run.ar_name], run.temperature == 0.0
+    rel = prof.relative() if prof else {"ar1": 1.0}
+    rows = []
+    for spec in run.specs:
+        acc = accs[spec.name]
+        same = greedy and acc.same_outputs(ar_acc.outputs) and ar_acc.same_outputs(ar_acc.outputs)
+        branch_rows = _branch_subset(prof.rows, spec.mode) if prof else {"ar1": (1, 1)}
+        row = acc.row()
+        row.update(
+            mode=spec.name,
+            engine_mode=spec.mode,
+            threshold=spec.threshold,
+            use_calibration=spec.use_calibration,
+            batch_size=bs,
+            temperature=run.temperature,
+            num_batches=n_batches,
+            **speedups(row, ar_row),
+            step_seconds_vs_ar=row["step_seconds"] / max(ar_row["step_seconds"], 1e-12),
+            outputs_match_ar=same if greedy else None,
+            # Share of AR's tokens reproduced before the first difference (`ar.match_rate`):
+            # in bfloat16 two logits can tie within rounding and the decodes part there.
+            match_rate_vs_ar=match_rate(acc.outputs, ar_acc.outputs) if greedy else None,
+            step_cost=_branch_subset(rel, spec.mode),
+            rows_per_branch={k: list(v) for k, v in branch_rows.items()},
+        )
+        rows.append(row)
+    return rows
+
+
+def _step_costs(prof, ar_row: dict) -> dict:
+    """The profile at one batch size as the report keeps it, with the AR engine's own step
+    against the flex engine's forced ar1 branch: the overhead of carrying every branch in one
+    lax.switch (1.0 = none)."""
+    return {
+        "relative": prof.relative(),
+        "seconds": prof.branches,
+        "draft_pass_seconds": prof.draft_pass,
+        "rows": {k: list(v) for k, v in prof.rows.items()},
+        "ar_mode_step_seconds": ar_row["step_seconds"],
+        "flex_ar1_over_ar_mode": prof.branches.get("ar1", float("nan"))
+        / max(ar_row["step_seconds"], 1e-12),
+    }
 
 
 # ----------------------------------------------------------------------------- the run
@@ -199,240 +434,105 @@ def run_benchmark(
     threshold: float = 0.01,
     temperature: float = 0.0,
     use_calibration: bool = True,
+    num_prompts: int | None = None,
+    cache_len: int | None = None,
+    eos_ids=None,
+    seed: int = 0,
+    mesh=None,
+    timing: TimingPlan = TimingPlan(),
     hf_baseline: bool = False,
     hf_source: str | None = None,
     output_dir: str,
-    num_prompts: int | None = None,
-    cache_len: int | None = None,
-    repeats: int = 1,
-    repeats_within_seconds: float | None = None,
-    eos_ids=None,
-    seed: int = 0,
-    profile_repeats: int = 5,
-    profile_seconds: float | None = None,
     meta: dict | None = None,
     plots: bool = True,
-    mesh=None,
 ) -> dict:
     """Benchmark `modes` (AR is always added as the baseline) at each batch size; returns the
     results dict (also written to output_dir/results.json, with plots beside it).
 
-    prompts: token-id lists. `hf_source` is the target checkpoint (None = the embedded GGUF) for
-    the `transformers` peer row. `repeats` timed decodes per batch, all with the same seed
-    (tokens/s: each step at its fastest repeat, see `rows.Acc`); with `repeats_within_seconds`,
-    a mode's repeats after the second run only if `repeats` decodes as long as its first fit in
-    that many seconds (extra precision where decodes are cheap). mesh: every Decoder's
-    (`Decoder`; None: one device)."""
-    from flexdraft_jax.bench import report
-
+    What decodes: prompts (token-id lists, the first `num_prompts`) in `modes`, each with the
+    run's `threshold` and `use_calibration` unless its options say otherwise; mesh: every
+    Decoder's (`Decoder`; None: one device). How it is timed: `timing`. The `transformers` peer
+    row: `hf_baseline`, from the checkpoint `hf_source` (None = the embedded GGUF). Where the
+    results go: `output_dir`, with `meta` added to their config and plots unless `plots=False`."""
     del tokenizer  # prompts arrive encoded; kept in the signature for callers that decode outputs
-    specs = [parse_mode(m, threshold, use_calibration) for m in modes]
-    if not any(s.mode == "ar" for s in specs):
-        specs.insert(0, parse_mode("ar", threshold, use_calibration))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate modes in {names}")
-    ar_name = next(s.name for s in specs if s.mode == "ar")
-    if draft is None and any(s.mode != "ar" for s in specs):
-        raise ValueError("speculative modes need a draft; pass one or benchmark modes=('ar',)")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    specs = _mode_specs(modes, threshold, use_calibration, draft)
     prompts = list(prompts[:num_prompts] if num_prompts else prompts)
-    longest = max(len(p) for p in prompts)
     if cache_len is None:
+        longest = max(len(p) for p in prompts)
         cache_len = _round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+    run = _Run(cfg, target, draft, dcfg, specs, temperature, max_new_tokens, cache_len, eos_ids,
+               seed, mesh, hf_baseline, hf_source)  # fmt: skip
     os.makedirs(output_dir, exist_ok=True)
-    profile_dir = os.path.join(output_dir, "profiles")
-    greedy = temperature == 0.0
-    results = {
-        "config": {
-            "model": repr(cfg),
-            "draft": {"depth": dcfg.depth, "block_size": dcfg.block_size},
-            "batch_sizes": list(batch_sizes),
-            "modes": names,
-            "max_new_tokens": max_new_tokens,
-            "threshold": threshold,
-            "temperature": temperature,
-            "use_calibration": use_calibration,
-            "num_prompts": len(prompts),
-            "cache_len": cache_len,
-            "repeats": repeats,
-            "repeats_within_seconds": repeats_within_seconds,
-            "devices": _devices(),
-            **(meta or {}),
-        },
-        "rows": [],
-        "step_costs": {},
-    }
+    config = _config(run, batch_sizes, len(prompts), threshold, use_calibration, timing, meta)
+    results = {"config": config, "rows": [], "step_costs": {}}
     t_run = time.perf_counter()
     for bs in batch_sizes:
-        batches = make_batches(prompts, bs)
-        decoders = {
-            s.name: Decoder(
-                cfg,
-                target,
-                draft if s.mode != "ar" else None,
-                dcfg,
-                s.engine_config(temperature),
-                cache_len=s.cache_len or cache_len,
-                eos_ids=eos_ids,
-                run=s.run,
-                mesh=mesh,
-            )
-            for s in specs
-        }
-        for d in decoders.values():  # bad prompts fail here, before any profile or compile
-            d.check(prompts, max_new_tokens)
-        # Step costs first (a flex decode reads its profile): every branch forced on a warm state;
-        # the flex engine holds all of them. Measured once per batch size, cached in output_dir.
-        prof = None
-        if draft is not None:
-            prof_dec = next((d for d in decoders.values() if d.ecfg.mode == "flex"), None)
-            if prof_dec is None:
-                ecfg = dataclasses.replace(specs[0].engine_config(temperature), mode="flex")
-                prof_dec = Decoder(
-                    cfg, target, draft, dcfg, ecfg, cache_len=cache_len, eos_ids=eos_ids, mesh=mesh
-                )  # fmt: skip
-            log.info("batch %d: profiling the step cost of each branch", bs)
-            prof = prof_dec.measure(bs, repeats=profile_repeats, max_seconds=profile_seconds)
-            for d in decoders.values():
-                d.use(prof)
-        # Warm-up: compile each prompt-width bucket's prefill and the steps (a short decode per
-        # bucket; max_new_tokens is traced, so the timed decodes reuse these compilations). The
-        # prefill is compiled before it runs and timed without it, so the warm-up's prefilled
-        # batches are the first timed pass's (at batch 64 a prefill takes ~8 s on this CPU),
-        # when every batch's prefilled state, for every mode, fits in KEEP_PREFILLED_BYTES.
-        pres = {}  # (batch index, mode) -> a prefilled batch for the next timed decode
-        keep = None
-        widths = {}
-        for i, b in enumerate(batches):
-            widths.setdefault(_width_bucket(b), i)
-        for name in tqdm(names, desc=f"batch {bs}: warm-up", leave=False):
-            for i in widths.values():
-                pre = decoders[name].start(batches[i], max_new_tokens, seed=seed)
-                decoders[name].decode(pre.capped(2), reuse=True)
-                decoders[name].precompile(pre)  # every branch, though the warm-up takes few
-                if keep is None:
-                    size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
-                    keep = size * len(batches) * len(names) <= KEEP_PREFILLED_BYTES
-                if keep:
-                    pres[i, name] = pre
-        if prof:
-            # Profiled again after the warm-up, each branch at its faster time: on a shared
-            # machine a burst of load lasting seconds can cover a whole profile (seen: every
-            # branch 1.4-2.5x slow at batch 1), rarely two measured a minute apart.
-            again = prof_dec.measure(bs, repeats=profile_repeats, max_seconds=profile_seconds)
-            prof = prof.merged(again)
-            prof.save(os.path.join(profile_dir, f"batch{bs}.json"))
-            for d in decoders.values():
-                d.use(prof)
-        rel = prof.relative() if prof else {"ar1": 1.0}
-        if prof:
-            results["step_costs"][str(bs)] = {
-                "relative": rel,
-                "seconds": prof.branches,
-                "draft_pass_seconds": prof.draft_pass,
-                "rows": {k: list(v) for k, v in prof.rows.items()},
-            }
-        # Timed decodes, repeat by repeat, modes interleaved batch by batch, so a burst of load
-        # from elsewhere (seconds long) rarely covers one step's every repeat. Each batch is
-        # prefilled once per mode (in the warm-up, for the first batch of each width) and its
-        # decode repeated from that state (speed is the decode phase) while the prefilled states
-        # fit in KEEP_PREFILLED_BYTES; else each repeat prefills again. Which modes are repeated:
-        # `_repeated` (AR and flex always; others unless far slower than the fastest; a third
-        # repeat and later only where they fit in `repeats_within_seconds`); then AR and flex
-        # again while they are settling (SETTLE_*).
-        accs = {n: Acc() for n in names}
-        timed = list(names)
-        always = [ar_name] + [s.name for s in specs if s.mode == "flex"]
-        timed_decode = functools.partial(_timed_decode, decoders, pres, keep, max_new_tokens, seed)
-
-        with tqdm(total=len(batches) * len(names), desc=f"batch {bs}: timed", leave=False) as bar:
-            for r in range(repeats):
-                if r == 1:
-                    first = {n: accs[n].one_pass()["whole"] for n in names}
-                    timed, later = _repeated(names, first, always, repeats, repeats_within_seconds)
-                elif r == 2:
-                    timed = later
-                if r > 0:
-                    bar.total += len(batches) * len(timed)
-                for i, b in enumerate(batches):
-                    for name in timed:
-                        accs[name].add(timed_decode(i, b, name), repeat=r, batch=i)
-                        bar.update()
-            r, t_settle = repeats, time.perf_counter()
-            settle = [n for n in always if repeats > 1 and accs[n].settling(SETTLE_BY)]
-            while (
-                settle
-                and r < repeats + SETTLE_ROUNDS
-                and time.perf_counter() - t_settle < SETTLE_SECONDS
-            ):
-                bar.total += len(batches) * len(settle)
-                for i, b in enumerate(batches):
-                    for name in settle:
-                        accs[name].add(timed_decode(i, b, name), repeat=r, batch=i)
-                        bar.update()
-                settle = [n for n in settle if accs[n].settling(SETTLE_BY)]
-                r += 1
-        pres.clear()
-        ar_row = accs[ar_name].row()
-        if prof:
-            # The AR engine's own step against the flex engine's forced ar1 branch: the overhead
-            # of carrying every branch in one lax.switch (1.0 = none).
-            results["step_costs"][str(bs)]["ar_mode_step_seconds"] = ar_row["step_seconds"]
-            results["step_costs"][str(bs)]["flex_ar1_over_ar_mode"] = prof.branches.get(
-                "ar1", float("nan")
-            ) / max(ar_row["step_seconds"], 1e-12)
-        for spec in specs:
-            row = accs[spec.name].row()
-            row.update(
-                mode=spec.name,
-                engine_mode=spec.mode,
-                threshold=spec.threshold,
-                use_calibration=spec.use_calibration,
-                batch_size=bs,
-                temperature=temperature,
-                num_batches=len(batches),
-                **speedups(row, ar_row),
-                step_seconds_vs_ar=row["step_seconds"] / max(ar_row["step_seconds"], 1e-12),
-                outputs_match_ar=accs[spec.name].same_outputs(accs[ar_name].outputs)
-                and accs[ar_name].same_outputs(accs[ar_name].outputs)
-                if greedy
-                else None,
-                # Share of AR's tokens reproduced before the first difference (`ar.match_rate`):
-                # in bfloat16 two logits can tie within rounding and the decodes part there.
-                match_rate_vs_ar=match_rate(accs[spec.name].outputs, accs[ar_name].outputs)
-                if greedy
-                else None,
-                step_cost=_branch_subset(rel, spec.mode),
-                rows_per_branch={
-                    k: list(v) for k, v in _branch_subset(prof.rows, spec.mode).items()
-                }
-                if prof
-                else {"ar1": [1, 1]},
-            )
-            results["rows"].append(row)
-        if hf_baseline:
-            results["rows"].append(
-                hf_row(
-                    hf_source,
-                    batches,
-                    max_new_tokens,
-                    cfg,
-                    eos_ids,
-                    ar_row,
-                    accs[ar_name].outputs if greedy else None,
-                    repeats,
-                    temperature,
-                )
-            )
+        rows, step_costs = _batch_size(run, prompts, bs, timing, output_dir)
+        results["rows"] += rows
+        if step_costs is not None:
+            results["step_costs"][str(bs)] = step_costs
         _log_batch(results["rows"], bs)
     results["config"]["wall_seconds"] = time.perf_counter() - t_run
+    _write_report(results, output_dir, plots)
+    return results
+
+
+def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str) -> tuple:
+    """Every mode at batch size `bs`: step costs profiled, everything compiled, the timed rounds;
+    returns the rows (the peer's last) and the step costs (None without a draft)."""
+    batches = make_batches(prompts, bs)
+    decoders = {s.name: run.decoder(s) for s in run.specs}
+    for d in decoders.values():  # bad prompts fail here, before any profile or compile
+        d.check(prompts, run.max_new_tokens)
+    # Step costs first (a flex decode reads its profile), once more after the warm-up with each
+    # branch at its faster time: a burst of load lasting seconds can cover a whole profile,
+    # rarely two measured a minute apart.
+    prof_dec, prof = _profiler(run, decoders), None
+    if prof_dec is not None:
+        log.info("batch %d: profiling the step cost of each branch", bs)
+        prof = _profile(prof_dec, decoders, bs, timing)
+    pres, keep = _warm_up(run, decoders, batches, bs, timing)
+    if prof is not None:
+        prof = _profile(prof_dec, decoders, bs, timing, before=prof)
+        prof.save(os.path.join(output_dir, "profiles", f"batch{bs}.json"))
+    accs = _timed_rounds(run, decoders, batches, pres, keep, bs, timing)
+    ar_row = accs[run.ar_name].row()
+    rows = _rows(run, accs, ar_row, bs, len(batches), prof)
+    if run.hf_baseline:
+        ar_outputs = accs[run.ar_name].outputs if run.temperature == 0.0 else None
+        rows.append(hf_row(run.hf_source, batches, run.max_new_tokens, run.cfg, run.eos_ids,
+                           ar_row, ar_outputs, timing.repeats, run.temperature))  # fmt: skip
+    return rows, None if prof is None else _step_costs(prof, ar_row)
+
+
+def _config(run: _Run, batch_sizes, n_prompts, threshold, use_calibration, timing, meta) -> dict:
+    """The results' record of what ran, and where (`meta` added last)."""
+    return {
+        "model": repr(run.cfg),
+        "draft": {"depth": run.dcfg.depth, "block_size": run.dcfg.block_size},
+        "batch_sizes": list(batch_sizes),
+        "modes": run.names,
+        "max_new_tokens": run.max_new_tokens,
+        "threshold": threshold,
+        "temperature": run.temperature,
+        "use_calibration": use_calibration,
+        "num_prompts": n_prompts,
+        "cache_len": run.cache_len,
+        "repeats": timing.repeats,
+        "repeats_within_seconds": timing.repeats_within_seconds,
+        "devices": _devices(),
+        **(meta or {}),
+    }
+
+
+def _write_report(results: dict, output_dir: str, plots: bool) -> None:
+    """results.json, then the plots, then results.json again with their paths."""
+    from flexdraft_jax.bench import report
+
     report.write_results(results, output_dir)
     if plots:
         results["plots"] = report.plot_all(results, output_dir)
         report.write_results(results, output_dir)
-    return results
 
 
 def _log_batch(rows, bs):

@@ -131,17 +131,7 @@ class Decoder:
         compilation_cache: str | None = compilation.DEFAULT,
         mesh=None,
     ):
-        if isinstance(draft, dict) and {"vocab", "vocab_size", "acceptance"} & draft.keys():
-            raise ValueError(
-                "draft parameters hold metadata keys (vocab, vocab_size, acceptance): pass a "
-                "models.draft.Draft record with them as fields instead"
-            )
-        record = draft if isinstance(draft, Draft) else Draft(draft, dcfg) if draft else None
-        if record is not None:
-            record.check_target(cfg, target)
-            dcfg = dcfg or record.config  # a DraftConfig given overrides (e.g. the block size)
-        if dcfg is None:
-            raise ValueError("a Decoder without a Draft record needs a DraftConfig (dcfg)")
+        record, dcfg = _draft_record(cfg, target, draft, dcfg)
         cache_len = min(1024, cfg.max_position_embeddings) if cache_len is None else cache_len
         check_cache_len(cfg, cache_len)
         ecfg.sampling.check_vocab(cfg.vocab_size)
@@ -151,20 +141,7 @@ class Decoder:
             )
         if record is None and ecfg.mode != "ar":
             raise ValueError(f"mode {ecfg.mode!r} needs a draft")
-        draft = None if record is None else record.params
-        if record is not None and record.vocab is not None:
-            n = engine.draft_vocab_in_use(
-                ecfg.draft_vocab_size, record.vocab_size, len(record.vocab)
-            )
-            ecfg = dataclasses.replace(ecfg, draft_vocab_size=n)
-            if n:
-                draft = tf.restrict_draft_vocab(cfg, target, draft, record.vocab[:n])
-        if ecfg.alpha_init == "draft":  # the draft's recorded held-out acceptance, else 0.5
-            acceptance = None if record is None else record.acceptance
-            prior = 0.5 if acceptance is None else tuple(acceptance)
-            if isinstance(prior, tuple) and len(prior) != dcfg.block_size - 1:
-                prior = float(np.mean(prior))  # recorded for another block size: its mean
-            ecfg = dataclasses.replace(ecfg, alpha_init=prior)
+        draft, ecfg = _draft_for_engine(cfg, target, record, dcfg, ecfg)
         if mesh is not None:
             target = placement.place_params(cfg, target, mesh)
             draft = placement.place_params(cfg, draft, mesh)
@@ -639,6 +616,42 @@ class Decoder:
         w = self.dcfg.block_size
         rows = {branch_name(b): costs_lib.branch_rows(b, w) for b in st.branches}
         return CostProfile(batch, times, max(refill, 0.0), rows, "measured")
+
+
+def _draft_record(cfg, target, draft, dcfg) -> tuple[Draft | None, DraftConfig]:
+    """`Decoder`'s draft argument as a `Draft` record checked against the target (None for AR),
+    and the DraftConfig in force: `dcfg` when given (e.g. another block size), else the record's."""
+    if isinstance(draft, dict) and {"vocab", "vocab_size", "acceptance"} & draft.keys():
+        raise ValueError(
+            "draft parameters hold metadata keys (vocab, vocab_size, acceptance): pass a "
+            "models.draft.Draft record with them as fields instead"
+        )
+    record = draft if isinstance(draft, Draft) else Draft(draft, dcfg) if draft else None
+    if record is not None:
+        record.check_target(cfg, target)
+        dcfg = dcfg or record.config
+    if dcfg is None:
+        raise ValueError("a Decoder without a Draft record needs a DraftConfig (dcfg)")
+    return record, dcfg
+
+
+def _draft_for_engine(cfg, target, record, dcfg, ecfg) -> tuple[dict | None, engine.EngineConfig]:
+    """The draft parameters the engine runs (restricted to the draft vocabulary in use) and the
+    EngineConfig with what the record resolves: that vocabulary's size and, for
+    `alpha_init="draft"`, the prior acceptance (the record's held-out acceptance, else 0.5)."""
+    draft = None if record is None else record.params
+    if record is not None and record.vocab is not None:
+        n = engine.draft_vocab_in_use(ecfg.draft_vocab_size, record.vocab_size, len(record.vocab))
+        ecfg = dataclasses.replace(ecfg, draft_vocab_size=n)
+        if n:
+            draft = tf.restrict_draft_vocab(cfg, target, draft, record.vocab[:n])
+    if ecfg.alpha_init == "draft":
+        acceptance = None if record is None else record.acceptance
+        prior = 0.5 if acceptance is None else tuple(acceptance)
+        if isinstance(prior, tuple) and len(prior) != dcfg.block_size - 1:
+            prior = float(np.mean(prior))  # recorded for another block size: its mean
+        ecfg = dataclasses.replace(ecfg, alpha_init=prior)
+    return draft, ecfg
 
 
 _POOL = []

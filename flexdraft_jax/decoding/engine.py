@@ -70,14 +70,14 @@ class EngineConfig:
     use_calibration: bool = True
     # The cost model's prior acceptance per draft position. "draft": the held-out acceptance the
     # draft release records (`Decoder` resolves it; 0.5 for a draft without one); a float, or one
-    # per position; None: the prefill drafts' confidence (mean max-probability of each slot), which
-    # overestimated acceptance for an early SmolLM2 drafter (flex 0.61x of AR at batch 4).
+    # per position; None: the prefill drafts' confidence (mean max-probability of each slot),
+    # which is not calibrated and can overstate acceptance, so flex speculates where it loses.
     alpha_init: float | tuple[float, ...] | str | None = "draft"
     # The running estimate of each position's acceptance: (hits + w * prior) / (tries + w), hits
     # and tries discounted by `alpha_decay` every step, AR steps included. Evidence outweighs the
     # prior after w verified positions (a few steps at batch 1, one step at batch 64), and when
     # flex stops speculating its estimate returns to the prior rather than staying at the last,
-    # noisy value (at batch 1, two early rejections froze flex in AR steps for the whole decode).
+    # noisy value: AR steps verify nothing, so a few early rejections would hold flex in AR.
     alpha_decay: float = 0.95
     alpha_prior_weight: float = 8.0
     # How flex picks among speculative branches once it speculates (whether to speculate rests
@@ -85,20 +85,20 @@ class EngineConfig:
     # tokens per sequence from each draft's confidence (its max probability, as for the verify
     # length) times the running ratio of accepted draft positions to the confidence they had
     # (discounted and weighted like the acceptance; 1 until verified positions say otherwise): a
-    # confident block is verified further, a doubtful one less far. (SmolLM2's shipped draft,
-    # batch 1: acceptance of the first draft 0.12-0.24 at confidence 0.1-0.3, 0.85 above 0.9.)
+    # confident block is verified further, a doubtful one less far, since a trained draft's
+    # confidence tracks its acceptance (docs/design.md, "The flex policy").
     # "acceptance": by the running per-position acceptance, the same for every block.
     gain: str = "confidence"
     # flex: after this many AR steps in a row, try speculating again; each probe that does not
     # win doubles the interval (up to 1024 steps), so a losing drafter costs little.
     probe_interval: int = 16
     # ... and never more often than keeps the cost of failed probes under this fraction of the
-    # time: a probe that costs c AR steps waits at least (c - 1) / probe_budget AR steps (at
-    # batch 64 on a 2-core CPU a probe costs ~5 AR steps: one per ~130 steps).
+    # time: a probe that costs c AR steps waits at least (c - 1) / probe_budget AR steps (a probe
+    # of 5 AR steps, as on compute-bound hardware at large batches, at most one per 133 steps).
     probe_budget: float = 0.03
     # flex speculates only when its predicted tokens per second beat AR's by this fraction. The
-    # prediction rests on measured step costs and running acceptance rates, both noisy; a
-    # break-even choice can only lose (batch 4 in one demo: seq4 predicted ~1.0x, ran at 0.95x).
+    # prediction rests on measured step costs and running acceptance rates, both noisy, and a
+    # predicted tie gains nothing when right and loses when wrong.
     spec_margin: float = 0.05
     paper_max_parallel_batch: int = 2  # paper rule: parallel at batch <= this, else sequential
     # Drafts are picked among the first this-many ids of the draft's vocabulary (token ids by
