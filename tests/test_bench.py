@@ -361,8 +361,9 @@ def _run_launch(tmp_path, *extra):
 
 
 def test_launch_benchmark_embedded(tmp_path):  # ~40 s: the real target, end to end
-    stdout, res = _run_launch(tmp_path)
+    stdout, res = _run_launch(tmp_path, "--dataset=sharegpt")
     assert "speedup" in stdout and "step cost" in stdout
+    assert res["config"]["prompts"] == "sharegpt" and res["config"]["chat"] is True
     assert {r["mode"] for r in res["rows"]} == {"ar", "flex"}
     assert all(r["outputs_match_ar"] for r in res["rows"])
 

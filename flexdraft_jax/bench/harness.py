@@ -209,8 +209,8 @@ class _Run:
     eos_ids: object
     seed: int
     mesh: object
-    hf_baseline: bool  # the `transformers` peer row, from this checkpoint (None: embedded GGUF)
-    hf_source: str | None
+    hf_sizes: frozenset  # batch sizes with the `transformers` peer row
+    hf_source: str | None  # its checkpoint (None: the embedded GGUF)
 
     @property
     def names(self) -> list[str]:
@@ -440,7 +440,7 @@ def run_benchmark(
     seed: int = 0,
     mesh=None,
     timing: TimingPlan = TimingPlan(),
-    hf_baseline: bool = False,
+    hf_baseline=False,
     hf_source: str | None = None,
     output_dir: str,
     meta: dict | None = None,
@@ -452,7 +452,8 @@ def run_benchmark(
     What decodes: prompts (token-id lists, the first `num_prompts`) in `modes`, each with the
     run's `threshold` and `use_calibration` unless its options say otherwise; mesh: every
     Decoder's (`Decoder`; None: one device). How it is timed: `timing`. The `transformers` peer
-    row: `hf_baseline`, from the checkpoint `hf_source` (None = the embedded GGUF). Where the
+    row: `hf_baseline` (True: at every batch size; or the batch sizes that get it), from the
+    checkpoint `hf_source` (None = the embedded GGUF). Where the
     results go: `output_dir`, with `meta` added to their config and plots unless `plots=False`."""
     del tokenizer  # prompts arrive encoded; kept in the signature for callers that decode outputs
     specs = _mode_specs(modes, threshold, use_calibration, draft)
@@ -460,8 +461,9 @@ def run_benchmark(
     if cache_len is None:
         longest = max(len(p) for p in prompts)
         cache_len = _round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+    hf_sizes = frozenset(batch_sizes if hf_baseline is True else hf_baseline or ())
     run = _Run(cfg, target, draft, dcfg, specs, temperature, max_new_tokens, cache_len, eos_ids,
-               seed, mesh, hf_baseline, hf_source)  # fmt: skip
+               seed, mesh, hf_sizes, hf_source)  # fmt: skip
     os.makedirs(output_dir, exist_ok=True)
     config = _config(run, batch_sizes, len(prompts), threshold, use_calibration, timing, meta)
     results = {"config": config, "rows": [], "step_costs": {}}
@@ -498,7 +500,7 @@ def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str
     accs = _timed_rounds(run, decoders, batches, pres, keep, bs, timing)
     ar_row = accs[run.ar_name].row()
     rows = _rows(run, accs, ar_row, bs, len(batches), prof)
-    if run.hf_baseline:
+    if bs in run.hf_sizes:
         ar_outputs = accs[run.ar_name].outputs if run.temperature == 0.0 else None
         rows.append(hf_row(run.hf_source, batches, run.max_new_tokens, run.cfg, run.eos_ids,
                            ar_row, ar_outputs, timing.repeats, run.temperature))  # fmt: skip
