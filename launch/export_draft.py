@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flexdraft_jax import pipeline  # noqa: E402
 from flexdraft_jax.checkpoints import release  # noqa: E402
 from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
+from flexdraft_jax.common import write_json_atomic  # noqa: E402
 from flexdraft_jax.decoding.engine import draft_vocab_in_use  # noqa: E402
 from flexdraft_jax.models.draft import target_fingerprint  # noqa: E402
 
@@ -152,10 +153,7 @@ def main(_):
         "total_train_minutes": round(sum(s["train_minutes"] for s in stages), 2),
         "notes": F.note,
     }
-    tmp = os.path.join(out, "provenance.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(prov, f, indent=1)
-    os.replace(tmp, os.path.join(out, "provenance.json"))
+    write_json_atomic(os.path.join(out, "provenance.json"), prov)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)) / 2**20
     print(f"wrote {out} ({size:.1f} MiB)")
 

@@ -10,16 +10,15 @@ Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
-import tempfile
 
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flexdraft_jax import compilation, pipeline  # noqa: E402
+from flexdraft_jax.common import write_json_atomic  # noqa: E402
 from flexdraft_jax.decoding.decoder import Decoder, RunConfig  # noqa: E402
 from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
 from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
@@ -138,12 +137,7 @@ def run(_):
     )
     if F.output_json:
         stats["branch_per_step"] = gen.stats["branch_per_step"]
-        out_dir = os.path.dirname(os.path.abspath(F.output_json))
-        os.makedirs(out_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"generations": records, "stats": stats}, f, indent=1)
-        os.replace(tmp, F.output_json)
+        write_json_atomic(F.output_json, {"generations": records, "stats": stats})
 
 
 if __name__ == "__main__":

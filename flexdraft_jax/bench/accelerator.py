@@ -40,7 +40,7 @@ from flexdraft_jax.bench.decode_check import DecodePlan, Unavailable, check_deco
 from flexdraft_jax.bench.device_train import TrainPlan, train_on_device
 from flexdraft_jax.bench.kernel_check import HeadShape, KernelPlan, check_kernels
 from flexdraft_jax.bench.step_costs import StepCostPlan, TargetShape, measure_step_costs
-from flexdraft_jax.decoding.costs import write_json_atomic
+from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ import time
 
 from flexdraft_jax import pipeline, prompts
 from flexdraft_jax.bench import harness, report
+from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models import precision
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Stages:
         t0 = time.perf_counter()
         summary = dict(fn(*args, **kw) or {})
         summary["stage_seconds"] = time.perf_counter() - t0
-        report.write_json(summary, self.path(name))
+        write_json_atomic(self.path(name), summary)
         log.info("stage %s: done in %.0fs", name, summary["stage_seconds"])
         return summary
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from flexdraft_jax.bench.hf_peer import hf_row
 from flexdraft_jax.bench.rows import Acc, speedups
+from flexdraft_jax.common import round_up
 from flexdraft_jax.decoding import engine
 from flexdraft_jax.decoding.ar import match_rate
 from flexdraft_jax.decoding.decoder import Decoder, RunConfig
@@ -240,7 +241,7 @@ def run_benchmark(
     prompts = list(prompts[:num_prompts] if num_prompts else prompts)
     longest = max(len(p) for p in prompts)
     if cache_len is None:
-        cache_len = _round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+        cache_len = round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
     os.makedirs(output_dir, exist_ok=True)
     profile_dir = os.path.join(output_dir, "profiles")
     greedy = temperature == 0.0
@@ -453,10 +454,6 @@ def _width_bucket(batch) -> int:
     from flexdraft_jax.decoding.ar import bucket
 
     return bucket(max(len(p) for p in batch))
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _devices() -> str:

@@ -35,6 +35,7 @@ from flexdraft_jax.decoding.ar import (
     Generation,
     bucket,
     check_cache_len,
+    check_capacity,
     pad_prompts,
     validate_prompts,
 )
@@ -194,12 +195,7 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lengths = validate_prompts(prompts, self.cfg.vocab_size)
         w = self.dcfg.block_size
-        need = int(lengths.max()) + max_new_tokens + 2 * w
-        if need > self.cache_len:
-            raise ValueError(
-                f"longest prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens})"
-                f" + 2 blocks of {w} = {need} exceeds the KV cache capacity {self.cache_len}"
-            )
+        check_capacity(lengths, max_new_tokens, 2 * w, self.cache_len, f"2 blocks of {w}")
         return lengths
 
     def _prefill_args(self, prompts, max_new_tokens, seed, abstract=False) -> tuple:
