@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import compilation, pipeline, prompts  # noqa: E402
-from flexdraft_jax.bench import harness, report  # noqa: E402
-from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
+from flexdraft_jax import compilation, pipeline, prompts
+from flexdraft_jax.bench import harness, report
+from flexdraft_jax.models.config import MAX_BLOCK_SIZE
 
 F = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")

@@ -13,14 +13,11 @@ Finished stages are recorded in WORKDIR/stages/ and skipped on a rerun. Results:
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import compilation, pipeline  # noqa: E402
-from flexdraft_jax.bench import demo, report  # noqa: E402
+from flexdraft_jax import compilation, pipeline
+from flexdraft_jax.bench import demo, report
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Stage markers, trained drafts, benchmark results.")

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import pipeline  # noqa: E402
-from flexdraft_jax.checkpoints import release  # noqa: E402
-from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
-from flexdraft_jax.common import write_json_atomic  # noqa: E402
-from flexdraft_jax.decoding.engine import draft_vocab_in_use  # noqa: E402
-from flexdraft_jax.models.draft import target_fingerprint  # noqa: E402
+from flexdraft_jax import pipeline
+from flexdraft_jax.checkpoints import release
+from flexdraft_jax.checkpoints.load import load_checkpoint
+from flexdraft_jax.common import write_json_atomic
+from flexdraft_jax.decoding.engine import draft_vocab_in_use
+from flexdraft_jax.models.draft import target_fingerprint
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")

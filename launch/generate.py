@@ -10,19 +10,15 @@ Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipp
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import compilation, pipeline  # noqa: E402
-from flexdraft_jax.common import write_json_atomic  # noqa: E402
-from flexdraft_jax.decoding.decoder import Decoder, RunConfig  # noqa: E402
-from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
-from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
-from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
+from flexdraft_jax import compilation, pipeline
+from flexdraft_jax.common import write_json_atomic
+from flexdraft_jax.decoding.decoder import Decoder, RunConfig
+from flexdraft_jax.decoding.engine import MODES, EngineConfig
+from flexdraft_jax.decoding.sampling import SamplingParams
+from flexdraft_jax.models.config import MAX_BLOCK_SIZE
 
 F = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
