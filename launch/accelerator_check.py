@@ -20,8 +20,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 from absl import app, flags, logging
 
 from flexdraft_jax import compilation
-from flexdraft_jax.bench import accelerator
 from flexdraft_jax.bench.step_costs import FULL_SHAPES
+from flexdraft_jax.recipes import accelerator
 
 F = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Record, tables, plots (and the trained draft).")

@@ -18,9 +18,10 @@ import os
 
 from absl import app, flags, logging
 
-from flexdraft_jax import compilation, pipeline, prompts
+from flexdraft_jax import compilation, prompts
 from flexdraft_jax.bench import harness, report
 from flexdraft_jax.models.config import MAX_BLOCK_SIZE
+from flexdraft_jax.recipes import loading as pipeline
 
 F = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")

@@ -17,12 +17,12 @@ import tempfile
 
 from absl import app, flags
 
-from flexdraft_jax import pipeline
 from flexdraft_jax.checkpoints import release
 from flexdraft_jax.checkpoints.load import load_checkpoint
 from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.decoding.engine import draft_vocab_in_use
 from flexdraft_jax.models.draft import target_fingerprint
+from flexdraft_jax.recipes import loading
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")
@@ -114,7 +114,7 @@ def heldout_summary(cfg, target, tokenizer, dcfg, draft, vocab, n: int, workdir:
 def main(_):
     cfg, params, tokenizer = load_checkpoint(F.checkpoint)
     last = F.workdirs[-1]
-    record = pipeline.load_draft(last, cfg, None)
+    record = loading.load_draft(last, cfg, None)
     record.check_target(cfg, params, last)
     dcfg, draft, vocab, recorded = record.config, record.params, record.vocab, record.acceptance
     n_vocab = draft_vocab_in_use(

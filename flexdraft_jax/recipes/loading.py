@@ -1,4 +1,4 @@
-"""Glue shared by the launch scripts: load a target and a draft, read prompts, build a Decoder.
+"""Loading for the launch scripts, the demo and the notebook: a target, a draft, prompts, a mesh.
 
 load_target(path, dtype, attention_impl) -> (cfg, params as jnp, tokenizer), for decoding in
                                           `dtype` ("auto": bfloat16 on TPU/GPU, float32 on CPU)
@@ -27,7 +27,7 @@ from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import ATTENTION_IMPLS, DraftConfig, ModelConfig
 from flexdraft_jax.models.draft import Draft
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_DRAFT = os.path.join(REPO_ROOT, "drafts", "smollm2_135m")
 
 

@@ -21,10 +21,11 @@ import logging
 import os
 import time
 
-from flexdraft_jax import pipeline, prompts
+from flexdraft_jax import prompts
 from flexdraft_jax.bench import harness, report
 from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models import precision
+from flexdraft_jax.recipes import loading as pipeline
 
 log = logging.getLogger(__name__)
 
