@@ -121,3 +121,37 @@ def sharegpt_prompts(split: str = "train", limit: int | None = None, seed: int =
     if split == "train":
         out = [out[i] for i in np.random.default_rng(seed).permutation(len(out))]
     return out[:limit] if limit else out
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines prompt file, one object a line (blank lines skipped), as
+    {"prompt": str} or {"prompt": str, "response": str}: a line holds a string "prompt" (and
+    optionally a string "response", the answer to train on as is) or a non-empty list "turns"
+    (MT-Bench style: its first turn is the prompt)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            turns = rec.get("turns") if isinstance(rec, dict) else None
+            if isinstance(rec, dict) and not isinstance(rec.get("prompt"), str) and turns:
+                if not isinstance(turns, list):
+                    raise ValueError(f"{path}:{n}: 'turns' must be a list, got {turns!r:.80}")
+                rec = {"prompt": str(turns[0])}
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(
+                    f"{path}:{n}: expected an object with a string 'prompt' or a list of "
+                    f"'turns', got {rec!r:.200}"
+                )
+            if "response" in rec and not isinstance(rec["response"], str):
+                raise ValueError(f"{path}:{n}: 'response' must be a string")
+            out.append({k: rec[k] for k in ("prompt", "response") if k in rec})
+    if not out:
+        raise ValueError(f"prompt file {path} has no records")
+    return out

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 # The 8B shapes at batch 256 need most of the card; JAX takes 75% of it by default.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import compilation  # noqa: E402
-from flexdraft_jax.bench import accelerator  # noqa: E402
-from flexdraft_jax.bench.step_costs import FULL_SHAPES  # noqa: E402
+from flexdraft_jax import compilation
+from flexdraft_jax.bench.step_costs import FULL_SHAPES
+from flexdraft_jax.recipes import accelerator
 
 F = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Record, tables, plots (and the trained draft).")

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import compilation, pipeline, prompts  # noqa: E402
-from flexdraft_jax.bench import harness, report  # noqa: E402
-from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
+from flexdraft_jax import compilation, prompts
+from flexdraft_jax.bench import harness, report
+from flexdraft_jax.models.config import MAX_BLOCK_SIZE
+from flexdraft_jax.recipes import loading
 
 F = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Target: HF directory or .gguf file (default: embedded).")
@@ -77,36 +75,36 @@ flags.DEFINE_float(
     "profile_seconds", None, "Stop profile rounds (after two) once this long.", lower_bound=0.0
 )
 flags.DEFINE_integer("cache_len", None, "KV cache slots (default: fits prompt + output).")
-pipeline.define_decoding_flags()
-flags.adopt_module_key_flags(pipeline)  # list them in --help
+loading.define_decoding_flags()
+flags.adopt_module_key_flags(loading)  # list them in --help
 flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, cost profiles.")
 
 
 def main(_):
-    main_process = pipeline.initialize(F.distributed)
+    main_process = loading.initialize(F.distributed)
     compilation.enable_cache(F.compilation_cache)
     batch_sizes = [int(b) for b in F.batch_sizes]
     if F.prompts_file:
-        texts = pipeline.read_prompts((), F.prompts_file)
+        texts = loading.read_prompts((), F.prompts_file)
     else:
         texts = prompts.benchmark_prompts(F.dataset)
     texts = texts[: F.num_prompts]
-    cfg, target, tok = pipeline.load_target(
+    cfg, target, tok = loading.load_target(
         F.checkpoint, dtype=F.dtype, attention_impl=F.attention_impl
     )
     chat = bool(getattr(tok, "chat_template", None)) if F.chat is None else F.chat
-    draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
+    draft_path = F.draft_checkpoint or loading.shipped_draft(F.checkpoint)
     if draft_path is None:
         logging.warning("no trained draft: using UNTRAINED draft projectors (tau ~1, no speedup)")
-    draft = pipeline.load_draft(
+    draft = loading.load_draft(
         draft_path, cfg, target, depth=F.draft_depth,
         block_size=8 if F.block_size is None else F.block_size,
     )  # fmt: skip
     dcfg = draft.config
     if F.block_size is not None and F.block_size != dcfg.block_size:  # another block size
         dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
-    ids = pipeline.encode(tok, texts, chat)
-    mesh = pipeline.decode_mesh(F.mesh, cfg, target, draft.params, batch=max(batch_sizes),
+    ids = loading.encode(tok, texts, chat)
+    mesh = loading.decode_mesh(F.mesh, cfg, target, draft.params, batch=max(batch_sizes),
                                 cache_len=F.cache_len or 1024)  # fmt: skip
     logging.info(
         "target %s, draft %s, %d prompts, chat=%s, mesh %s",
@@ -114,7 +112,7 @@ def main(_):
         draft_path or "untrained",
         len(ids),
         chat,
-        pipeline.mesh_name(mesh),
+        loading.mesh_name(mesh),
     )
     results = harness.run_benchmark(
         cfg, target, tok, draft, dcfg, ids,
@@ -136,7 +134,7 @@ def main(_):
         meta={"checkpoint": F.checkpoint or "embedded", "draft": draft_path or "untrained",
               "prompts": F.prompts_file or F.dataset, "chat": chat,
               "dtype": str(target["embed"]["embedding"].dtype),
-              "mesh": pipeline.mesh_name(mesh)},
+              "mesh": loading.mesh_name(mesh)},
     )  # fmt: skip
     if main_process:
         print(report.format_table(results))

@@ -13,14 +13,12 @@ Finished stages are recorded in WORKDIR/stages/ and skipped on a rerun. Results:
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import compilation, pipeline  # noqa: E402
-from flexdraft_jax.bench import demo, report  # noqa: E402
+from flexdraft_jax import compilation
+from flexdraft_jax.bench import report
+from flexdraft_jax.recipes import demo, loading
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Stage markers, trained drafts, benchmark results.")
@@ -38,8 +36,8 @@ flags.DEFINE_integer("num_prompts", None, "Override the demo's number of HumanEv
 flags.DEFINE_integer("max_new_tokens", None, "Override the demo's tokens per prompt.")
 flags.DEFINE_list("batch_sizes", None, "Override the demo's batch sizes (default 1,4,16,64).")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers generate on the same weights.")
-pipeline.define_decoding_flags()
-flags.adopt_module_key_flags(pipeline)  # list them in --help
+loading.define_decoding_flags()
+flags.adopt_module_key_flags(loading)  # list them in --help
 flags.mark_flag_as_required("workdir")
 
 

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import pipeline  # noqa: E402
-from flexdraft_jax.checkpoints import release  # noqa: E402
-from flexdraft_jax.checkpoints.load import load_checkpoint  # noqa: E402
-from flexdraft_jax.decoding.engine import draft_vocab_in_use  # noqa: E402
-from flexdraft_jax.models.draft import target_fingerprint  # noqa: E402
-from flexdraft_jax.training.evaluate import EVAL_SETS  # noqa: E402
+from flexdraft_jax.checkpoints import release
+from flexdraft_jax.checkpoints.load import load_checkpoint
+from flexdraft_jax.common import write_json_atomic
+from flexdraft_jax.decoding.engine import draft_vocab_in_use
+from flexdraft_jax.models.draft import target_fingerprint
+from flexdraft_jax.recipes import loading
+from flexdraft_jax.training.evaluate import EVAL_SETS
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")
@@ -124,7 +122,7 @@ def heldout_summary(
 def main(_):
     cfg, params, tokenizer = load_checkpoint(F.checkpoint)
     last = F.workdirs[-1]
-    record = pipeline.load_draft(last, cfg, None)
+    record = loading.load_draft(last, cfg, None)
     record.check_target(cfg, params, last)
     dcfg, draft, vocab, recorded = record.config, record.params, record.vocab, record.acceptance
     n_vocab = draft_vocab_in_use(
@@ -165,10 +163,7 @@ def main(_):
         "total_train_minutes": round(sum(s["train_minutes"] for s in stages), 2),
         "notes": F.note,
     }
-    tmp = os.path.join(out, "provenance.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(prov, f, indent=1)
-    os.replace(tmp, os.path.join(out, "provenance.json"))
+    write_json_atomic(os.path.join(out, "provenance.json"), prov)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)) / 2**20
     print(f"wrote {out} ({size:.1f} MiB)")
 

@@ -10,20 +10,16 @@ Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipp
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import sys
-import tempfile
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import compilation, pipeline  # noqa: E402
-from flexdraft_jax.decoding.decoder import Decoder, RunConfig  # noqa: E402
-from flexdraft_jax.decoding.engine import MODES, EngineConfig  # noqa: E402
-from flexdraft_jax.decoding.sampling import SamplingParams  # noqa: E402
-from flexdraft_jax.models.config import MAX_BLOCK_SIZE  # noqa: E402
+from flexdraft_jax import compilation
+from flexdraft_jax.common import write_json_atomic
+from flexdraft_jax.decoding.decoder import Decoder, RunConfig
+from flexdraft_jax.decoding.engine import MODES, EngineConfig
+from flexdraft_jax.decoding.sampling import SamplingParams
+from flexdraft_jax.models.config import MAX_BLOCK_SIZE
+from flexdraft_jax.recipes import loading
 
 F = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -56,8 +52,8 @@ flags.DEFINE_integer(
     "the size the draft was trained over, as its release records it).",
     lower_bound=0,
 )
-pipeline.define_decoding_flags()
-flags.adopt_module_key_flags(pipeline)  # list them in --help
+loading.define_decoding_flags()
+flags.adopt_module_key_flags(loading)  # list them in --help
 flags.DEFINE_string(
     "profile", "none",
     "Flex's step-cost profile: none (the estimate from bytes and FLOPs, nothing timed), auto "
@@ -76,9 +72,9 @@ flags.DEFINE_string("output_json", None, "Write generations and stats here (atom
 
 
 def run(_):
-    main_process = pipeline.initialize(F.distributed)
+    main_process = loading.initialize(F.distributed)
     compilation.enable_cache(F.compilation_cache)
-    texts = pipeline.read_prompts(F.prompt, F.prompts_file)
+    texts = loading.read_prompts(F.prompt, F.prompts_file)
     sp = SamplingParams(F.temperature, F.top_k, F.top_p)
     ecfg = EngineConfig(
         mode=F.mode,
@@ -87,19 +83,19 @@ def run(_):
         rule=F.verify_rule,
         draft_vocab_size=F.draft_vocab_size,
     )
-    cfg, target, tok = pipeline.load_target(
+    cfg, target, tok = loading.load_target(
         F.checkpoint, dtype=F.dtype, attention_impl=F.attention_impl
     )
-    draft_path = F.draft_checkpoint or pipeline.shipped_draft(F.checkpoint)
-    draft = pipeline.load_draft(
+    draft_path = F.draft_checkpoint or loading.shipped_draft(F.checkpoint)
+    draft = loading.load_draft(
         draft_path, cfg, target, depth=F.draft_depth,
         block_size=8 if F.block_size is None else F.block_size,
     )  # fmt: skip
     dcfg = draft.config
     if F.block_size is not None and F.block_size != dcfg.block_size:  # another block size
         dcfg = dataclasses.replace(dcfg, block_size=F.block_size)
-    ids = pipeline.encode(tok, texts, F.chat)
-    mesh = pipeline.decode_mesh(F.mesh, cfg, target, draft.params, batch=len(ids),
+    ids = loading.encode(tok, texts, F.chat)
+    mesh = loading.decode_mesh(F.mesh, cfg, target, draft.params, batch=len(ids),
                                 cache_len=F.cache_len)  # fmt: skip
     logging.info(
         "target %s, draft %s, %d prompts, %s, attention %s, mesh %s",
@@ -108,7 +104,7 @@ def run(_):
         len(ids),
         target["embed"]["embedding"].dtype,
         cfg.attention_impl,
-        pipeline.mesh_name(mesh),
+        loading.mesh_name(mesh),
     )
     dec = Decoder(
         cfg, target, draft, dcfg, ecfg, cache_len=F.cache_len,
@@ -138,12 +134,7 @@ def run(_):
     )
     if F.output_json:
         stats["branch_per_step"] = gen.stats["branch_per_step"]
-        out_dir = os.path.dirname(os.path.abspath(F.output_json))
-        os.makedirs(out_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"generations": records, "stats": stats}, f, indent=1)
-        os.replace(tmp, F.output_json)
+        write_json_atomic(F.output_json, {"generations": records, "stats": stats})
 
 
 if __name__ == "__main__":

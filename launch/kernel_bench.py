@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from flexdraft_jax.kernels.benchmark import compare  # noqa: E402
-from flexdraft_jax.kernels.blocks import BlockSizes  # noqa: E402
-from flexdraft_jax.models import layouts  # noqa: E402
+from flexdraft_jax.kernels.benchmark import compare
+from flexdraft_jax.kernels.blocks import BlockSizes
+from flexdraft_jax.models import layouts
 
 LAYOUTS = ("causal", "prefill_block", "parallel", "draft_pass", "training")
 F = flags.FLAGS

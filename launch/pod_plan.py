@@ -19,11 +19,9 @@ import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flexdraft_jax import sharding as shd  # noqa: E402
-from flexdraft_jax.decoding import engine, pod_plan  # noqa: E402
-from flexdraft_jax.models.config import DraftConfig, ModelConfig  # noqa: E402
+from flexdraft_jax import sharding as shd
+from flexdraft_jax.decoding import engine, pod_plan
+from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F = flags.FLAGS

@@ -7,13 +7,9 @@ JAX_PROCESS_ID environment variables).
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-# This checkout's package, not whichever one an environment has installed (as the other scripts).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the exported draft.")

@@ -37,4 +37,6 @@ if [ ${#wheels[@]} -gt 0 ]; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+# The package is not pip-installed here: the checkout itself goes on the path.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHONUNBUFFERED=1 exec "$PYTHON" launch/accelerator_check.py "$@"

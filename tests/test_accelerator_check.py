@@ -19,9 +19,10 @@ import time
 import numpy as np
 import pytest
 
-from flexdraft_jax.bench import accelerator, decode_check, step_costs
 from flexdraft_jax.bench import accelerator_report as report
+from flexdraft_jax.bench import step_costs
 from flexdraft_jax.checkpoints import parts, release
+from flexdraft_jax.recipes import accelerator, decode_check
 from flexdraft_jax.training import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,8 +112,8 @@ def test_training_stops_on_time_and_exports_in_parts(dry_run, tmp_path):
     assert os.path.basename(joined) == "model.safetensors"
     with open(copy / "config.json") as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"  # as drafts ship
-    from flexdraft_jax.bench.demo import load_config
     from flexdraft_jax.models.config import ModelConfig
+    from flexdraft_jax.recipes.demo import load_config
 
     model = ModelConfig(**dict(load_config("configs/tiny.py").model.tiny))
     dcfg, params = release.load_release(str(copy), model)
@@ -225,8 +226,8 @@ def test_jobs_that_cannot_fit_are_skipped_with_the_reason():
 
 
 def test_qwen3_8b_shape_is_the_configs():
-    from flexdraft_jax.bench.demo import load_config
     from flexdraft_jax.models.config import ModelConfig
+    from flexdraft_jax.recipes.demo import load_config
 
     tiny = dict(load_config("configs/qwen3_8b.py").model.tiny)
     assert step_costs.QWEN3_8B == ModelConfig(**tiny)

@@ -18,12 +18,12 @@ import jax
 import numpy as np
 import pytest
 
-from flexdraft_jax import pipeline
 from flexdraft_jax.bench import harness, hf_peer, report
 from flexdraft_jax.bench import rows as bench_rows
 from flexdraft_jax.decoding.decoder import RunConfig
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
+from flexdraft_jax.recipes import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [2, 7]]
@@ -324,7 +324,7 @@ def test_turns_prompts_through_harness(tmp_path):
     path = tmp_path / "p.jsonl"
     lines = [{"turns": ["first question", "a follow-up"]}, {"prompt": "plain"}, {"turns": ["q3"]}]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    texts = pipeline.read_prompts((), str(path))
+    texts = loading.read_prompts((), str(path))
     assert texts == ["first question", "plain", "q3"]
     cfg, target, dcfg, draft = tiny()
     ids = [[1 + (ord(c) % 60) for c in t] for t in texts]  # a stand-in tokenizer
@@ -385,7 +385,7 @@ def test_launch_benchmark_turns_file_and_hf_baseline(tmp_path):
 
 
 def test_demo_stages_skip_finished_work(tmp_path):
-    from flexdraft_jax.bench import demo
+    from flexdraft_jax.recipes import demo
 
     stages = demo.Stages(str(tmp_path))
     calls = []
@@ -396,7 +396,7 @@ def test_demo_stages_skip_finished_work(tmp_path):
 
 
 def test_demo_plan_retrain_fits_budget():
-    from flexdraft_jax.bench import demo
+    from flexdraft_jax.recipes import demo
 
     config = demo.load_config("configs/smollm2_135m.py")
     minutes = demo.plan_retrain(config, 40.0)
@@ -448,11 +448,11 @@ def test_rows_time_each_step_at_its_fastest_repeat():
 def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):
     """`--retrain` end to end on the tiny target: distil, attention, calibration; the release it
     returns decodes losslessly; a rerun of the same workdir trains nothing."""
-    from flexdraft_jax.bench import demo
     from flexdraft_jax.checkpoints import release
     from flexdraft_jax.decoding import ar
     from flexdraft_jax.decoding.decoder import Decoder
     from flexdraft_jax.decoding.engine import EngineConfig
+    from flexdraft_jax.recipes import demo
 
     conf = demo.load_config("configs/tiny.py")
     cfg = ModelConfig(**dict(conf.model.tiny))

@@ -301,23 +301,23 @@ def test_bad_input_errors(tiny_llama):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from flexdraft_jax import pipeline
+    from flexdraft_jax.recipes import loading
 
-    return pipeline.load_target(None)
+    return loading.load_target(None)
 
 
 @pytest.mark.parametrize("mode,block_size,threshold", [("flex", 8, 0.01), ("parallel", 4, 0.0)])
 def test_smollm2_untrained_draft_is_lossless(smollm2, mode, block_size, threshold):
-    from flexdraft_jax import pipeline
+    from flexdraft_jax.recipes import loading
 
     cfg, target, tok = smollm2
-    prompts = pipeline.encode(
+    prompts = loading.encode(
         tok,
         ["What is 2+2?", "Write a Python function to add numbers.", "Name three colors.", "Hi"],
         chat=True,
     )
     ref = ar.generate(cfg, target, prompts, 16, eos_ids=())
-    draft = pipeline.load_draft(None, cfg, target, depth=6, block_size=block_size)
+    draft = loading.load_draft(None, cfg, target, depth=6, block_size=block_size)
     dcfg = draft.config
     prof = {
         4: CostProfile(
@@ -857,15 +857,15 @@ def test_smollm2_shipped_draft_equals_ar(smollm2, mode, batch, spc):
     host dispatch, the default on a CPU), 32 greedy tokens: every mode's tokens equal AR's, and
     the drafts are accepted (accepted positions counted, tau well above 1), so the accept paths
     run on the real model."""
-    from flexdraft_jax import pipeline
     from flexdraft_jax.prompts import humaneval_prompts
+    from flexdraft_jax.recipes import loading
 
     cfg, target, tok = smollm2
-    prompts = pipeline.encode(tok, humaneval_prompts(3)[:batch], chat=True)
+    prompts = loading.encode(tok, humaneval_prompts(3)[:batch], chat=True)
     if batch not in _SMOLLM2_AR:  # AR's tokens, once per batch size
         _SMOLLM2_AR[batch] = ar.generate(cfg, target, prompts, 32, eos_ids=())
     ref = _SMOLLM2_AR[batch]
-    draft = pipeline.load_draft(pipeline.shipped_draft(None), cfg, target)
+    draft = loading.load_draft(loading.shipped_draft(None), cfg, target)
     assert draft.target is not None  # the shipped draft names its target, and this is it
     dcfg = draft.config
     # Speculation priced cheap, so flex and paper take speculative branches.

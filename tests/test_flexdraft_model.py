@@ -646,7 +646,7 @@ def test_restricted_draft_vocab_logits_are_the_full_logits_columns(arch):
 
 
 def test_release_stores_the_draft_vocabulary(tmp_path):
-    from flexdraft_jax import pipeline
+    from flexdraft_jax.recipes import loading
 
     cfg = ARCHS["llama"]
     dcfg = DraftConfig(depth=DEPTH, block_size=4, calib_rank=16)
@@ -654,18 +654,18 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
     draft = random_draft(cfg, dcfg, target, 2)
     plain = release.save_release(str(tmp_path / "plain"), cfg, dcfg, draft)
     assert release.load_draft_vocab(plain, cfg) is None
-    assert pipeline.load_draft(plain, cfg, target).vocab is None
+    assert loading.load_draft(plain, cfg, target).vocab is None
     order = np.random.default_rng(0).permutation(cfg.vocab_size).astype(np.int32)
     out = release.save_release(str(tmp_path / "v"), cfg, dcfg, draft, vocab=order)
     np.testing.assert_array_equal(release.load_draft_vocab(out, cfg), order)
-    back = pipeline.load_draft(out, cfg, target)
+    back = loading.load_draft(out, cfg, target)
     np.testing.assert_array_equal(back.vocab, order)
     _assert_trees_equal(jax.tree.map(np.asarray, back.params), draft)
     assert back.vocab_size is None and release.load_draft_vocab_size(out, cfg) is None
     # The number of leading ids the draft was trained over: decoding's default vocabulary.
     sized = release.save_release(str(tmp_path / "s"), cfg, dcfg, draft, vocab=order, vocab_size=9)
     assert release.load_draft_vocab_size(sized, cfg) == 9
-    assert pipeline.load_draft(sized, cfg, target).vocab_size == 9
+    assert loading.load_draft(sized, cfg, target).vocab_size == 9
     for bad, why in (([1, 1, 2], "distinct"), ([cfg.vocab_size], "distinct"), ([], "non-empty")):
         with pytest.raises(ValueError, match=why):
             release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, vocab=np.array(bad))
@@ -679,7 +679,7 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
 def test_release_records_the_held_out_acceptance(tmp_path):
     """The acceptance per draft position a trained draft measured on held-out data travels in
     config.json; `load_draft` returns it for the decoder's cost model."""
-    from flexdraft_jax import pipeline
+    from flexdraft_jax.recipes import loading
 
     cfg = ARCHS["llama"]
     dcfg = DraftConfig(depth=DEPTH, block_size=4, calib_rank=16)
@@ -687,9 +687,9 @@ def test_release_records_the_held_out_acceptance(tmp_path):
     draft = random_draft(cfg, dcfg, target, 2)
     plain = release.save_release(str(tmp_path / "plain"), cfg, dcfg, draft)
     assert release.load_acceptance(plain, 4) is None
-    assert pipeline.load_draft(plain, cfg, target).acceptance is None
+    assert loading.load_draft(plain, cfg, target).acceptance is None
     out = release.save_release(str(tmp_path / "a"), cfg, dcfg, draft, acceptance=[0.6, 0.5, 0.4])
-    back = pipeline.load_draft(out, cfg, target)
+    back = loading.load_draft(out, cfg, target)
     np.testing.assert_allclose(back.acceptance, [0.6, 0.5, 0.4])
     _assert_trees_equal(jax.tree.map(np.asarray, back.params), draft)
     for bad in ([0.6, 0.5], [0.6, 0.5, 1.5], ["x", 1, 2]):
@@ -702,8 +702,8 @@ def test_a_release_names_its_target_and_another_target_is_refused(tmp_path):
     """The release records the fingerprint of the target it was trained for: loading it for the
     same target (in any dtype) works, for another target of the same shape it fails, naming both;
     an older release without the record loads for any target."""
-    from flexdraft_jax import pipeline
     from flexdraft_jax.models.draft import target_fingerprint
+    from flexdraft_jax.recipes import loading
 
     cfg = ARCHS["llama"]
     dcfg = DraftConfig(depth=DEPTH, block_size=4, calib_rank=16)
@@ -714,9 +714,9 @@ def test_a_release_names_its_target_and_another_target_is_refused(tmp_path):
     bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), target)
     assert target_fingerprint(cfg, bf16) == fp
     out = release.save_release(str(tmp_path / "r"), cfg, dcfg, draft, target_fingerprint=fp)
-    assert pipeline.load_draft(out, cfg, target).target == fp
-    assert pipeline.load_draft(out, cfg, bf16).target == fp
+    assert loading.load_draft(out, cfg, target).target == fp
+    assert loading.load_draft(out, cfg, bf16).target == fp
     with pytest.raises(ValueError, match=f"different target.*{fp}"):
-        pipeline.load_draft(out, cfg, other)
+        loading.load_draft(out, cfg, other)
     plain = release.save_release(str(tmp_path / "p"), cfg, dcfg, draft)
-    assert pipeline.load_draft(plain, cfg, other).target is None
+    assert loading.load_draft(plain, cfg, other).target is None

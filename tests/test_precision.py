@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexdraft_jax import pipeline
 from flexdraft_jax.checkpoints import release
 from flexdraft_jax.decoding import ar, engine
 from flexdraft_jax.decoding.decoder import CostProfile, Decoder, RunConfig
 from flexdraft_jax.models import layouts, precision
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
+from flexdraft_jax.recipes import loading
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9], [2, 7]]
 # Two bfloat16 evaluations of one row of the tiny model's logits differ by less than this: its
@@ -130,13 +130,13 @@ def test_load_draft_takes_the_targets_dtype(tmp_path):
     cfg, target, dcfg, draft = tiny()
     dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
     bf16 = precision.cast_params(target, jnp.bfloat16)
-    made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, calib_rank=8).params
+    made = loading.load_draft(None, cfg, bf16, depth=2, block_size=4, calib_rank=8).params
     assert dtypes(made) == {jnp.dtype(jnp.bfloat16)}
-    made = pipeline.load_draft(None, cfg, bf16, depth=2, block_size=4, dtype="float32").params
+    made = loading.load_draft(None, cfg, bf16, depth=2, block_size=4, dtype="float32").params
     assert dtypes(made) == {jnp.dtype(jnp.float32)}
     path = release.save_release(str(tmp_path / "release"), cfg, dcfg, draft, dtype="bfloat16")
-    assert dtypes(pipeline.load_draft(path, cfg, bf16).params) == {jnp.dtype(jnp.bfloat16)}
-    assert dtypes(pipeline.load_draft(path, cfg, None).params) == {jnp.dtype(jnp.float32)}
+    assert dtypes(loading.load_draft(path, cfg, bf16).params) == {jnp.dtype(jnp.bfloat16)}
+    assert dtypes(loading.load_draft(path, cfg, None).params) == {jnp.dtype(jnp.float32)}
 
 
 def test_match_rate_counts_tokens_before_the_first_difference():

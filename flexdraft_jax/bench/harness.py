@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from flexdraft_jax.bench.hf_peer import hf_row
 from flexdraft_jax.bench.rows import Acc, speedups
+from flexdraft_jax.common import round_up
 from flexdraft_jax.decoding import engine
 from flexdraft_jax.decoding.ar import match_rate
 from flexdraft_jax.decoding.decoder import Decoder, RunConfig
@@ -460,7 +461,7 @@ def run_benchmark(
     prompts = list(prompts[:num_prompts] if num_prompts else prompts)
     if cache_len is None:
         longest = max(len(p) for p in prompts)
-        cache_len = _round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+        cache_len = round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
     hf_sizes = frozenset(batch_sizes if hf_baseline is True else hf_baseline or ())
     run = _Run(cfg, target, draft, dcfg, specs, temperature, max_new_tokens, cache_len, eos_ids,
                seed, mesh, hf_sizes, hf_source)  # fmt: skip
@@ -555,10 +556,6 @@ def _width_bucket(batch) -> int:
     from flexdraft_jax.decoding.ar import bucket
 
     return bucket(max(len(p) for p in batch))
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _devices() -> str:

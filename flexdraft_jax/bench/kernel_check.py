@@ -1,5 +1,5 @@
 """The masked-attention kernel against its jnp reference on the device it runs on (accelerator
-check, `bench/accelerator.py`).
+check, `recipes/accelerator.py`).
 
 `check_kernels(plan, deadline)` runs `kernels.pallas_attention.attention` (on a GPU the Triton
 kernel, on a TPU the Mosaic one, compiled for the device; on a CPU the interpreter, which is what

@@ -8,9 +8,9 @@ plot_all(results, dir)       speedup vs batch size, acceptance per draft positio
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+
+from flexdraft_jax.common import write_json_atomic
 
 RESULTS_FILE = "results.json"
 
@@ -79,24 +79,8 @@ def format_step_costs(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(obj, path: str) -> str:
-    """Write JSON atomically (a temporary file in the same directory, then a rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def write_results(results: dict, output_dir: str) -> str:
-    return write_json(results, os.path.join(output_dir, RESULTS_FILE))
+    return write_json_atomic(os.path.join(output_dir, RESULTS_FILE), results)
 
 
 # ----------------------------------------------------------------------------- plots

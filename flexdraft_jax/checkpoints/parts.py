@@ -9,7 +9,8 @@
 
 Used to bring the 98 MB SmolLM2 wheel to a host that takes 64 MiB per transfer, and to bring a
 trained draft (one of its tensors alone is 24 MiB) back through files of at most 16 MiB. Standard
-library only, so an offline host can run it before anything else is installed:
+library only (and the package's stdlib-only `common`), so an offline host can run it before
+anything else is installed:
 
   python -m flexdraft_jax.checkpoints.parts split FILE --part_mib=24 [--out_dir=DIR]
   python -m flexdraft_jax.checkpoints.parts join FILE.parts.json [--dest=PATH]
@@ -23,7 +24,8 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
+
+from flexdraft_jax.common import atomic_path, write_json_atomic
 
 MANIFEST_SUFFIX = ".parts.json"
 _CHUNK = 1 << 20
@@ -70,7 +72,7 @@ def split_file(
             parts.append({"file": part, "bytes": written, "sha256": h.hexdigest()})
     manifest = {"file": name, "bytes": size, "sha256": whole.hexdigest(), "parts": parts}
     mpath = os.path.join(out_dir, name + MANIFEST_SUFFIX)
-    _write_json(mpath, manifest)
+    write_json_atomic(mpath, manifest)
     if remove:
         os.remove(path)
     return mpath
@@ -108,11 +110,9 @@ def join_file(manifest: str, dest: str | None = None, *, remove_parts: bool = Fa
         digest = _sha256(p)
         if digest != rec["sha256"]:
             raise ValueError(f"part {p} has SHA-256 {digest}, the manifest says {rec['sha256']}")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".joining")
-    try:
+    with atomic_path(dest) as tmp:
         whole = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for p in paths:
                 with open(p, "rb") as src:
                     for block in iter(lambda src=src: src.read(_CHUNK), b""):
@@ -123,12 +123,6 @@ def join_file(manifest: str, dest: str | None = None, *, remove_parts: bool = Fa
                 f"joined {m['file']} has SHA-256 {whole.hexdigest()}, the manifest says "
                 f"{m['sha256']}"
             )
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would survive the rename
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     if remove_parts:
         for p in paths:
             os.remove(p)
@@ -156,14 +150,6 @@ def join_folder(folder: str, *, remove_parts: bool = True) -> list[str]:
             if name.endswith(MANIFEST_SUFFIX):
                 out.append(join_file(os.path.join(dirpath, name), remove_parts=remove_parts))
     return out
-
-
-def _write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ pre-tokenizer, special tokens and chat template, so encode/decode match transfor
 
   gguf_tokenizer(path_or_reader) -> TokenizersBackend (a PreTrainedTokenizerBase)
   apply_chat(tokenizer, prompt)   -> the prompt as one user turn, with the generation prompt
+  encode_prompt(tokenizer, prompt, chat) -> token ids of that turn (chat) or of the raw text
 """
 
 from __future__ import annotations
@@ -65,8 +66,21 @@ def apply_chat(tokenizer, prompt: str, system: str | None = None) -> str:
     generation prompt, rendered with the tokenizer's chat template (from the GGUF metadata)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "the tokenizer has no chat template (the GGUF has no tokenizer.chat_template)"
+            "the tokenizer has no chat template (a GGUF without tokenizer.chat_template, or a "
+            "tokenizer_config.json without chat_template): encode the raw text instead "
+            "(chat=False; --nochat; data.chat_template=False)"
         )
     messages = [] if system is None else [{"role": "system", "content": system}]
     messages.append({"role": "user", "content": prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of `prompt` as one user turn rendered by `apply_chat` (chat: the template
+    places the special tokens, so none are added), or of the raw text with the tokenizer's
+    usual special tokens (a BOS where it adds one)."""
+    if tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer: text prompts cannot be encoded")
+    if chat:
+        return list(tokenizer.encode(apply_chat(tokenizer, prompt), add_special_tokens=False))
+    return list(tokenizer.encode(prompt))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax.common import round_up
 from flexdraft_jax.decoding import placement, sampling
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
@@ -43,10 +44,6 @@ def match_rate(tokens: list[list[int]], reference: list[list[int]]) -> float:
         n = next((i for i, (a, b) in enumerate(zip(t, r)) if a != b), min(len(t), len(r)))
         same, total = same + n, total + len(r)
     return same / max(total, 1)
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -95,12 +92,17 @@ def check_cache_len(cfg: ModelConfig, slots: int) -> None:
         )
 
 
-def check_capacity(lengths: np.ndarray, max_new_tokens: int, extra: int, capacity: int) -> None:
+def check_capacity(
+    lengths: np.ndarray, max_new_tokens: int, extra: int, capacity: int, extra_name: str = ""
+) -> None:
+    """Refuse a batch whose longest prompt, `max_new_tokens` and `extra` working slots (named
+    `extra_name` in the error) do not fit a KV cache of `capacity` slots."""
     need = int(lengths.max()) + max_new_tokens + extra
     if need > capacity:
         raise ValueError(
             f"longest prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens})"
-            f" + {extra} working slots = {need} exceeds the KV cache capacity {capacity}"
+            f" + {extra_name or f'{extra} working slots'} = {need} exceeds the KV cache "
+            f"capacity {capacity}"
         )
 
 

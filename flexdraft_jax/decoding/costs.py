@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
 # FLOPs per byte of memory bandwidth, by JAX backend (the estimate's compute-vs-memory balance).
@@ -76,7 +76,9 @@ class CostProfile:
         measured minutes apart, a burst of it rarely covers both)."""
         times = {k: min(v, other.branches.get(k, v)) for k, v in self.branches.items()}
         draft_pass = min(self.draft_pass, other.draft_pass)
-        return CostProfile(self.batch_size, times, draft_pass, dict(self.rows), self.source)
+        return dataclasses.replace(
+            self, branches=times, draft_pass=draft_pass, rows=dict(self.rows)
+        )
 
     def save(self, path: str) -> None:
         """Write as JSON, atomically (a crash leaves the old file or none)."""
@@ -169,16 +171,3 @@ def profile_plan(branches) -> list[tuple[int, str]]:
             after_ar = False
         plan.append((i, "time"))
     return plan
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to `path` through a temporary file in the same directory and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -35,6 +35,7 @@ from flexdraft_jax.decoding.ar import (
     Generation,
     bucket,
     check_cache_len,
+    check_capacity,
     pad_prompts,
     validate_prompts,
 )
@@ -108,7 +109,7 @@ class RunConfig:
 class Decoder:
     """Speculative (or plain AR) decoding of prompt batches with one engine configuration.
 
-    draft: a `Draft` record (`pipeline.load_draft`; its config unless `dcfg` overrides it), bare
+    draft: a `Draft` record (`loading.load_draft`; its config unless `dcfg` overrides it), bare
     draft parameters with their `dcfg`, or None (AR mode). cache_len: KV cache slots per
     sequence, at most the model's max_position_embeddings (None: 1024, or that maximum if less).
     compilation_cache: the persistent compilation cache's directory (`compilation.enable_cache`;
@@ -171,12 +172,7 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lengths = validate_prompts(prompts, self.cfg.vocab_size)
         w = self.dcfg.block_size
-        need = int(lengths.max()) + max_new_tokens + 2 * w
-        if need > self.cache_len:
-            raise ValueError(
-                f"longest prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens})"
-                f" + 2 blocks of {w} = {need} exceeds the KV cache capacity {self.cache_len}"
-            )
+        check_capacity(lengths, max_new_tokens, 2 * w, self.cache_len, f"2 blocks of {w}")
         return lengths
 
     def _prefill_args(self, prompts, max_new_tokens, seed, abstract=False) -> tuple:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flexdraft_jax.common import round_up
 from flexdraft_jax.kernels.mask import RowMeta
 
 CLEAN_KEY_GROUP = -2  # group of a clean key (never equal to a mask row's group >= 0)
@@ -66,10 +67,6 @@ class Tiling(NamedTuple):
     num_k_blocks: int  # cdiv(S, block_k); the last block may be partial (keys are never padded)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -84,7 +81,7 @@ def choose_tiling(backend: str, rows: int, num_keys: int, sizes: BlockSizes, dty
             )
         if sizes.block_k % 128:
             raise ValueError(f"TPU block_k must be a multiple of 128, got {sizes.block_k}")
-        bq = min(sizes.block_q, _round_up(rows, sub))
+        bq = min(sizes.block_q, round_up(rows, sub))
         # A key block either covers all keys (any size is legal then) or is lane-aligned.
         bk = num_keys if num_keys <= sizes.block_k else sizes.block_k
     elif backend == "gpu":
@@ -95,7 +92,7 @@ def choose_tiling(backend: str, rows: int, num_keys: int, sizes: BlockSizes, dty
         bk = min(sizes.block_k, max(16, _next_pow2(num_keys)))
     else:
         raise ValueError(f"kernel backend must be 'tpu' or 'gpu', got {backend!r}")
-    rp = _round_up(rows, bq)
+    rp = round_up(rows, bq)
     return Tiling(bq, bk, rows, rp, rp // bq, -(-num_keys // bk))
 
 

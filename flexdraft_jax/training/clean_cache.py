@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from flexdraft_jax.common import atomic_path, round_up
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
 
@@ -161,9 +162,9 @@ def precompute(
     order = first + np.argsort(-lengths[first:], kind="stable")
     for i in tqdm(range(0, n - first, batch_size), desc="clean pass", unit="batch"):
         idx = order[i : i + batch_size]
-        w = min(t, -(-int(lengths[idx].max()) // bucket) * bucket)
+        w = min(t, round_up(int(lengths[idx].max()), bucket))
         start = np.minimum(starts[idx], lengths[idx])
-        rows = min(w, -(-int((lengths[idx] - start).max()) // bucket) * bucket) if topk else 0
+        rows = min(w, round_up(int((lengths[idx] - start).max()), bucket)) if topk else 0
         got = run(target, put(tokens[idx, :w]), put(start.astype(np.int32)), rows)
         got = [placement.to_host(x) for x in got]
         for arr, x in zip(out[:2], got[:2]):
@@ -174,8 +175,7 @@ def precompute(
     if path and jax.process_index() == 0:  # every process computed the same arrays
         os.makedirs(cache_dir, exist_ok=True)
         for kind, arr in zip(_parts(topk), out):
-            tmp = f"{path}.{kind}.tmp.npy"
-            np.save(tmp, arr)
-            os.replace(tmp, f"{path}.{kind}.npy")
+            with atomic_path(f"{path}.{kind}.npy") as tmp:
+                np.save(tmp, arr)
         log.info("clean pass: %s K/V of %d sequences written to %s", dtype, n, path)
     return tuple(out)

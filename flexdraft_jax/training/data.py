@@ -4,10 +4,10 @@ prompt sources   `python_stub_prompts` (signature + docstring stubs parsed from 
                  library's source; `site_stub_prompts`: from installed third-party packages),
                  `python_docs_prompts` (text that ships with Python:
                  `pydoc_data.topics` and standard-library signatures + docstrings via `inspect`;
-                 never the evaluation set), `read_jsonl` (user files of {"prompt"} or
-                 {"prompt", "response"}) and `synthetic_prompts` (random token ids, for
+                 never the evaluation set), `prompts.read_jsonl` (user files of {"prompt"},
+                 {"prompt", "response"} or {"turns"}) and `synthetic_prompts` (random token ids, for
                  tokenizer-less test models)
-tokenization     `encode_prompt` renders one user turn with the tokenizer's chat template
+tokenization     `checkpoints.tokenizer.encode_prompt` renders one user turn with the chat template
 distillation     `distill`: batched greedy generation with `decoding.ar.generate` (prompts sorted
                  by length), cached on disk per chunk of prompts (resumable), atomic writes; on a
                  mesh one SPMD program over the global batch, the same on every process
@@ -28,7 +28,6 @@ import logging
 import os
 import pkgutil
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -36,6 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 from flexdraft_jax import prompts as prompts_lib
+from flexdraft_jax.checkpoints.tokenizer import encode_prompt
+from flexdraft_jax.common import round_up, write_json_atomic
+from flexdraft_jax.prompts import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -211,45 +213,11 @@ def _parse_stubs(roots, skip_dirs, max_stubs: int | None = None) -> list[str]:
     return stubs
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Records {"prompt": str} or {"prompt": str, "response": str} from a JSON-lines file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(
-                    f"{path}:{n}: expected an object with a string 'prompt', got {rec}"
-                )
-            if "response" in rec and not isinstance(rec["response"], str):
-                raise ValueError(f"{path}:{n}: 'response' must be a string")
-            out.append({k: rec[k] for k in ("prompt", "response") if k in rec})
-    if not out:
-        raise ValueError(f"prompt file {path} has no records")
-    return out
-
-
 def synthetic_prompts(num: int, vocab_size: int, min_len: int, max_len: int, seed: int = 0):
     """Random token-id prompts (for test models without a tokenizer)."""
     rng = np.random.default_rng(seed)
     lens = rng.integers(min_len, max_len + 1, size=num)
     return [rng.integers(1, vocab_size, size=n).tolist() for n in lens]
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
-    """One user turn rendered with the tokenizer's chat template (or the raw text)."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; set data.chat_template=False")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return list(tokenizer.encode(prompt))
 
 
 def encode_response(tokenizer, response: str, eos_id: int | None) -> list[int]:
@@ -276,19 +244,6 @@ def params_fingerprint(cfg, params) -> str:
         h.update(f"{jax.tree_util.keystr(path)}{x.shape}{x.dtype}".encode())
         h.update(np.ascontiguousarray(sample).astype(np.float32).tobytes())
     return h.hexdigest()[:16]
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def distill(
@@ -349,7 +304,9 @@ def distill(
             continue
         responses = _distill_chunk(cfg, params, chunk, max_new_tokens, batch_size, eos, bar, mesh)
         if path and pi == 0:
-            _atomic_write_json(path, {"max_new_tokens": max_new_tokens, "responses": responses})
+            write_json_atomic(
+                path, {"max_new_tokens": max_new_tokens, "responses": responses}, indent=None
+            )
         out += responses
     bar.close()
     return out
@@ -544,7 +501,7 @@ class Dataset:
         width = self.seq_len
         if self.length_bucket:
             longest = int(p.lengths[idx].max())
-            width = min(self.seq_len, -(-longest // self.length_bucket) * self.length_bucket)
+            width = min(self.seq_len, round_up(longest, self.length_bucket))
         anchors, valid = sample_anchors(p.loss_mask[idx], p.lengths[idx], self.num_anchors, rng)
         full = {
             "tokens": p.tokens[idx, :width],

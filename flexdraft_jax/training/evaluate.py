@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax.common import atomic_path
 from flexdraft_jax.decoding import placement
 from flexdraft_jax.models import layouts
 from flexdraft_jax.models import transformer as tf
@@ -250,7 +251,6 @@ def tau_curve_plot(metrics_path: str, out_png: str) -> None:
     ax.set_ylabel("held-out tau (greedy)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)

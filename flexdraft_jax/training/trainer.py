@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from flexdraft_jax import sharding as shd
+from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import DraftConfig, ModelConfig
 from flexdraft_jax.training import data as data_lib
@@ -451,9 +452,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
                 if is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                    data_lib._atomic_write_json(
-                        progress_path, {"step": done, "train_minutes": minutes}
-                    )
+                    write_json_atomic(progress_path, {"step": done, "train_minutes": minutes})
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['acc_per_slot'][1]:.3f}")
             if heldout is not None and (done % ec.every == 0 or last):
                 jax.block_until_ready(state)

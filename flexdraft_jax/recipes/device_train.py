@@ -43,7 +43,7 @@ class TrainPlan:
 
 
 def _config(plan: TrainPlan, minutes: float, work_dir: str):
-    from flexdraft_jax.bench.demo import load_config
+    from flexdraft_jax.recipes.demo import load_config
 
     c = load_config(plan.config)
     base = c.data.num_prompts

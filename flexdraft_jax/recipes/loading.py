@@ -1,4 +1,4 @@
-"""Glue shared by the launch scripts: load a target and a draft, read prompts, build a Decoder.
+"""Loading for the launch scripts, the demo and the notebook: a target, a draft, prompts, a mesh.
 
 load_target(path, dtype, attention_impl) -> (cfg, params as jnp, tokenizer), for decoding in
                                           `dtype` ("auto": bfloat16 on TPU/GPU, float32 on CPU)
@@ -12,22 +12,22 @@ decode_mesh(spec, cfg, target, draft)  -> the --mesh a Decoder runs on (None: on
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 
 from flexdraft_jax import compilation
+from flexdraft_jax import prompts as prompts_lib
 from flexdraft_jax import sharding as shd
 from flexdraft_jax.checkpoints.load import load_checkpoint
-from flexdraft_jax.checkpoints.tokenizer import apply_chat
+from flexdraft_jax.checkpoints.tokenizer import encode_prompt
 from flexdraft_jax.models import precision
 from flexdraft_jax.models import transformer as tf
 from flexdraft_jax.models.config import ATTENTION_IMPLS, DraftConfig, ModelConfig
 from flexdraft_jax.models.draft import Draft
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_DRAFT = os.path.join(REPO_ROOT, "drafts", "smollm2_135m")
 
 
@@ -167,37 +167,16 @@ def mesh_name(mesh) -> str:
 
 
 def read_prompts(prompts=(), prompts_file: str | None = None, limit: int | None = None) -> list:
-    """Prompts from flags and/or a JSONL file of {"prompt": ...} or {"turns": [...]} objects."""
+    """Prompts from flags and/or a JSONL file (`prompts.read_jsonl`: "prompt" or the first of
+    "turns" per line)."""
     out = list(prompts or [])
     if prompts_file:
-        if not os.path.exists(prompts_file):
-            raise FileNotFoundError(f"prompts file {prompts_file} does not exist")
-        with open(prompts_file) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{prompts_file}:{n}: not valid JSON ({e})") from e
-                if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                    out.append(obj["prompt"])
-                elif isinstance(obj, dict) and obj.get("turns"):
-                    out.append(str(obj["turns"][0]))
-                else:
-                    raise ValueError(
-                        f'{prompts_file}:{n}: expected an object with "prompt" or "turns"'
-                    )
+        out += [rec["prompt"] for rec in prompts_lib.read_jsonl(prompts_file)]
     if not out:
         raise ValueError("no prompts: give --prompt or --prompts_file")
     return out[:limit] if limit else out
 
 
 def encode(tokenizer, texts, chat: bool) -> list[list[int]]:
-    if tokenizer is None:
-        raise ValueError("this checkpoint has no tokenizer: text prompts cannot be encoded")
-    ids = []
-    for t in texts:
-        s = apply_chat(tokenizer, t) if chat else t
-        ids.append(tokenizer.encode(s, add_special_tokens=not chat))
-    return ids
+    """Each text's ids: one user turn with the chat template (chat), or the raw text."""
+    return [encode_prompt(tokenizer, t, chat) for t in texts]

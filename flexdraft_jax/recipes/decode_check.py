@@ -18,9 +18,9 @@ import time
 
 import jax
 
-from flexdraft_jax import pipeline
 from flexdraft_jax.bench import harness
 from flexdraft_jax.prompts import humaneval_prompts
+from flexdraft_jax.recipes import loading
 
 TINY_VOCAB = 64
 
@@ -52,13 +52,13 @@ def _smollm2(plan: DecodePlan):
         default_gguf_path()
     except FileNotFoundError as e:
         raise Unavailable(f"no SmolLM2 weights: {e}") from e
-    draft_dir = pipeline.shipped_draft(None)
+    draft_dir = loading.shipped_draft(None)
     if draft_dir is None:
-        raise Unavailable(f"no shipped draft at {pipeline.SHIPPED_DRAFT}")
-    cfg, target, tok = pipeline.load_target(
+        raise Unavailable(f"no shipped draft at {loading.SHIPPED_DRAFT}")
+    cfg, target, tok = loading.load_target(
         None, dtype=plan.dtype, attention_impl=plan.attention_impl
     )
-    draft = pipeline.load_draft(draft_dir, cfg, target)
+    draft = loading.load_draft(draft_dir, cfg, target)
     try:
         texts = humaneval_prompts()
         source = "humaneval"
@@ -66,7 +66,7 @@ def _smollm2(plan: DecodePlan):
         from flexdraft_jax.training.data import python_stub_prompts
 
         texts, source = python_stub_prompts(4 * plan.prompts), "python_stubs (training prompts)"
-    ids = pipeline.encode(tok, texts, chat=True)
+    ids = loading.encode(tok, texts, chat=True)
     pick = sorted(sorted(range(len(ids)), key=lambda i: len(ids[i]))[: plan.prompts])
     return cfg, target, draft, [ids[i] for i in pick], f"{source}, the {len(pick)} shortest"
 

@@ -36,12 +36,12 @@ import traceback
 import jax
 
 from flexdraft_jax.bench import accelerator_report as report
-from flexdraft_jax.bench.decode_check import DecodePlan, Unavailable, check_decoding
-from flexdraft_jax.bench.device_train import TrainPlan, train_on_device
 from flexdraft_jax.bench.kernel_check import HeadShape, KernelPlan, check_kernels
 from flexdraft_jax.bench.step_costs import StepCostPlan, TargetShape, measure_step_costs
-from flexdraft_jax.decoding.costs import write_json_atomic
+from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models.config import ModelConfig
+from flexdraft_jax.recipes.decode_check import DecodePlan, Unavailable, check_decoding
+from flexdraft_jax.recipes.device_train import TrainPlan, train_on_device
 
 log = logging.getLogger(__name__)
 

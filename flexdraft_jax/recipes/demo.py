@@ -21,9 +21,11 @@ import logging
 import os
 import time
 
-from flexdraft_jax import pipeline, prompts
+from flexdraft_jax import prompts
 from flexdraft_jax.bench import harness, report
+from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models import precision
+from flexdraft_jax.recipes import loading
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class Stages:
         t0 = time.perf_counter()
         summary = dict(fn(*args, **kw) or {})
         summary["stage_seconds"] = time.perf_counter() - t0
-        report.write_json(summary, self.path(name))
+        write_json_atomic(self.path(name), summary)
         log.info("stage %s: done in %.0fs", name, summary["stage_seconds"])
         return summary
 
@@ -159,7 +161,7 @@ def load_config(config_path: str):
 
     path, _, arg = config_path.partition(":")
     if not os.path.isabs(path):
-        path = os.path.join(pipeline.REPO_ROOT, path)
+        path = os.path.join(loading.REPO_ROOT, path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location("demo_config", path)
@@ -186,43 +188,43 @@ def run_demo(
     """Load the embedded target, get a draft, benchmark; returns the benchmark results.
 
     dtype, attention_impl, mesh: how decoding runs (`precision.DTYPES`, `config.ATTENTION_IMPLS`,
-    `pipeline.decode_mesh`); training (--retrain) always runs in float32."""
+    `loading.decode_mesh`); training (--retrain) always runs in float32."""
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     stages = Stages(workdir)
     log.info("loading the embedded SmolLM2-135M-Instruct")
     load_dtype = "float32" if retrain_draft else dtype
-    cfg, target, tok = pipeline.load_target(None, dtype=load_dtype, attention_impl=attention_impl)
+    cfg, target, tok = loading.load_target(None, dtype=load_dtype, attention_impl=attention_impl)
     if retrain_draft:
         draft_path = retrain(workdir, stages, (cfg, target, tok), config_path, budget_minutes)
         target = precision.cast_params(target, precision.decode_dtype(dtype))
     else:
-        draft_path = pipeline.shipped_draft(None)
+        draft_path = loading.shipped_draft(None)
         if draft_path is None:
             log.warning(
                 "\n%s\nNO SHIPPED DRAFT at %s: benchmarking an UNTRAINED draft (tau ~1, "
                 "speculation cannot pay). Run with --retrain to train one.\n%s",
-                "!" * 78, pipeline.SHIPPED_DRAFT, "!" * 78,
+                "!" * 78, loading.SHIPPED_DRAFT, "!" * 78,
             )  # fmt: skip
-    draft = pipeline.load_draft(draft_path, cfg, target)
+    draft = loading.load_draft(draft_path, cfg, target)
     dcfg = draft.config
     bench = {**DEMO_BENCH, **(bench_overrides or {})}
     n = bench.pop("num_prompts")
     # The n shortest HumanEval prompts: at batch 64 the prefill of long prompts (padded to a
     # power-of-two width) would take most of the demo's time; launch/benchmark.py takes the first n.
     # Chat template on: SmolLM2 is an instruct model and its drafter is trained on chat turns.
-    all_ids = pipeline.encode(tok, prompts.humaneval_prompts(), chat=True)
+    all_ids = loading.encode(tok, prompts.humaneval_prompts(), chat=True)
     pick = sorted(sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))[:n])
     ids = [all_ids[i] for i in pick]
     log.info("HumanEval problems %s (%s tokens)", pick, [len(p) for p in ids])
     sizes = bench.get("batch_sizes", (1,))
-    dmesh = pipeline.decode_mesh(mesh, cfg, target, draft.params, batch=max(sizes))
-    log.info("decoding on %s", pipeline.mesh_name(dmesh))
+    dmesh = loading.decode_mesh(mesh, cfg, target, draft.params, batch=max(sizes))
+    log.info("decoding on %s", loading.mesh_name(dmesh))
     out_dir = os.path.join(workdir, "benchmark")
     key = {k: list(v) if isinstance(v, tuple) else v for k, v in bench.items()}
     key.update(
         draft=draft_path or "untrained", num_prompts=n, hf_baseline=hf_baseline, dtype=dtype,
-        attention_impl=attention_impl, mesh=pipeline.mesh_name(dmesh),
+        attention_impl=attention_impl, mesh=loading.mesh_name(dmesh),
     )  # fmt: skip
     prev = stages.done("benchmark")
     if prev is not None and prev.get("key") == key:
@@ -239,7 +241,7 @@ def run_demo(
                 cfg, target, tok, draft, dcfg, ids, output_dir=out_dir, hf_baseline=hf_baseline,
                 meta={"draft": draft_path or "untrained", "chat": True,
                       "prompts": f"humaneval, the {n} shortest: {pick}",
-                      "mesh": pipeline.mesh_name(dmesh)},
+                      "mesh": loading.mesh_name(dmesh)},
                 mesh=dmesh, timing=timing, **options,
             )  # fmt: skip
             return {"key": key, "results": os.path.join(out_dir, report.RESULTS_FILE),
