@@ -476,3 +476,28 @@ def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):
     monkeypatch.setattr("flexdraft_jax.training.trainer.train", no_training)
     monkeypatch.setattr("flexdraft_jax.training.trainer.build_dataset", no_training)
     assert demo.retrain(wd, demo.Stages(wd), target, "configs/tiny.py", budget) == path
+
+
+def test_demo_benchmarks_code_and_chat_then_skips_them(tmp_path):
+    """The demo on the embedded target and shipped draft, shrunk to one prompt at batch 1: a
+    benchmark per prompt set (every mode on HumanEval, AR and flex on held-out ShareGPT), all
+    outputs equal to AR's; a rerun with the same settings measures nothing again."""
+    from flexdraft_jax.recipes import demo
+
+    over = dict(num_prompts=1, batch_sizes=(1,), max_new_tokens=6, repeats=1, profile_repeats=1)
+    res = demo.run_demo(str(tmp_path), bench_overrides=over, hf_baseline=False)
+    assert set(res) == {"humaneval", "sharegpt", "demo_seconds"}
+    modes = {k: [r["mode"] for r in res[k]["rows"]] for k in ("humaneval", "sharegpt")}
+    assert modes == {
+        "humaneval": ["ar", "sequential", "parallel", "flex"],
+        "sharegpt": ["ar", "flex"],
+    }
+    assert res["sharegpt"]["config"]["prompts"].startswith("sharegpt, the 1 shortest")
+    assert all(r["outputs_match_ar"] for k in modes for r in res[k]["rows"])
+    assert os.path.exists(tmp_path / "benchmark_sharegpt" / report.RESULTS_FILE)
+
+    results = [tmp_path / d / report.RESULTS_FILE for d in ("benchmark", "benchmark_sharegpt")]
+    written = [os.stat(p).st_mtime_ns for p in results]
+    again = demo.run_demo(str(tmp_path), bench_overrides=over, hf_baseline=False)
+    assert again["sharegpt"]["rows"] == res["sharegpt"]["rows"]
+    assert [os.stat(p).st_mtime_ns for p in results] == written  # nothing measured again

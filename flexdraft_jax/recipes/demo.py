@@ -2,7 +2,7 @@
 
   run_demo(workdir, retrain=False, ...)   embedded SmolLM2-135M-Instruct, the shipped draft (or an
                                           untrained one, loudly), the benchmark on the shortest
-                                          HumanEval prompts
+                                          HumanEval prompts and held-out ShareGPT chat turns
   run_demo(workdir, retrain=True, budget_minutes=40)
         distil   training prompts from Python's own documentation, greedy self-distillation
         attention  attention tuning (mask embedding + draft projectors)
@@ -16,6 +16,7 @@ training stages also resume from their own orbax checkpoints when interrupted. T
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -29,11 +30,11 @@ from flexdraft_jax.recipes import loading
 
 log = logging.getLogger(__name__)
 
-# The benchmark a demo runs (sized to ~10 minutes on a shared 2-core CPU; see the report).
+# The benchmark a demo runs on each prompt set (sized to 8 minutes in all on a 2-core CPU).
 DEMO_BENCH = dict(
     num_prompts=4,
     batch_sizes=(1, 4, 16, 64),
-    modes=("ar", "sequential", "parallel", "flex"),
+    modes=None,  # each set's own (DEMO_SETS)
     max_new_tokens=32,
     # Timed decodes per mode and batch size (each step counts at its fastest repeat): a third
     # and fourth for modes whose four decodes fit in a minute (at batch 64: AR and flex).
@@ -44,6 +45,12 @@ DEMO_BENCH = dict(
     profile_repeats=10,
     profile_seconds=6.0,
 )
+# Prompt sets (`prompts.BENCHMARK_SETS`): every mode on code, with the `transformers` peer row
+# at small batch; AR against flex, the mode a user runs, on chat.
+DEMO_SETS = {
+    "humaneval": dict(modes=("ar", "sequential", "parallel", "flex"), hf_batch_sizes=(1, 4)),
+    "sharegpt": dict(modes=("ar", "flex"), hf_batch_sizes=()),
+}
 # Rough rates on a 2-core CPU used to size the retrain stages to the budget; each stage records the
 # rates it achieved in its marker file, so they can be corrected from a real run.
 DISTILL_TOKENS_PER_S = 80.0  # measured: 59.9k tokens in 13 min at batch 64 (shared cores)
@@ -180,15 +187,18 @@ def run_demo(
     budget_minutes: float = 40.0,
     config_path: str = "configs/smollm2_135m.py",
     bench_overrides: dict | None = None,
-    hf_baseline: bool = False,
+    hf_baseline: bool | None = None,
     dtype: str = "auto",
     attention_impl: str = "auto",
     mesh: str | None = "auto",
 ) -> dict:
-    """Load the embedded target, get a draft, benchmark; returns the benchmark results.
+    """Load the embedded target, get a draft, benchmark it on each set of DEMO_SETS; returns
+    {set name: its benchmark results, "demo_seconds": wall time}.
 
-    dtype, attention_impl, mesh: how decoding runs (`precision.DTYPES`, `config.ATTENTION_IMPLS`,
-    `loading.decode_mesh`); training (--retrain) always runs in float32."""
+    hf_baseline: the `transformers` peer row at the set's batch sizes (None: when torch is
+    installed). dtype, attention_impl, mesh: how decoding runs (`precision.DTYPES`,
+    `config.ATTENTION_IMPLS`, `loading.decode_mesh`); training (--retrain) always runs in
+    float32."""
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     stages = Stages(workdir)
@@ -207,48 +217,59 @@ def run_demo(
                 "!" * 78, loading.SHIPPED_DRAFT, "!" * 78,
             )  # fmt: skip
     draft = loading.load_draft(draft_path, cfg, target)
-    dcfg = draft.config
     bench = {**DEMO_BENCH, **(bench_overrides or {})}
-    n = bench.pop("num_prompts")
-    # The n shortest HumanEval prompts: at batch 64 the prefill of long prompts (padded to a
-    # power-of-two width) would take most of the demo's time; launch/benchmark.py takes the first n.
-    # Chat template on: SmolLM2 is an instruct model and its drafter is trained on chat turns.
-    all_ids = loading.encode(tok, prompts.humaneval_prompts(), chat=True)
+    dmesh = loading.decode_mesh(mesh, cfg, target, draft.params, batch=max(bench["batch_sizes"]))
+    log.info("decoding on %s", loading.mesh_name(dmesh))
+    if hf_baseline is None:  # the peer row wherever its library is installed
+        hf_baseline = importlib.util.find_spec("torch") is not None
+    out = {}
+    for name, extra in DEMO_SETS.items():
+        peer = tuple(b for b in extra["hf_batch_sizes"] if b in bench["batch_sizes"])
+        options = dict(bench, modes=bench.get("modes") or extra["modes"])
+        decode = dict(cfg=cfg, target=target, tok=tok, draft=draft, mesh=dmesh)
+        key = dict(
+            draft=draft_path or "untrained", hf_baseline=peer if hf_baseline else (), dtype=dtype,
+            attention_impl=attention_impl, mesh=loading.mesh_name(dmesh),
+        )  # fmt: skip
+        out[name] = _benchmark_set(workdir, stages, name, decode, options, key)
+    out["demo_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _benchmark_set(workdir: str, stages: Stages, name: str, decode: dict, options: dict,
+                   key: dict) -> dict:  # fmt: skip
+    """The benchmark on the `num_prompts` shortest prompts of the set `name` (the stage
+    `benchmark` for HumanEval, `benchmark_NAME` for another set), or its saved results when the
+    stage already ran with the same settings."""
+    stage = "benchmark" if name == "humaneval" else f"benchmark_{name}"
+    out_dir = os.path.join(workdir, stage)
+    options = dict(options)
+    n = options.pop("num_prompts")
+    key = {**{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}, **key}
+    key.update(num_prompts=n, hf_baseline=list(key["hf_baseline"]))
+    prev = stages.done(stage)
+    if prev is not None and prev.get("key") != key:
+        os.remove(stages.path(stage))  # settings changed: measure again
+    # The n shortest prompts: at batch 64 the prefill of long prompts (padded to a power-of-two
+    # width) would take most of the demo's time; launch/benchmark.py takes the first n. Chat
+    # template on: SmolLM2 is an instruct model and its drafter is trained on chat turns.
+    all_ids = loading.encode(decode["tok"], prompts.benchmark_prompts(name), chat=True)
     pick = sorted(sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))[:n])
     ids = [all_ids[i] for i in pick]
-    log.info("HumanEval problems %s (%s tokens)", pick, [len(p) for p in ids])
-    sizes = bench.get("batch_sizes", (1,))
-    dmesh = loading.decode_mesh(mesh, cfg, target, draft.params, batch=max(sizes))
-    log.info("decoding on %s", loading.mesh_name(dmesh))
-    out_dir = os.path.join(workdir, "benchmark")
-    key = {k: list(v) if isinstance(v, tuple) else v for k, v in bench.items()}
-    key.update(
-        draft=draft_path or "untrained", num_prompts=n, hf_baseline=hf_baseline, dtype=dtype,
-        attention_impl=attention_impl, mesh=loading.mesh_name(dmesh),
-    )  # fmt: skip
-    prev = stages.done("benchmark")
-    if prev is not None and prev.get("key") == key:
-        log.info("stage benchmark: already done, reading %s", out_dir)
-        with open(os.path.join(out_dir, report.RESULTS_FILE)) as f:
-            results = json.load(f)
-    else:
-        if prev is not None:
-            os.remove(stages.path("benchmark"))  # settings changed: measure again
+    log.info("%s prompts %s (%s tokens)", name, pick, [len(p) for p in ids])
 
-        def bench_stage():
-            timing, options = harness.split_timing(bench)
-            res = harness.run_benchmark(
-                cfg, target, tok, draft, dcfg, ids, output_dir=out_dir, hf_baseline=hf_baseline,
-                meta={"draft": draft_path or "untrained", "chat": True,
-                      "prompts": f"humaneval, the {n} shortest: {pick}",
-                      "mesh": loading.mesh_name(dmesh)},
-                mesh=dmesh, timing=timing, **options,
-            )  # fmt: skip
-            return {"key": key, "results": os.path.join(out_dir, report.RESULTS_FILE),
-                    "wall_seconds": res["config"]["wall_seconds"]}  # fmt: skip
+    def run():
+        timing, rest = harness.split_timing(options)
+        res = harness.run_benchmark(
+            decode["cfg"], decode["target"], decode["tok"], decode["draft"],
+            decode["draft"].config, ids, output_dir=out_dir, hf_baseline=key["hf_baseline"],
+            meta={"draft": key["draft"], "chat": True, "mesh": key["mesh"],
+                  "prompts": f"{name}, the {n} shortest: {pick}"},
+            mesh=decode["mesh"], timing=timing, **rest,
+        )  # fmt: skip
+        return {"key": key, "results": os.path.join(out_dir, report.RESULTS_FILE),
+                "wall_seconds": res["config"]["wall_seconds"]}  # fmt: skip
 
-        stages.run("benchmark", bench_stage)
-        with open(os.path.join(out_dir, report.RESULTS_FILE)) as f:
-            results = json.load(f)
-    results["demo_seconds"] = time.perf_counter() - t0
-    return results
+    stages.run(stage, run)
+    with open(os.path.join(out_dir, report.RESULTS_FILE)) as f:
+        return json.load(f)
