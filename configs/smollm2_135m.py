@@ -1,12 +1,15 @@
 """SmolLM2-135M-Instruct (the embedded default target), sized for a 2-core CPU (DESIGN §2.5).
 
-D = 6, b = 8 (the baseline's shape); self-distilled greedy responses to HumanEval-shaped function
-stubs parsed from the standard library's source, then to documentation prompts; CE on the greedy
-tokens (which lets the deep-layer clean pass be computed once), early slots weighted.
+D = 6, b = 8 (the baseline's shape); self-distilled greedy responses to a chat and code mix: first
+user turns of ShareGPT conversations (its training split), HumanEval-shaped function stubs parsed
+from the standard library's source, and documentation prompts; CE on the greedy tokens (which lets
+the deep-layer clean pass be computed once), early slots weighted. Held-out tau is logged on
+HumanEval (code) and on the held-out ShareGPT split (chat).
 
-The shipped draft is one joint run (attention + calibration together, this config's stage), which
-may run in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a checkpoint and the
-same command resumes it.
+The shipped draft was made in two runs: this recipe on code alone (stubs and documentation, 6144
+prompts, 3600 steps), then `:finetune`, which continues from that draft on the mix
+(docs/training.md; provenance.json lists both). A run may go in chunks: SIGTERM (or
+`--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
 
@@ -34,10 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.draft.block_size = 8
     c.draft.calib_rank = 256
 
-    # HumanEval-shaped stubs (signature + docstring) parsed from the standard library's source,
-    # then documentation prompts. Greedy generation runs at ~75 tokens/s at batch 64 on 2 cores
-    # (~90-110 response tokens per prompt): 6144 prompts (3534 stubs, then documentation prompts)
-    # are ~2 hours, cached per chunk of 256 so distillation can run in pieces.
+    # Chat, code stubs and documentation prompts in the proportions of `weights`. Greedy
+    # generation of 128-token responses at batch 64 takes about 20 minutes for the 3072 prompts
+    # on 2 cores; it is cached per chunk of 256 prompts, so distillation can run in pieces.
     c.data.sources = ("sharegpt", "python_stubs", "python_docs")
     c.data.weights = (0.6, 0.3, 0.1)
     c.data.num_prompts = 3072
@@ -49,14 +51,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.chat_template = True
 
     c.train.stage = "joint"
-    c.train.steps = 3600  # ~90 minutes at ~1.5 s/step on 2 cores; ~5 epochs of the 6144 responses
+    c.train.steps = 3600  # ~90 minutes at ~1.5 s/step on 2 cores
     c.train.batch_size = 8
     c.train.lr = 1e-3
     c.train.warmup_steps = 100
     c.train.end_lr_ratio = 0.05
     c.train.ce_weight = 1.0
     # CE on the greedy self-distilled tokens. KL to the target's top-16 (kl_weight=1, kl_topk=16,
-    # cached with the clean pass) gave the same held-out tau in a pilot (README, "Pilots").
+    # cached with the clean pass) gave the same held-out tau in a pilot (docs/training.md, "Pilots").
     c.train.kl_weight = 0.0
     c.train.draft_vocab_size = 8192  # drafts over the 8192 most frequent response tokens
     c.train.cache_clean = True  # deep-layer clean K/V computed once (training/clean_cache.py)
