@@ -49,6 +49,11 @@ flags.DEFINE_integer("heldout_new_tokens", 96, "Greedy response tokens per held-
 flags.DEFINE_string(
     "distill_cache", "~/.cache/flexdraft_jax/distill", "Where held-out responses are cached."
 )
+flags.DEFINE_string(
+    "init_provenance", None,
+    "provenance.json of the draft the first workdir started from (its train.init_from): its "
+    "stages are listed first.",
+)  # fmt: skip
 flags.mark_flags_as_required(["workdirs", "output"])
 
 
@@ -129,6 +134,9 @@ def main(_):
         F.draft_vocab_size, record.vocab_size, None if vocab is None else len(vocab)
     )
     stages = [stage_summary(w) for w in F.workdirs]
+    if F.init_provenance:
+        with open(F.init_provenance) as f:
+            stages = json.load(f)["stages"] + stages
     heldout = {}  # provenance key ("heldout": HumanEval, "heldout_chat": ShareGPT) -> summary
     for name in F.heldout_sets if F.heldout_prompts > 0 else ():
         # before anything is written: a failure leaves no partial output. A training workdir

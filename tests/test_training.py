@@ -558,7 +558,7 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
         assert a.read() == b.read()
     with open(out / "provenance.json") as f:
         held = json.load(f)["heldout"]
-    chat = json.load(open(out / "provenance.json"))["heldout_chat"]
+    chat = json.loads((out / "provenance.json").read_text())["heldout_chat"]
     assert held["prompt_set"] == "humaneval" and chat["prompt_set"] == "sharegpt"
     assert chat["decoded_steps"] > 0 and chat["tau"] > 1.0
     assert held["prompts"] == 2 and held["draft_vocab_size"] == 8192
@@ -574,11 +574,15 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
         {"step": 5, "train_minutes": 0.5, "heldout_tau": 1.5, "heldout_decoded_tau": 1.25},
     ]
     (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    proc = subprocess.run(cmd + [f"--workdirs={wd}", "--heldout_prompts=0"], capture_output=True)
+    before = json.loads((src / "provenance.json").read_text())["stages"]
+    extra = [f"--workdirs={wd}", "--heldout_prompts=0", f"--init_provenance={src}/provenance.json"]
+    proc = subprocess.run(cmd + extra, capture_output=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "provenance.json") as f:
         prov = json.load(f)
     assert prov["heldout"] is None and prov["heldout_chat"] is None
+    assert prov["stages"][: len(before)] == before  # the run it started from comes first
+    prov["stages"] = prov["stages"][len(before) :]
     assert prov["stages"][0]["steps"] == 5
     assert prov["stages"][0]["heldout_tau_curve"] == [[5, 0.5, 1.5]]
     assert prov["stages"][0]["heldout_decoded_tau_curve"] == [[5, 0.5, 1.25]]
