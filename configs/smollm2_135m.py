@@ -57,8 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.warmup_steps = 100
     c.train.end_lr_ratio = 0.05
     c.train.ce_weight = 1.0
-    # CE on the greedy self-distilled tokens. KL to the target's top-16 (kl_weight=1, kl_topk=16,
-    # cached with the clean pass) gave the same held-out tau in a pilot (docs/training.md, "Pilots").
+    # CE on the greedy self-distilled tokens. KL to the target's top-16 (kl_weight=1,
+    # kl_topk=16, cached with the clean pass) gave the same held-out tau in a pilot
+    # (docs/training.md, "Pilots").
     c.train.kl_weight = 0.0
     c.train.draft_vocab_size = 8192  # drafts over the 8192 most frequent response tokens
     c.train.cache_clean = True  # deep-layer clean K/V computed once (training/clean_cache.py)

@@ -24,7 +24,7 @@ from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.decoding.engine import draft_vocab_in_use
 from flexdraft_jax.models.draft import target_fingerprint
 from flexdraft_jax.recipes import loading
-from flexdraft_jax.training.evaluate import EVAL_SETS
+from flexdraft_jax.training.evaluate import EVAL_SETS, prior_acceptance
 
 F = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Training workdirs in stage order (the last one is exported).")
@@ -68,7 +68,7 @@ def stage_summary(workdir: str) -> dict:
     train = [r for r in recs if "loss" in r]
     last = evals[-1] if evals and train and evals[-1]["step"] == train[-1]["step"] else {}
     out = {
-        "final_heldout_acceptance": last.get("heldout_acceptance"),
+        "final_heldout_acceptance": prior_acceptance(last) if last else None,
         "workdir": os.path.abspath(workdir),
         "steps": train[-1]["step"] if train else 0,
         "train_minutes": round(train[-1]["train_minutes"], 2) if train else 0.0,
@@ -149,7 +149,8 @@ def main(_):
             )
         heldout[EVAL_SETS[name].rstrip("_")] = res
         print(f"held-out {name}: tau {res['tau']}, decoded tau {res['decoded_tau']}")
-    # Flex decoding's prior: the last workdir's held-out acceptance at its final step.
+    # Flex decoding's prior: the last workdir's held-out acceptance at its final step (the mean
+    # over its held-out sets).
     acceptance = stages[-1]["final_heldout_acceptance"]
     out = release.save_release(
         F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype, vocab=vocab,

@@ -670,3 +670,14 @@ def test_clean_cache_reuses_the_rows_of_a_cached_prefix(tmp_path):
     assert run(other, lens, cache_dir=d, ident="m")[0][1, 0, 0, 0, 0] != 1234.0
     with pytest.raises(ValueError, match="ident"):
         run(toks, lens, cache_dir=d)
+
+
+def test_prior_acceptance_is_the_mean_over_heldout_sets():
+    """The release's acceptance prior: the mean of the held-out sets' per-position acceptance."""
+    from flexdraft_jax.training import evaluate
+
+    code, chat = [0.6, 0.4, 0.2], [0.2, 0.2, 0.0]
+    rec = {"step": 5, "heldout_acceptance": code, "heldout_chat_acceptance": chat}
+    np.testing.assert_allclose(evaluate.prior_acceptance(rec), [0.4, 0.3, 0.1])
+    assert evaluate.prior_acceptance({"heldout_acceptance": code}) == code
+    assert evaluate.prior_acceptance({"step": 5, "loss": 1.0}) is None

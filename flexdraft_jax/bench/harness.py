@@ -210,6 +210,7 @@ class _Run:
     eos_ids: object
     seed: int
     mesh: object
+    profiles: dict  # batch size -> CostProfile given (not measured)
     hf_sizes: frozenset  # batch sizes with the `transformers` peer row
     hf_source: str | None  # its checkpoint (None: the embedded GGUF)
 
@@ -441,6 +442,7 @@ def run_benchmark(
     seed: int = 0,
     mesh=None,
     timing: TimingPlan = TimingPlan(),
+    profiles: dict | None = None,
     hf_baseline=False,
     hf_source: str | None = None,
     output_dir: str,
@@ -452,7 +454,9 @@ def run_benchmark(
 
     What decodes: prompts (token-id lists, the first `num_prompts`) in `modes`, each with the
     run's `threshold` and `use_calibration` unless its options say otherwise; mesh: every
-    Decoder's (`Decoder`; None: one device). How it is timed: `timing`. The `transformers` peer
+    Decoder's (`Decoder`; None: one device). How it is timed: `timing`; `profiles` (batch size ->
+    `costs.CostProfile`) are used instead of measuring step costs at those batch sizes (another
+    prompt set's, measured at the same shapes: batch size and `cache_len`). The `transformers` peer
     row: `hf_baseline` (True: at every batch size; or the batch sizes that get it), from the
     checkpoint `hf_source` (None = the embedded GGUF). Where the
     results go: `output_dir`, with `meta` added to their config and plots unless `plots=False`."""
@@ -464,7 +468,7 @@ def run_benchmark(
         cache_len = round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
     hf_sizes = frozenset(batch_sizes if hf_baseline is True else hf_baseline or ())
     run = _Run(cfg, target, draft, dcfg, specs, temperature, max_new_tokens, cache_len, eos_ids,
-               seed, mesh, hf_sizes, hf_source)  # fmt: skip
+               seed, mesh, dict(profiles or {}), hf_sizes, hf_source)  # fmt: skip
     os.makedirs(output_dir, exist_ok=True)
     config = _config(run, batch_sizes, len(prompts), threshold, use_calibration, timing, meta)
     results = {"config": config, "rows": [], "step_costs": {}}
@@ -490,13 +494,17 @@ def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str
     # Step costs first (a flex decode reads its profile), once more after the warm-up with each
     # branch at its faster time: a burst of load lasting seconds can cover a whole profile,
     # rarely two measured a minute apart.
-    prof_dec, prof = _profiler(run, decoders), None
-    if prof_dec is not None:
+    prof_dec, prof = _profiler(run, decoders), run.profiles.get(bs)
+    if prof_dec is not None and prof is not None:
+        for d in decoders.values():
+            d.use(prof)
+    elif prof_dec is not None:
         log.info("batch %d: profiling the step cost of each branch", bs)
         prof = _profile(prof_dec, decoders, bs, timing)
     pres, keep = _warm_up(run, decoders, batches, bs, timing)
-    if prof is not None:
+    if prof_dec is not None and bs not in run.profiles:
         prof = _profile(prof_dec, decoders, bs, timing, before=prof)
+    if prof is not None:
         prof.save(os.path.join(output_dir, "profiles", f"batch{bs}.json"))
     accs = _timed_rounds(run, decoders, batches, pres, keep, bs, timing)
     ar_row = accs[run.ar_name].row()

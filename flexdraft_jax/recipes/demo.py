@@ -24,7 +24,7 @@ import time
 
 from flexdraft_jax import prompts
 from flexdraft_jax.bench import harness, report
-from flexdraft_jax.common import write_json_atomic
+from flexdraft_jax.common import round_up, write_json_atomic
 from flexdraft_jax.models import precision
 from flexdraft_jax.recipes import loading
 
@@ -37,13 +37,13 @@ DEMO_BENCH = dict(
     modes=None,  # each set's own (DEMO_SETS)
     max_new_tokens=32,
     # Timed decodes per mode and batch size (each step counts at its fastest repeat): a third
-    # and fourth for modes whose four decodes fit in a minute (at batch 64: AR and flex).
+    # and fourth for modes whose four decodes fit in 20 s (AR and flex are always repeated).
     repeats=4,
-    repeats_within_seconds=60.0,
-    # Rounds over the branches when profiling step costs: up to 10 while they take under 6 s
-    # (batch 1: 10 rounds; batch 64, ~8 s a round: 2). The cost model's choices rest on them.
-    profile_repeats=10,
-    profile_seconds=6.0,
+    repeats_within_seconds=20.0,
+    # Rounds over the branches when profiling step costs: up to 4 while they take under 3 s,
+    # twice per batch size (before and after the warm-up, each branch at its faster time).
+    profile_repeats=4,
+    profile_seconds=3.0,
 )
 # Prompt sets (`prompts.BENCHMARK_SETS`): every mode on code, with the `transformers` peer row
 # at small batch; AR against flex, the mode a user runs, on chat.
@@ -222,41 +222,68 @@ def run_demo(
     log.info("decoding on %s", loading.mesh_name(dmesh))
     if hf_baseline is None:  # the peer row wherever its library is installed
         hf_baseline = importlib.util.find_spec("torch") is not None
-    out = {}
+    n = bench.pop("num_prompts")
+    picked = {name: _shortest(tok, name, n) for name in DEMO_SETS}
+    # One KV capacity for every set: the same step programs, so the sets after the first reuse
+    # its executables and its measured step costs instead of profiling the same shapes again.
+    longest = max(len(p) for ids, _ in picked.values() for p in ids)
+    block = draft.config.block_size
+    bench["cache_len"] = bench.get("cache_len") or round_up(
+        longest + bench["max_new_tokens"] + 2 * block + 1, 64
+    )
+    decode = dict(cfg=cfg, target=target, tok=tok, draft=draft, mesh=dmesh)
+    out, profiles = {}, None
     for name, extra in DEMO_SETS.items():
         peer = tuple(b for b in extra["hf_batch_sizes"] if b in bench["batch_sizes"])
         options = dict(bench, modes=bench.get("modes") or extra["modes"])
-        decode = dict(cfg=cfg, target=target, tok=tok, draft=draft, mesh=dmesh)
         key = dict(
             draft=draft_path or "untrained", hf_baseline=peer if hf_baseline else (), dtype=dtype,
-            attention_impl=attention_impl, mesh=loading.mesh_name(dmesh),
+            attention_impl=attention_impl, mesh=loading.mesh_name(dmesh), num_prompts=n,
         )  # fmt: skip
-        out[name] = _benchmark_set(workdir, stages, name, decode, options, key)
+        out[name] = _benchmark_set(workdir, stages, name, picked[name], decode, options, key,
+                                   profiles)  # fmt: skip
+        profiles = profiles or _profiles(workdir, name, bench["batch_sizes"])
     out["demo_seconds"] = time.perf_counter() - t0
     return out
 
 
-def _benchmark_set(workdir: str, stages: Stages, name: str, decode: dict, options: dict,
-                   key: dict) -> dict:  # fmt: skip
-    """The benchmark on the `num_prompts` shortest prompts of the set `name` (the stage
-    `benchmark` for HumanEval, `benchmark_NAME` for another set), or its saved results when the
-    stage already ran with the same settings."""
-    stage = "benchmark" if name == "humaneval" else f"benchmark_{name}"
-    out_dir = os.path.join(workdir, stage)
-    options = dict(options)
-    n = options.pop("num_prompts")
-    key = {**{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}, **key}
-    key.update(num_prompts=n, hf_baseline=list(key["hf_baseline"]))
-    prev = stages.done(stage)
-    if prev is not None and prev.get("key") != key:
-        os.remove(stages.path(stage))  # settings changed: measure again
-    # The n shortest prompts: at batch 64 the prefill of long prompts (padded to a power-of-two
-    # width) would take most of the demo's time; launch/benchmark.py takes the first n. Chat
-    # template on: SmolLM2 is an instruct model and its drafter is trained on chat turns.
-    all_ids = loading.encode(decode["tok"], prompts.benchmark_prompts(name), chat=True)
+def _shortest(tok, name: str, n: int) -> tuple[list, list[int]]:
+    """The `n` shortest prompts of the set `name` as chat turns (ids), and their indices. At
+    batch 64 the prefill of long prompts (padded to a power-of-two width) would take most of the
+    demo's time; launch/benchmark.py takes the first n. Chat template on: SmolLM2 is an instruct
+    model and its drafter is trained on chat turns."""
+    all_ids = loading.encode(tok, prompts.benchmark_prompts(name), chat=True)
     pick = sorted(sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))[:n])
     ids = [all_ids[i] for i in pick]
     log.info("%s prompts %s (%s tokens)", name, pick, [len(p) for p in ids])
+    return ids, pick
+
+
+def _stage(name: str) -> str:
+    return "benchmark" if name == "humaneval" else f"benchmark_{name}"
+
+
+def _profiles(workdir: str, name: str, batch_sizes) -> dict:
+    """The step costs the benchmark of set `name` measured, by batch size."""
+    from flexdraft_jax.decoding.costs import CostProfile
+
+    path = os.path.join(workdir, _stage(name), "profiles", "batch{}.json")
+    return {b: CostProfile.load(path.format(b)) for b in batch_sizes}
+
+
+def _benchmark_set(workdir: str, stages: Stages, name: str, picked: tuple, decode: dict,
+                   options: dict, key: dict, profiles: dict | None) -> dict:  # fmt: skip
+    """The benchmark of the prompts `picked` of set `name` (the stage `benchmark` for HumanEval,
+    `benchmark_NAME` for another set), with the step costs `profiles` if given, or its saved
+    results when the stage already ran with the same settings."""
+    stage = _stage(name)
+    out_dir = os.path.join(workdir, stage)
+    ids, pick = picked
+    key = {**{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}, **key}
+    key.update(hf_baseline=list(key["hf_baseline"]), profiles_reused=profiles is not None)
+    prev = stages.done(stage)
+    if prev is not None and prev.get("key") != key:
+        os.remove(stages.path(stage))  # settings changed: measure again
 
     def run():
         timing, rest = harness.split_timing(options)
@@ -264,8 +291,9 @@ def _benchmark_set(workdir: str, stages: Stages, name: str, decode: dict, option
             decode["cfg"], decode["target"], decode["tok"], decode["draft"],
             decode["draft"].config, ids, output_dir=out_dir, hf_baseline=key["hf_baseline"],
             meta={"draft": key["draft"], "chat": True, "mesh": key["mesh"],
-                  "prompts": f"{name}, the {n} shortest: {pick}"},
-            mesh=decode["mesh"], timing=timing, **rest,
+                  "prompts": f"{name}, the {len(ids)} shortest: {pick}",
+                  "profiles": "measured" if profiles is None else "humaneval's"},
+            mesh=decode["mesh"], timing=timing, profiles=profiles, **rest,
         )  # fmt: skip
         return {"key": key, "results": os.path.join(out_dir, report.RESULTS_FILE),
                 "wall_seconds": res["config"]["wall_seconds"]}  # fmt: skip

@@ -150,6 +150,14 @@ def _acceptance(runs: np.ndarray, w: int) -> list[float]:
 EVAL_SETS = {"humaneval": "heldout_", "sharegpt": "heldout_chat_"}
 
 
+def prior_acceptance(record: dict) -> list[float] | None:
+    """Flex decoding's prior acceptance per draft position from an evaluation record of
+    metrics.jsonl: the mean over the held-out sets it holds (a drafter for code and chat starts
+    from neither set's rate), or None without one."""
+    per_set = [record[p + "acceptance"] for p in EVAL_SETS.values() if p + "acceptance" in record]
+    return np.mean(per_set, axis=0).tolist() if per_set else None
+
+
 def heldout_set(
     cfg,
     dcfg,

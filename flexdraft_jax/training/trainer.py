@@ -482,7 +482,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
     if tc.export_release and done > start_step:  # the draft as of the last step
         release_dir = os.path.join(workdir, "draft_release")
         final = [r for r in history if r.get("step") == done and "heldout_acceptance" in r]
-        acceptance = final[-1]["heldout_acceptance"] if final else None
+        acceptance = evaluate.prior_acceptance(final[-1]) if final else None
         export_release(
             release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab, target
         )
