@@ -75,7 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh.shape = (1, -1, 1)
 
-    if arg == "finetune":  # continue from the shipped draft on this config's data (how it was made)
+    # Continue from the shipped draft on this config's data: the shipped draft is the code run's
+    # draft after one such run (docs/training.md).
+    if arg == "finetune":
         c.train.init_from = os.path.join(os.path.dirname(__file__), "..", "drafts", "smollm2_135m")
         c.train.steps = 1600
         c.train.lr = 5e-4
