@@ -38,8 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.draft.calib_rank = 256
 
     # Chat, code stubs and documentation prompts in the proportions of `weights`. Greedy
-    # generation of 128-token responses at batch 64 takes about 20 minutes for the 3072 prompts
-    # on 2 cores; it is cached per chunk of 256 prompts, so distillation can run in pieces.
+    # generation is cached per chunk of 256 prompts, so distillation can run in pieces.
     c.data.sources = ("sharegpt", "python_stubs", "python_docs")
     c.data.weights = (0.6, 0.3, 0.1)
     c.data.num_prompts = 3072

@@ -494,15 +494,16 @@ def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str
     # Step costs first (a flex decode reads its profile), once more after the warm-up with each
     # branch at its faster time: a burst of load lasting seconds can cover a whole profile,
     # rarely two measured a minute apart.
-    prof_dec, prof = _profiler(run, decoders), run.profiles.get(bs)
-    if prof_dec is not None and prof is not None:
+    prof = run.profiles.get(bs)
+    prof_dec = _profiler(run, decoders) if prof is None else None  # given: nothing to measure
+    if prof is not None:
         for d in decoders.values():
             d.use(prof)
     elif prof_dec is not None:
         log.info("batch %d: profiling the step cost of each branch", bs)
         prof = _profile(prof_dec, decoders, bs, timing)
     pres, keep = _warm_up(run, decoders, batches, bs, timing)
-    if prof_dec is not None and bs not in run.profiles:
+    if prof_dec is not None:
         prof = _profile(prof_dec, decoders, bs, timing, before=prof)
     if prof is not None:
         prof.save(os.path.join(output_dir, "profiles", f"batch{bs}.json"))

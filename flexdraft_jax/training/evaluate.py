@@ -187,10 +187,7 @@ def heldout_set(
         top = max(4, min(32, seq_len // 4))
         prompts = data_lib.synthetic_prompts(num_prompts, cfg.vocab_size, 4, top, seed + 1)
     else:
-        if prompt_set == "humaneval":
-            texts = prompts_lib.humaneval_prompts(num_prompts)
-        else:
-            texts = prompts_lib.sharegpt_prompts("heldout", num_prompts)
+        texts = prompts_lib.benchmark_prompts(prompt_set, num_prompts)
         prompts = [data_lib.encode_prompt(tokenizer, p, True) for p in texts]
     prompts = [p for p in prompts if len(p) + 8 < seq_len]
     responses = data_lib.distill(
