@@ -16,13 +16,14 @@ import json
 import os
 import tempfile
 
+import numpy as np
 from absl import app, flags
 
 from flexdraft_jax.checkpoints import release
 from flexdraft_jax.checkpoints.load import load_checkpoint
 from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.decoding.engine import draft_vocab_in_use
-from flexdraft_jax.models.draft import target_fingerprint
+from flexdraft_jax.models.draft import Draft, target_fingerprint
 from flexdraft_jax.recipes import loading
 from flexdraft_jax.training.evaluate import EVAL_SETS, prior_acceptance
 
@@ -110,6 +111,10 @@ def heldout_summary(
         cache_dir=os.path.expanduser(F.distill_cache),
     )  # fmt: skip
     res = evaluate.teacher_forced_tau(cfg, dcfg, target, stored, held, use_calibration=True)
+    prompts = evaluate.heldout_prompts(cfg, tokenizer, prompt_set, F.heldout_prompts, 512)
+    conf = evaluate.prefill_confidence(
+        cfg, target, Draft(stored, dcfg, vocab=vocab, vocab_size=n), prompts
+    )
     r4 = lambda x: round(float(x), 4)
     return {
         "prompt_set": prompt_set,
@@ -121,6 +126,7 @@ def heldout_summary(
         "decoded_steps": res["decoded_steps"],
         "per_position_acceptance": [r4(a) for a in res["per_position_acceptance"]],
         "decoded_acceptance": [r4(a) for a in res["decoded_acceptance"]],
+        "prefill_confidence": [r4(c) for c in conf],
     }
 
 
@@ -152,9 +158,13 @@ def main(_):
     # Flex decoding's prior: the last workdir's held-out acceptance at its final step (the mean
     # over its held-out sets).
     acceptance = stages[-1]["final_heldout_acceptance"]
+    acceptance = recorded if acceptance is None else acceptance
+    # ... and its calibration of a prompt's prefill confidence, on the same held-out sets
+    confs = [h["prefill_confidence"] for h in heldout.values()]
+    confidence = np.mean(confs, axis=0).tolist() if confs and acceptance is not None else None
     out = release.save_release(
         F.output, cfg, dcfg, jax_to_np(draft), dtype=F.dtype, vocab=vocab,
-        acceptance=recorded if acceptance is None else acceptance,
+        acceptance=acceptance, prefill_confidence=confidence,
         vocab_size=n_vocab if vocab is not None else None,
         target_fingerprint=target_fingerprint(cfg, params),
     )  # fmt: skip
@@ -179,7 +189,6 @@ def main(_):
 
 def jax_to_np(tree):
     import jax
-    import numpy as np
 
     return jax.tree.map(np.asarray, tree)
 

@@ -376,6 +376,40 @@ def test_acceptance_estimate_starts_at_the_drafts_prior_and_forgets(tiny_llama):
             engine.EngineConfig(**bad)
 
 
+def test_the_prior_is_the_prefill_confidence_scaled_as_the_release_records(tiny_llama):
+    """A draft recording its held-out acceptance and prefill confidence: `Decoder` resolves the
+    scale acceptance / confidence, and a prefill's prior is its own drafts' mean confidence
+    times that scale (clipped), the same for speculation's gain before any verify; lossless."""
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    acc, conf = (0.6, 0.4, 0.2), (0.3, 0.4, 0.5)
+    ecfg = engine.EngineConfig(mode="flex", buckets=(2, 4))
+    b = len(PROMPTS)
+    dec = Decoder(
+        cfg, target, Draft(draft, dcfg, acceptance=acc, prefill_confidence=conf), None, ecfg,
+        cache_len=128, eos_ids=(),
+        profiles={b: CostProfile(b, {"ar1": 1.0, "seq2": 1.0, "seq4": 1.0, "par2": 9.0,
+                                     "par4": 9.0}, 0.1)},
+    )  # fmt: skip
+    np.testing.assert_allclose(dec.ecfg.alpha_scale, [2.0, 1.0, 0.4])
+    st = dec.static(b)
+    state, _ = dec._prefill(st, PROMPTS, 12, 0)
+    mean_conf = np.asarray(state.block.conf).mean(0)
+    want = np.clip(mean_conf * [2.0, 1.0, 0.4], 0.05, 0.95)
+    np.testing.assert_allclose(state.stats.alpha_prior, want, rtol=1e-5)
+    np.testing.assert_allclose(state.stats.alpha, want, rtol=1e-5)
+    gain = 1 + np.cumsum(np.cumprod(np.clip(np.asarray(state.block.conf) * [2.0, 1.0, 0.4], 0, 1),
+                                    axis=1), axis=1).mean(0)  # fmt: skip
+    np.testing.assert_allclose(state.block.gain[1:], gain, rtol=1e-5)
+    want_tokens = ar.generate(cfg, target, PROMPTS, 12, eos_ids=()).tokens
+    assert dec.generate(PROMPTS, 12).tokens == want_tokens
+    # Without the confidence, the recorded acceptance alone; a scale must be positive.
+    plain = Decoder(cfg, target, Draft(draft, dcfg, acceptance=acc), None, ecfg, cache_len=128)
+    assert plain.ecfg.alpha_scale is None and plain.ecfg.alpha_init == acc
+    with pytest.raises(ValueError, match="alpha_scale"):
+        engine.EngineConfig(alpha_scale=(1.0, 0.0, 1.0))
+
+
 def test_a_prefilled_batch_decodes_again_from_the_same_state(tiny_llama):
     """`start` prefills once; `decode` runs from a copy (benchmark repeats), or consumes it."""
     cfg, target = tiny_llama

@@ -688,14 +688,22 @@ def test_release_records_the_held_out_acceptance(tmp_path):
     plain = release.save_release(str(tmp_path / "plain"), cfg, dcfg, draft)
     assert release.load_acceptance(plain, 4) is None
     assert loading.load_draft(plain, cfg, target).acceptance is None
-    out = release.save_release(str(tmp_path / "a"), cfg, dcfg, draft, acceptance=[0.6, 0.5, 0.4])
+    assert loading.load_draft(plain, cfg, target).prefill_confidence is None
+    out = release.save_release(str(tmp_path / "a"), cfg, dcfg, draft, acceptance=[0.6, 0.5, 0.4],
+                               prefill_confidence=[0.9, 0.5, 0.2])  # fmt: skip
     back = loading.load_draft(out, cfg, target)
     np.testing.assert_allclose(back.acceptance, [0.6, 0.5, 0.4])
+    np.testing.assert_allclose(back.prefill_confidence, [0.9, 0.5, 0.2])
     _assert_trees_equal(jax.tree.map(np.asarray, back.params), draft)
     for bad in ([0.6, 0.5], [0.6, 0.5, 1.5], ["x", 1, 2]):
         with pytest.raises(ValueError, match="acceptance must be"):
             release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, acceptance=bad)
+        with pytest.raises(ValueError, match="confidence must be"):
+            release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, acceptance=[0.5] * 3,
+                                 prefill_confidence=bad)  # fmt: skip
         assert not os.path.exists(tmp_path / "bad")
+    with pytest.raises(ValueError, match="needs the acceptance"):
+        release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, prefill_confidence=[0.5] * 3)
 
 
 def test_a_release_names_its_target_and_another_target_is_refused(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from flexdraft_jax.checkpoints import release
 from flexdraft_jax.decoding import ar
 from flexdraft_jax.models import transformer as T
 from flexdraft_jax.models.config import ModelConfig
@@ -564,6 +565,12 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
     assert held["prompts"] == 2 and held["draft_vocab_size"] == 8192
     assert held["decoded_steps"] > 0 and held["tau"] > 1.0 and held["decoded_tau"] > 1.0
     assert len(held["decoded_acceptance"]) == len(held["per_position_acceptance"]) == 7
+    # flex's calibration: the mean over the sets of each one's prefill-draft confidence
+    conf = release.load_prefill_confidence(str(out), 8)
+    np.testing.assert_allclose(
+        conf, np.mean([held["prefill_confidence"], chat["prefill_confidence"]], 0), atol=1e-4
+    )
+    assert conf[0] > 0.05 and release.load_acceptance(str(out), 8) is not None
     assert f"decoded tau {held['decoded_tau']}" in proc.stdout
     assert sorted(os.listdir(src)) == before  # no clean cache left in a release directory
     # From a training workdir: its metrics become the stage's curves.

@@ -39,6 +39,7 @@ from flexdraft_jax.models.config import DraftConfig, ModelConfig
 
 CONFIG_KEYS = ("flexdraft_config", "dflash_config")  # the first is written, both are read
 ACCEPTANCE_KEY = "heldout_acceptance"  # ours, optional: see `save_release`
+CONFIDENCE_KEY = "prefill_confidence"  # ours, optional: see `save_release`
 VOCAB_SIZE_KEY = "draft_vocab_size"  # ours, optional: see `save_release`
 FINGERPRINT_KEY = "target_fingerprint"  # ours, optional: see `save_release`
 WEIGHTS_FILE = "model.safetensors"
@@ -96,14 +97,14 @@ def load_draft_vocab_size(path: str, cfg: ModelConfig) -> int | None:
     return None if n is None else _check_vocab_size(n, cfg.vocab_size, where)
 
 
-def _check_acceptance(acc, block_size: int, where: str) -> np.ndarray:
+def _check_acceptance(acc, block_size: int, where: str, what: str = "acceptance") -> np.ndarray:
     try:
         a = np.asarray(acc, np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: acceptance must be numbers, got {acc!r}") from e
+        raise ValueError(f"{where}: {what} must be numbers, got {acc!r}") from e
     if a.shape != (block_size - 1,) or not ((a >= 0) & (a <= 1)).all():
         raise ValueError(
-            f"{where}: acceptance must be {block_size - 1} values in [0, 1] (one per draft "
+            f"{where}: {what} must be {block_size - 1} values in [0, 1] (one per draft "
             f"position of a block of {block_size}), got {acc!r}"
         )
     return a
@@ -113,6 +114,12 @@ def load_acceptance(path: str, block_size: int) -> np.ndarray | None:
     """The held-out acceptance per draft position a release records (None if it has none)."""
     acc, where = _recorded(path, ACCEPTANCE_KEY)
     return None if acc is None else _check_acceptance(acc, block_size, where)
+
+
+def load_prefill_confidence(path: str, block_size: int) -> np.ndarray | None:
+    """The mean prefill-draft confidence per draft position a release records (None if none)."""
+    conf, where = _recorded(path, CONFIDENCE_KEY)
+    return None if conf is None else _check_acceptance(conf, block_size, where, "confidence")
 
 
 def load_target_fingerprint(path: str) -> str | None:
@@ -379,6 +386,7 @@ def save_release(
     acceptance=None,
     vocab_size=None,
     target_fingerprint: str | None = None,
+    prefill_confidence=None,
 ) -> str:
     """Write `draft` as a release-format directory (config.json + model.safetensors) at `path`.
 
@@ -388,6 +396,9 @@ def save_release(
     stored in config.json, read by `load_draft_vocab_size`): decoding's default draft vocabulary.
     acceptance: optional held-out conditional acceptance of each draft position (block_size - 1
     values; stored in config.json, read by `load_acceptance`): flex decoding's starting estimate.
+    prefill_confidence: optional, with `acceptance`: the mean confidence of each draft position
+    in the prefill's block on the same held-out prompts (read by `load_prefill_confidence`):
+    flex scales a prompt's own prefill confidence by acceptance / this into its prior.
     target_fingerprint: optional `models.draft.target_fingerprint` of the target the draft was
     trained for (stored in config.json): loading it for another target is refused.
 
@@ -414,6 +425,12 @@ def save_release(
     if acceptance is not None:
         acc = _check_acceptance(acceptance, dcfg.block_size, "acceptance")
         config[CONFIG_KEYS[0]][ACCEPTANCE_KEY] = [round(float(a), 4) for a in acc]
+    if prefill_confidence is not None:
+        if acceptance is None:
+            raise ValueError("prefill_confidence needs the acceptance it calibrates (acceptance)")
+        conf = _check_acceptance(prefill_confidence, dcfg.block_size, "prefill_confidence",
+                                 "confidence")  # fmt: skip
+        config[CONFIG_KEYS[0]][CONFIDENCE_KEY] = [round(float(a), 4) for a in conf]
     if target_fingerprint is not None:
         config[CONFIG_KEYS[0]][FINGERPRINT_KEY] = str(target_fingerprint)
     parent = os.path.dirname(path)

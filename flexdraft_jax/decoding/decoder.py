@@ -634,7 +634,9 @@ def _draft_record(cfg, target, draft, dcfg) -> tuple[Draft | None, DraftConfig]:
 def _draft_for_engine(cfg, target, record, dcfg, ecfg) -> tuple[dict | None, engine.EngineConfig]:
     """The draft parameters the engine runs (restricted to the draft vocabulary in use) and the
     EngineConfig with what the record resolves: that vocabulary's size and, for
-    `alpha_init="draft"`, the prior acceptance (the record's held-out acceptance, else 0.5)."""
+    `alpha_init="draft"`, the prior acceptance (the record's held-out acceptance, else 0.5) and,
+    where the record holds its prefill confidence too, the scale from a prompt batch's prefill
+    confidence to its own prior (`EngineConfig.alpha_scale`: acceptance / confidence)."""
     draft = None if record is None else record.params
     if record is not None and record.vocab is not None:
         n = engine.draft_vocab_in_use(ecfg.draft_vocab_size, record.vocab_size, len(record.vocab))
@@ -647,6 +649,10 @@ def _draft_for_engine(cfg, target, record, dcfg, ecfg) -> tuple[dict | None, eng
         if isinstance(prior, tuple) and len(prior) != dcfg.block_size - 1:
             prior = float(np.mean(prior))  # recorded for another block size: its mean
         ecfg = dataclasses.replace(ecfg, alpha_init=prior)
+        conf = None if record is None else record.prefill_confidence
+        if conf is not None and isinstance(prior, tuple) and ecfg.alpha_scale is None:
+            scale = np.maximum(prior, 1e-3) / np.maximum(conf, 1e-2)
+            ecfg = dataclasses.replace(ecfg, alpha_scale=tuple(float(a) for a in scale))
     return draft, ecfg
 
 

@@ -73,6 +73,12 @@ class EngineConfig:
     # per position; None: the prefill drafts' confidence (mean max-probability of each slot),
     # which is not calibrated and can overstate acceptance, so flex speculates where it loses.
     alpha_init: float | tuple[float, ...] | str | None = "draft"
+    # Per prompt batch instead: the prefill drafts' confidence (mean max-probability of each slot)
+    # times this, clipped to [0.05, 0.95]; `Decoder` sets it to a release's held-out acceptance
+    # over its prefill confidence. One prior cannot serve both a code prompt (confident drafts,
+    # often accepted) and a chat prompt (doubtful drafts, rarely accepted); their prefill
+    # confidence tells them apart (docs/design.md, "The flex policy"). None: `alpha_init`.
+    alpha_scale: tuple[float, ...] | None = None
     # The running estimate of each position's acceptance: (hits + w * prior) / (tries + w), hits
     # and tries discounted by `alpha_decay` every step, AR steps included. Evidence outweighs the
     # prior after w verified positions (a few steps at batch 1, one step at batch 64), and when
@@ -117,6 +123,8 @@ class EngineConfig:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
         if isinstance(self.alpha_init, str) and self.alpha_init != "draft":
             raise ValueError(f"alpha_init: 'draft', numbers or None, not {self.alpha_init!r}")
+        if self.alpha_scale is not None and not all(a > 0 for a in self.alpha_scale):
+            raise ValueError(f"alpha_scale must be positive, got {self.alpha_scale}")
         if not 0 < self.alpha_decay <= 1:
             raise ValueError(f"alpha_decay must be in (0, 1], got {self.alpha_decay}")
         if not self.alpha_prior_weight > 0:
@@ -273,8 +281,10 @@ def _draft_block(st: Static, target, draft, state: DecodeState, hidden, bonus, k
     conf_mean = jnp.sum(jnp.where(active[:, None], conf, 0.0), axis=0) / n_active
     # Per sequence: acceptance of draft j given the ones before = its confidence times the
     # running accepted / confidence ratio of position j; expected tokens 1 + sum of the products.
+    # (before any verify: the calibration the release records, `alpha_scale`, else 1)
     w0 = st.ecfg.alpha_prior_weight * state.stats.alpha_prior
-    ratio = (state.stats.seen[0] + w0) / jnp.maximum(state.stats.seen[2] + w0, 1e-9)
+    scale = policy.alpha_scale(st.ecfg, st.width)
+    ratio = (state.stats.seen[0] + w0) / jnp.maximum(state.stats.seen[2] + w0 / scale, 1e-9)
     a = jnp.clip(conf * ratio, 0.0, 1.0)
     per_seq = 1.0 + jnp.cumsum(jnp.cumprod(a, axis=1), axis=1)  # [B, W-1]: verify 1..W-1
     gain = jnp.sum(jnp.where(active[:, None], per_seq, 0.0), axis=0) / n_active
@@ -553,8 +563,10 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
     if spec:
         block, conf_mean = _draft_block(st, target, draft, state, hm, bonus, k_draft)
         state = state._replace(block=block)
-        if st.ecfg.alpha_init is None:  # (gain does not depend on the prior before any verify)
-            prior = jnp.clip(conf_mean, 0.05, 0.95).astype(jnp.float32)
+        if st.ecfg.alpha_init is None or st.ecfg.alpha_scale is not None:
+            # (the block's gain does not depend on the prior before any verify)
+            scale = policy.alpha_scale(st.ecfg, w)
+            prior = jnp.clip(conf_mean * scale, 0.05, 0.95).astype(jnp.float32)
             state = state._replace(stats=state.stats._replace(alpha=prior, alpha_prior=prior))
     return _on_mesh(st, state)
 

@@ -9,9 +9,12 @@ and a trailing draft pass), traced on device inside the compiled step; nothing h
   drafts_at_prefill  whether a prefill should run the mask block (host side, before it runs)
   expected_tokens    1 + sum_{i<=v} prod_{j<=i} alpha_j
   alpha_prior        the prior acceptance per draft position from `EngineConfig.alpha_init`
+  alpha_scale        acceptance per unit of draft confidence before any verify
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +91,10 @@ def drafts_at_prefill(branches, ecfg, width: int, costs) -> bool:
     kinds = [k for k, _ in branches]
     if "ar" not in kinds or ecfg.alpha_init is None:
         return any(k != "ar" for k in kinds)
+    if ecfg.alpha_scale is not None:  # the prior comes with the drafts: could the most
+        # confident drafts (confidence 1) win here?
+        best = tuple(float(a) for a in np.clip(np.asarray(alpha_scale(ecfg, width)), 0.0, 1.0))
+        ecfg = dataclasses.replace(ecfg, alpha_init=best, alpha_scale=None)
     return kinds[first_choice(branches, ecfg, width, costs)] != "ar"
 
 
@@ -97,3 +104,14 @@ def alpha_prior(alpha_init, w: int) -> jnp.ndarray:
         alpha_init = 0.5
     a = np.broadcast_to(np.asarray(alpha_init, np.float32), (w - 1,))
     return jnp.asarray(np.clip(a, 0.0, 1.0))
+
+
+def alpha_scale(ecfg, w: int):
+    """float32[W-1] from EngineConfig.alpha_scale (1 when None; one recorded for another block
+    size: its mean)."""
+    if ecfg.alpha_scale is None:
+        return jnp.ones((w - 1,), jnp.float32)
+    a = np.asarray(ecfg.alpha_scale, np.float32)
+    if a.shape != (w - 1,):
+        a = np.full((w - 1,), a.mean(), np.float32)
+    return jnp.asarray(a)

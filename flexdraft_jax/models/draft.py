@@ -31,6 +31,8 @@ class Draft:
     vocab_size: int | None = None  # leading `vocab` ids it was trained over (None: not recorded)
     acceptance: tuple[float, ...] | None = None  # held-out acceptance per draft position
     target: str | None = None  # `target_fingerprint` of the target it was trained for
+    # mean confidence per draft position of the prefill's drafts on the held-out prompts
+    prefill_confidence: tuple[float, ...] | None = None
 
     def check_target(self, cfg: ModelConfig, target: dict, where: str = "the draft") -> None:
         """Raise if the draft records a target other than `target`."""

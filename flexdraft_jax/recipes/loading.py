@@ -86,6 +86,7 @@ def load_draft(
     params = precision.cast_params(jax.tree.map(jnp.asarray, params), dtype)
     vocab = release.load_draft_vocab(path, cfg)
     acceptance = release.load_acceptance(path, dcfg.block_size)
+    confidence = release.load_prefill_confidence(path, dcfg.block_size)
     draft = Draft(
         params,
         dcfg,
@@ -93,6 +94,7 @@ def load_draft(
         vocab_size=None if vocab is None else release.load_draft_vocab_size(path, cfg),
         acceptance=None if acceptance is None else tuple(float(a) for a in acceptance),
         target=release.load_target_fingerprint(path),
+        prefill_confidence=None if confidence is None else tuple(float(c) for c in confidence),
     )
     if target is not None:
         draft.check_target(cfg, target, path)

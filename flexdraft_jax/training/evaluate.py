@@ -158,6 +158,40 @@ def prior_acceptance(record: dict) -> list[float] | None:
     return np.mean(per_set, axis=0).tolist() if per_set else None
 
 
+def heldout_prompts(cfg, tokenizer, prompt_set: str, num_prompts: int, seq_len: int, seed: int = 0):
+    """The token ids of a held-out set's first `num_prompts` prompts (chat template) that leave
+    room for a response in `seq_len`. Without a tokenizer (test models): random token prompts
+    (seed `seed` + 1, so never the training prompts of `seed`)."""
+    from flexdraft_jax import prompts as prompts_lib
+    from flexdraft_jax.training import data as data_lib
+
+    if prompt_set not in EVAL_SETS:
+        raise ValueError(f"unknown held-out set {prompt_set!r} (one of {tuple(EVAL_SETS)})")
+    if tokenizer is None:
+        top = max(4, min(32, seq_len // 4))
+        prompts = data_lib.synthetic_prompts(num_prompts, cfg.vocab_size, 4, top, seed + 1)
+    else:
+        texts = prompts_lib.benchmark_prompts(prompt_set, num_prompts)
+        prompts = [data_lib.encode_prompt(tokenizer, p, True) for p in texts]
+    return [list(p) for p in prompts if len(p) + 8 < seq_len]
+
+
+def prefill_confidence(cfg, target, draft, prompts) -> list[float]:
+    """Mean confidence (max probability) of each draft position in the block the prefill drafts
+    at the end of each prompt, as decoding computes it (`draft`: a `models.draft.Draft`, its
+    draft vocabulary in force): with the held-out acceptance, flex's calibration from a prompt's
+    prefill confidence to its prior (`engine.EngineConfig.alpha_scale`)."""
+    from flexdraft_jax.common import round_up
+    from flexdraft_jax.decoding import engine
+    from flexdraft_jax.decoding.decoder import Decoder
+
+    cache_len = round_up(max(len(p) for p in prompts) + 2 * draft.config.block_size + 2, 64)
+    dec = Decoder(cfg, target, draft, ecfg=engine.EngineConfig(mode="sequential"),
+                  cache_len=cache_len)  # fmt: skip
+    conf = placement.to_host(dec.start(prompts, 2).state.block.conf)
+    return np.mean(conf, axis=0).tolist()
+
+
 def heldout_set(
     cfg,
     dcfg,
@@ -174,22 +208,11 @@ def heldout_set(
     mesh=None,
     seed: int = 0,
 ) -> dict:
-    """Greedy target responses to the first `num_prompts` prompts of `prompt_set` (chat
-    template), packed, with clean K/V. Without a tokenizer (test models): random token prompts
-    (seed `seed` + 1, so never the training prompts of `seed`). mesh: the target's
+    """Greedy target responses to `heldout_prompts`, packed, with clean K/V. mesh: the target's
     (self-distillation as one SPMD program)."""
-    from flexdraft_jax import prompts as prompts_lib
     from flexdraft_jax.training import data as data_lib
 
-    if prompt_set not in EVAL_SETS:
-        raise ValueError(f"unknown held-out set {prompt_set!r} (one of {tuple(EVAL_SETS)})")
-    if tokenizer is None:
-        top = max(4, min(32, seq_len // 4))
-        prompts = data_lib.synthetic_prompts(num_prompts, cfg.vocab_size, 4, top, seed + 1)
-    else:
-        texts = prompts_lib.benchmark_prompts(prompt_set, num_prompts)
-        prompts = [data_lib.encode_prompt(tokenizer, p, True) for p in texts]
-    prompts = [p for p in prompts if len(p) + 8 < seq_len]
+    prompts = heldout_prompts(cfg, tokenizer, prompt_set, num_prompts, seq_len, seed)
     responses = data_lib.distill(
         cfg,
         target,
