@@ -35,10 +35,10 @@ DEMO_BENCH = dict(
     num_prompts=4,
     batch_sizes=(1, 4, 16, 64),
     modes=None,  # each set's own (DEMO_SETS)
-    max_new_tokens=32,
+    max_new_tokens=24,
     # Timed decodes per mode and batch size (each step counts at its fastest repeat): a third
-    # and fourth for modes whose four decodes fit in 20 s (AR and flex are always repeated).
-    repeats=4,
+    # for modes whose three decodes fit in 20 s (AR and flex are always repeated).
+    repeats=3,
     repeats_within_seconds=20.0,
     # Rounds over the branches when profiling step costs: up to 4 while they take under 3 s,
     # twice per batch size (before and after the warm-up, each branch at its faster time).
