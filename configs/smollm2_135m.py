@@ -40,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Chat, code stubs and documentation prompts in the proportions of `weights`. Greedy
     # generation is cached per chunk of 256 prompts, so distillation can run in pieces.
     c.data.sources = ("sharegpt", "python_stubs", "python_docs")
-    c.data.weights = (10, 5, 1)  # of 4096: 2560 chat, 1280 stubs, 256 documentation
-    c.data.num_prompts = 4096
+    c.data.weights = (0.6, 0.3, 0.1)
+    c.data.num_prompts = 3072
     c.data.max_prompt_tokens = 256
     c.data.max_new_tokens = 128
     c.data.gen_batch_size = 64
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # draft after one such run (docs/training.md).
     if arg == "finetune":
         c.train.init_from = os.path.join(os.path.dirname(__file__), "..", "drafts", "smollm2_135m")
-        c.train.steps = 2800
+        c.train.steps = 1600
         c.train.lr = 5e-4
         c.train.warmup_steps = 50
     if arg == "runlocal":
