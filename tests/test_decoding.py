@@ -395,7 +395,7 @@ def test_the_prior_is_the_prefill_confidence_scaled_as_the_release_records(tiny_
     st = dec.static(b)
     state, _ = dec._prefill(st, PROMPTS, 12, 0)
     mean_conf = np.asarray(state.block.conf).mean(0)
-    want = np.clip(mean_conf * [2.0, 1.0, 0.4], 0.05, 0.95)
+    want = np.clip(np.minimum(mean_conf * [2.0, 1.0, 0.4], 1.25 * np.array(acc)), 0.05, 0.95)
     np.testing.assert_allclose(state.stats.alpha_prior, want, rtol=1e-5)
     np.testing.assert_allclose(state.stats.alpha, want, rtol=1e-5)
     gain = 1 + np.cumsum(np.cumprod(np.clip(np.asarray(state.block.conf) * [2.0, 1.0, 0.4], 0, 1),
@@ -408,6 +408,11 @@ def test_the_prior_is_the_prefill_confidence_scaled_as_the_release_records(tiny_
     assert plain.ecfg.alpha_scale is None and plain.ecfg.alpha_init == acc
     with pytest.raises(ValueError, match="alpha_scale"):
         engine.EngineConfig(alpha_scale=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="alpha_lift"):
+        engine.EngineConfig(alpha_lift=0.5)
+    # Confident drafts lift the prior at most to alpha_lift x the recorded acceptance.
+    lifted = policy.scaled_prior(dec.ecfg, 4, jnp.ones(3))
+    np.testing.assert_allclose(lifted, [0.75, 0.5, 0.25], rtol=1e-6)
 
 
 def test_a_prefilled_batch_decodes_again_from_the_same_state(tiny_llama):

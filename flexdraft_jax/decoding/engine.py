@@ -79,6 +79,11 @@ class EngineConfig:
     # often accepted) and a chat prompt (doubtful drafts, rarely accepted); their prefill
     # confidence tells them apart (docs/design.md, "The flex policy"). None: `alpha_init`.
     alpha_scale: tuple[float, ...] | None = None
+    # ... but never above this multiple of `alpha_init`: the prefill confidence tells a chat prompt
+    # from a code prompt, not one code prompt from another (the shortest HumanEval prompts draft
+    # at confidence 0.94 and are accepted 0.54 of the time, like prompts drafted at 0.5), and an
+    # overstated prior makes flex speculate at batch sizes where one wrong step costs 4 AR steps.
+    alpha_lift: float = 1.25
     # The running estimate of each position's acceptance: (hits + w * prior) / (tries + w), hits
     # and tries discounted by `alpha_decay` every step, AR steps included. Evidence outweighs the
     # prior after w verified positions (a few steps at batch 1, one step at batch 64), and when
@@ -123,6 +128,8 @@ class EngineConfig:
             raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
         if isinstance(self.alpha_init, str) and self.alpha_init != "draft":
             raise ValueError(f"alpha_init: 'draft', numbers or None, not {self.alpha_init!r}")
+        if not self.alpha_lift >= 1:
+            raise ValueError(f"alpha_lift must be >= 1, got {self.alpha_lift}")
         if self.alpha_scale is not None and not all(a > 0 for a in self.alpha_scale):
             raise ValueError(f"alpha_scale must be positive, got {self.alpha_scale}")
         if not 0 < self.alpha_decay <= 1:
@@ -565,8 +572,7 @@ def prefill(st: Static, target, draft, tokens, lengths, cache, key, max_new, dra
         state = state._replace(block=block)
         if st.ecfg.alpha_init is None or st.ecfg.alpha_scale is not None:
             # (the block's gain does not depend on the prior before any verify)
-            scale = policy.alpha_scale(st.ecfg, w)
-            prior = jnp.clip(conf_mean * scale, 0.05, 0.95).astype(jnp.float32)
+            prior = policy.scaled_prior(st.ecfg, w, conf_mean)
             state = state._replace(stats=state.stats._replace(alpha=prior, alpha_prior=prior))
     return _on_mesh(st, state)
 

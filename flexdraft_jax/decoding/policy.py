@@ -93,7 +93,7 @@ def drafts_at_prefill(branches, ecfg, width: int, costs) -> bool:
         return any(k != "ar" for k in kinds)
     if ecfg.alpha_scale is not None:  # the prior comes with the drafts: could the most
         # confident drafts (confidence 1) win here?
-        best = tuple(float(a) for a in np.clip(np.asarray(alpha_scale(ecfg, width)), 0.0, 1.0))
+        best = tuple(float(a) for a in np.asarray(scaled_prior(ecfg, width, 1.0)))
         ecfg = dataclasses.replace(ecfg, alpha_init=best, alpha_scale=None)
     return kinds[first_choice(branches, ecfg, width, costs)] != "ar"
 
@@ -115,3 +115,13 @@ def alpha_scale(ecfg, w: int):
     if a.shape != (w - 1,):
         a = np.full((w - 1,), a.mean(), np.float32)
     return jnp.asarray(a)
+
+
+def scaled_prior(ecfg, w: int, conf):
+    """The prior acceptance float32[W-1] of a prompt batch whose prefill drafts have mean
+    confidence `conf` (per position): conf * alpha_scale, at most alpha_lift * the alpha_init
+    prior (None: no bound), clipped to [0.05, 0.95]."""
+    a = conf * alpha_scale(ecfg, w)
+    if ecfg.alpha_init is not None:
+        a = jnp.minimum(a, ecfg.alpha_lift * alpha_prior(ecfg.alpha_init, w))
+    return jnp.clip(a, 0.05, 0.95).astype(jnp.float32)
