@@ -111,9 +111,8 @@ def heldout_summary(
         cache_dir=os.path.expanduser(F.distill_cache),
     )  # fmt: skip
     res = evaluate.teacher_forced_tau(cfg, dcfg, target, stored, held, use_calibration=True)
-    prompts = evaluate.heldout_prompts(cfg, tokenizer, prompt_set, F.heldout_prompts, 512)
     conf = evaluate.prefill_confidence(
-        cfg, target, Draft(stored, dcfg, vocab=vocab, vocab_size=n), prompts
+        cfg, target, Draft(stored, dcfg, vocab=vocab, vocab_size=n), held["prompts"]
     )
     r4 = lambda x: round(float(x), 4)
     return {

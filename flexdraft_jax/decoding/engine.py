@@ -79,10 +79,9 @@ class EngineConfig:
     # often accepted) and a chat prompt (doubtful drafts, rarely accepted); their prefill
     # confidence tells them apart (docs/design.md, "The flex policy"). None: `alpha_init`.
     alpha_scale: tuple[float, ...] | None = None
-    # ... but never above this multiple of `alpha_init`: the prefill confidence tells a chat prompt
-    # from a code prompt, not one code prompt from another (the shortest HumanEval prompts draft
-    # at confidence 0.94 and are accepted 0.54 of the time, like prompts drafted at 0.5), and an
-    # overstated prior makes flex speculate at batch sizes where one wrong step costs 4 AR steps.
+    # ... but never above this multiple of `alpha_init`: prefill confidence separates kinds of
+    # prompt better than prompts of one kind, and an overstated prior makes flex speculate at
+    # batch sizes where one wrong step costs several AR steps.
     alpha_lift: float = 1.25
     # The running estimate of each position's acceptance: (hits + w * prior) / (tries + w), hits
     # and tries discounted by `alpha_decay` every step, AR steps included. Evidence outweighs the

@@ -208,8 +208,8 @@ def heldout_set(
     mesh=None,
     seed: int = 0,
 ) -> dict:
-    """Greedy target responses to `heldout_prompts`, packed, with clean K/V. mesh: the target's
-    (self-distillation as one SPMD program)."""
+    """Greedy target responses to `heldout_prompts` (returned as "prompts"), packed, with clean
+    K/V. mesh: the target's (self-distillation as one SPMD program)."""
     from flexdraft_jax.training import data as data_lib
 
     prompts = heldout_prompts(cfg, tokenizer, prompt_set, num_prompts, seq_len, seed)
@@ -237,6 +237,7 @@ def heldout_set(
         name="heldout-" if prompt_set == "humaneval" else f"heldout-{prompt_set}-",
     )
     return {
+        "prompts": prompts,
         "tokens": packed.tokens,
         "lengths": packed.lengths,
         "loss_mask": packed.loss_mask,
