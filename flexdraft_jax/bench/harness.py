@@ -151,6 +151,7 @@ class TimingPlan:
       repeated when its first decode took over `slow_factor` times the fastest mode's and over
       `slow_seconds`: noise cannot change the verdict on it, and its repeats cost minutes at large
       batches. A mode cut on a pass slowed by load keeps that slowness, so AR and flex never are.
+      The `transformers` peer row follows the same rule against AR's first pass.
     settle_by, settle_rounds, settle_seconds: after the planned repeats AR and flex are timed
       again, round by round (up to `settle_rounds`, started within `settle_seconds` per batch
       size), while their latest repeat still cut their step-wise time by over the fraction
@@ -158,7 +159,7 @@ class TimingPlan:
     warmup_tokens: the token budget of the warm-up decode that compiles the steps (the budget is
       traced, so the timed decodes reuse its compilations).
     profile_repeats, profile_seconds: rounds over the branches when profiling step costs, stopping
-      after `profile_seconds` (`Decoder.measure`).
+      after `profile_seconds` (`Decoder.measure`): at least two before the warm-up, one after.
     keep_prefilled_bytes: memory for prefilled batches at one batch size (every batch and mode):
       while they fit, each batch is prefilled once per mode (the warm-up's serve as the first
       timed pass) and its decode repeated from that state; else every repeat prefills again.
@@ -264,8 +265,14 @@ def _profiler(run: _Run, decoders: dict) -> Decoder | None:
 
 def _profile(prof_dec: Decoder, decoders: dict, bs: int, timing: TimingPlan, before=None):
     """Every branch forced on a warm state and timed at batch `bs` (each at its faster time
-    against the profile `before`), then used by every decoder: a flex decode reads it."""
-    prof = prof_dec.measure(bs, repeats=timing.profile_repeats, max_seconds=timing.profile_seconds)
+    against the profile `before`, and then from one round on), then used by every decoder: a
+    flex decode reads it."""
+    prof = prof_dec.measure(
+        bs,
+        repeats=timing.profile_repeats,
+        max_seconds=timing.profile_seconds,
+        min_repeats=1 if before is not None else 2,
+    )
     if before is not None:
         prof = before.merged(prof)
     for d in decoders.values():
@@ -512,8 +519,9 @@ def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str
     rows = _rows(run, accs, ar_row, bs, len(batches), prof)
     if bs in run.hf_sizes:
         ar_outputs = accs[run.ar_name].outputs if run.temperature == 0.0 else None
+        slow = max(timing.slow_factor * accs[run.ar_name].one_pass()["whole"], timing.slow_seconds)
         rows.append(hf_row(run.hf_source, batches, run.max_new_tokens, run.cfg, run.eos_ids,
-                           ar_row, ar_outputs, timing.repeats, run.temperature))  # fmt: skip
+                           ar_row, ar_outputs, timing.repeats, run.temperature, slow))  # fmt: skip
     return rows, None if prof is None else _step_costs(prof, ar_row)
 
 

@@ -80,8 +80,13 @@ def hf_generate(model, batch, max_new_tokens: int, eos_ids, pad_id: int = 0):
     return tokens, secs
 
 
-def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, repeats, temp):
-    """The `transformers` peer row at one batch size (greedy; warm-up decode excluded)."""
+def hf_row(
+    source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, repeats, temp,
+    slow_seconds=float("inf"),
+):  # fmt: skip
+    """The `transformers` peer row at one batch size (greedy; warm-up decode excluded): the mean
+    of `repeats` passes over the batches, or of one when it took over `slow_seconds` (the
+    harness's rule for modes far slower than AR: more passes could not change the verdict)."""
     if temp != 0.0:
         log.warning("hf baseline is greedy only; temperature %s ignored for it", temp)
     key = source or "<embedded>"
@@ -93,6 +98,8 @@ def hf_row(source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, re
     hf_generate(model, batches[0], min(2, max_new_tokens), eos)  # warm-up
     outputs, tokens, seconds, prefill, seqs = [], 0, 0.0, 0.0, 0
     for _ in tqdm(range(repeats), desc="transformers generate", leave=False):
+        if seconds > slow_seconds:
+            break
         outputs = []
         for b in batches:
             prefill += hf_generate(model, b, 1, eos)[1]  # the prefill and its first token
