@@ -156,10 +156,11 @@ class TimingPlan:
       again, round by round (up to `settle_rounds`, started within `settle_seconds` per batch
       size), while their latest repeat still cut their step-wise time by over the fraction
       `settle_by`: a burst of load can cover all of one mode's repeats and none of the other's.
-    warmup_tokens: the token budget of the warm-up decode that compiles the steps (the budget is
-      traced, so the timed decodes reuse its compilations).
+    warmup_tokens: the token budget of the warm-up decode (the budget is traced, so the timed
+      decodes reuse its compilations).
     profile_repeats, profile_seconds: rounds over the branches when profiling step costs, stopping
-      after `profile_seconds` (`Decoder.measure`): at least two before the warm-up, one after.
+      after `profile_seconds` (`Decoder.measure`), twice per batch size (before and after the
+      warm-up).
     keep_prefilled_bytes: memory for prefilled batches at one batch size (every batch and mode):
       while they fit, each batch is prefilled once per mode (the warm-up's serve as the first
       timed pass) and its decode repeated from that state; else every repeat prefills again.
@@ -265,13 +266,10 @@ def _profiler(run: _Run, decoders: dict) -> Decoder | None:
 
 def _profile(prof_dec: Decoder, decoders: dict, bs: int, timing: TimingPlan, before=None):
     """Every branch forced on a warm state and timed at batch `bs` (each at its faster time
-    against the profile `before`, and then from one round on), then used by every decoder: a
-    flex decode reads it."""
+    against the profile `before`), then used by every decoder: a flex decode reads it. One
+    round can do, as every batch size is profiled twice."""
     prof = prof_dec.measure(
-        bs,
-        repeats=timing.profile_repeats,
-        max_seconds=timing.profile_seconds,
-        min_repeats=1 if before is not None else 2,
+        bs, repeats=timing.profile_repeats, max_seconds=timing.profile_seconds, min_repeats=1
     )
     if before is not None:
         prof = before.merged(prof)
@@ -281,9 +279,11 @@ def _profile(prof_dec: Decoder, decoders: dict, bs: int, timing: TimingPlan, bef
 
 
 def _warm_up(run: _Run, decoders: dict, batches: list, bs: int, timing: TimingPlan) -> tuple:
-    """Compile each prompt-width bucket's prefill and every step program (a short decode and
-    `Decoder.precompile` per bucket). The prefill is compiled before it runs and timed without
-    it, so the warm-up's prefilled batches can be the first timed pass's: returns them,
+    """Compile each prompt-width bucket's prefill and the first steps (a short decode), and for
+    AR and flex every step program (`Decoder.precompile`); the other modes compile the rest of
+    the steps their first timed decode takes as it takes them (its clock leaves compiling out).
+    The prefill is compiled before it runs and timed without it, so the warm-up's prefilled
+    batches can be the first timed pass's: returns them,
     {(batch index, mode): Prefilled}, and whether every batch's prefilled state, for every mode,
     fits in `timing.keep_prefilled_bytes` (then the timed repeats keep theirs too)."""
     pres, keep, widths = {}, None, {}
@@ -293,7 +293,8 @@ def _warm_up(run: _Run, decoders: dict, batches: list, bs: int, timing: TimingPl
         for i in widths.values():
             pre = decoders[name].start(batches[i], run.max_new_tokens, seed=run.seed)
             decoders[name].decode(pre.capped(timing.warmup_tokens), reuse=True)
-            decoders[name].precompile(pre)  # every branch, though the warm-up takes few
+            if name in run.always:  # the rest compile just the steps their decodes take
+                decoders[name].precompile(pre)  # every branch, though the warm-up takes few
             if keep is None:
                 size = sum(x.nbytes for x in jax.tree.leaves(pre.state))
                 keep = size * len(batches) * len(run.names) <= timing.keep_prefilled_bytes

@@ -595,17 +595,11 @@ class Decoder:
         if self.run_config.resolved_dispatch() == "host":
             # the very executables host-dispatched decoding runs: compiled once for both
             zeros = self._replicated(np.zeros(len(st.branches) + 1, np.float32))
-            force = lambda i, state: self._branch_step(st, i, window, state, zeros)(
-                self.target, self.draft, state, zeros
-            )[0]
-            keys = [(st, i, window) for i in range(len(st.branches))]
-            compiled = all(k in self._branches for k in keys)
+            exes = [self._branch_step(st, i, window, state, zeros) for i in range(len(st.branches))]
+            force = lambda i, state: exes[i](self.target, self.draft, state, zeros)[0]
         else:
+            self._step_exe(st, state, window)
             force = lambda i, state: self._force(st, i, state, window)
-            compiled = (st, batch, window) in self._steps
-        if not compiled:  # a first run compiles; a second measure has nothing to compile
-            for i in range(len(st.branches)):
-                state = force(i, state)
         # Branches interleaved round by round, and the fastest sample of each kept: load from
         # elsewhere on a shared machine only ever adds time, and hits every branch alike.
         # A speculative branch is timed with drafts in hand; the one after AR also without
