@@ -7,6 +7,7 @@ processes (restore must work from disk alone). Sharded runs live in tests/test_s
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -277,6 +278,16 @@ def test_tiny_model_learns_and_target_is_untouched(tmp_path):
     config3.train.stage = "attention"
     with pytest.raises(ValueError, match="calib_rank"):
         trainer.train(config3, str(tmp_path / "wd4"), target=(cfg, params, None))
+
+    # A deeper draft grows from it: its layers stay the deepest, the one added is the target's.
+    deeper = dataclasses.replace(out["dcfg"], depth=out["dcfg"].depth + 1)
+    init = lambda: trainer.draft_init(cfg, deeper, out["target"], jax.random.PRNGKey(0))["layers"]
+    grown = trainer.load_init_draft(str(tmp_path / "wd"), cfg, deeper, None, init)
+    for g, old, new in zip(*(jax.tree.leaves(t) for t in (grown["layers"], d1["layers"], init()))):
+        np.testing.assert_array_equal(g[1:], np.asarray(old))
+        np.testing.assert_array_equal(g[0], np.asarray(new[0]))
+    with pytest.raises(ValueError, match="depth"):
+        trainer.load_init_draft(str(tmp_path / "wd"), cfg, deeper)
 
 
 def test_cached_clean_pass_equals_the_full_step(tmp_path):

@@ -151,7 +151,8 @@ class TimingPlan:
       repeated when its first decode took over `slow_factor` times the fastest mode's and over
       `slow_seconds`: noise cannot change the verdict on it, and its repeats cost minutes at large
       batches. A mode cut on a pass slowed by load keeps that slowness, so AR and flex never are.
-      The `transformers` peer row follows the same rule against AR's first pass.
+      The `transformers` peer row is not repeated once a pass took over `slow_factor` times
+      AR's first pass.
     settle_by, settle_rounds, settle_seconds: after the planned repeats AR and flex are timed
       again, round by round (up to `settle_rounds`, started within `settle_seconds` per batch
       size), while their latest repeat still cut their step-wise time by over the fraction
@@ -520,7 +521,7 @@ def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str
     rows = _rows(run, accs, ar_row, bs, len(batches), prof)
     if bs in run.hf_sizes:
         ar_outputs = accs[run.ar_name].outputs if run.temperature == 0.0 else None
-        slow = max(timing.slow_factor * accs[run.ar_name].one_pass()["whole"], timing.slow_seconds)
+        slow = timing.slow_factor * accs[run.ar_name].one_pass()["whole"]
         rows.append(hf_row(run.hf_source, batches, run.max_new_tokens, run.cfg, run.eos_ids,
                            ar_row, ar_outputs, timing.repeats, run.temperature, slow))  # fmt: skip
     return rows, None if prof is None else _step_costs(prof, ar_row)

@@ -35,7 +35,7 @@ DEMO_BENCH = dict(
     num_prompts=4,
     batch_sizes=(1, 4, 16, 64),
     modes=None,  # each set's own (DEMO_SETS)
-    max_new_tokens=16,
+    max_new_tokens=12,
     # Timed decodes per mode and batch size (each step counts at its fastest repeat): a third
     # for modes whose three decodes fit in 20 s (AR and flex are always repeated).
     repeats=3,

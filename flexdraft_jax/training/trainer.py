@@ -190,19 +190,25 @@ def check_config_sharding(config, min_bytes: int = 4 * 2**20) -> list[str]:
     return bad
 
 
-def load_init_draft(path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibration=None) -> dict:
+def load_init_draft(
+    path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibration=None, fresh_layers=None
+) -> dict:
     """A draft to start from: a release-format directory, or a previous stage's workdir.
 
     fresh_calibration: when given (a stage that trains the calibration MLP), a draft whose
     calibration rank differs from `dcfg.calib_rank` is accepted and gets `fresh_calibration()`
-    instead of its own MLP; depth and block size must always match."""
+    instead of its own MLP. fresh_layers: when given, a shallower draft is accepted and grown
+    to `dcfg.depth`: its layers stay the deepest, and the layers added above them come from
+    `fresh_layers()` (an initial draft's `layers`, all `dcfg.depth` of them). The block size
+    must always match."""
     from flexdraft_jax.checkpoints import release
 
     if os.path.isdir(os.path.join(path, "draft_release")):
         path = os.path.join(path, "draft_release")
     got, draft = release.load_release(path, cfg)
     rank_ok = got.calib_rank == dcfg.calib_rank or fresh_calibration is not None
-    if (got.depth, got.block_size) != (dcfg.depth, dcfg.block_size) or not rank_ok:
+    depth_ok = got.depth == dcfg.depth or (fresh_layers is not None and got.depth < dcfg.depth)
+    if got.block_size != dcfg.block_size or not rank_ok or not depth_ok:
         raise ValueError(
             f"draft at {path} has depth={got.depth}, block_size={got.block_size}, "
             f"calib_rank={got.calib_rank}; the config asks for depth={dcfg.depth}, "
@@ -215,6 +221,15 @@ def load_init_draft(path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibr
             dcfg.calib_rank,
         )
         draft = dict(draft, calibration=fresh_calibration())
+    if got.depth < dcfg.depth:
+        added = dcfg.depth - got.depth
+        log.info("depth %d -> %d: layers added above the draft's own", got.depth, dcfg.depth)
+        layers = jax.tree.map(
+            lambda new, old: np.concatenate([np.asarray(new)[:added], old]),
+            fresh_layers(),
+            draft["layers"],
+        )
+        draft = dict(draft, layers=layers)
     return draft
 
 
@@ -321,10 +336,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         return {"step": jnp.zeros((), jnp.int32), "draft": draft, "opt_state": opt_state}
 
     if tc.init_from:
-        fresh = None
-        if "calibration" in keys:  # a new calibration rank may start afresh
-            fresh = lambda: jax.device_get(jax.jit(init_draft)(target, key)["calibration"])
-        start = load_init_draft(tc.init_from, cfg, dcfg, fresh)
+        fresh = lambda part: lambda: jax.device_get(jax.jit(init_draft)(target, key)[part])
+        # A new calibration rank may start afresh; new layers above a shallower draft may be added.
+        calib = fresh("calibration") if "calibration" in keys else None
+        layers = fresh("layers") if "layers" in keys else None
+        start = load_init_draft(tc.init_from, cfg, dcfg, calib, layers)
         start = jax.tree.map(
             lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: x[i]),
             start,
