@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -78,25 +79,27 @@ def test_cheap_decodes_are_all_repeated(tiny_run):
 
 def test_repeats_beyond_two_only_within_the_time_allowed(tmp_path):
     cfg, target, dcfg, draft = tiny()
-    # (within, keep prefilled states, repeats expected); without keeping, each repeat prefills.
+    # (within, keep prefilled states, repeats expected of sequential); without keeping, each
+    # repeat prefills. AR and flex always get every repeat.
     for within, keep, want in ((0.0, True, 2), (None, True, 3), (None, False, 3)):
         timing = plan(repeats=3, repeats_within_seconds=within,
                       keep_prefilled_bytes=(1 << 40) if keep else 0)  # fmt: skip
         res = harness.run_benchmark(
-            cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,), modes=("flex",),
-            max_new_tokens=4, output_dir=str(tmp_path / f"{within}{keep}"), eos_ids=(),
-            timing=timing, plots=False,
+            cfg, target, None, draft, dcfg, PROMPTS[:2], batch_sizes=(2,),
+            modes=("flex", "sequential"), max_new_tokens=4,
+            output_dir=str(tmp_path / f"{within}{keep}"), eos_ids=(), timing=timing, plots=False,
         )  # fmt: skip
         for r in res["rows"]:  # cheap decodes: every mode is repeated
-            assert len(r["repeat_seconds"]) == want, (within, r["mode"])
+            n = want if r["mode"] == "sequential" else 3
+            assert len(r["repeat_seconds"]) == n, (within, r["mode"])
         assert all(r["outputs_match_ar"] and r["batches_timed_stepwise"] for r in res["rows"])
 
 
 def test_which_modes_are_repeated():
     """The demo's batch 64 (first-pass decode seconds): sequential and parallel are far slower
-    than the fastest and are not repeated; AR and flex are, four times within a minute. Flex is
-    repeated even when a burst of load made its first pass slow; a mode whose four decodes would
-    not fit in the time allowed stops at two."""
+    than the fastest and are not repeated; AR and flex are, four times. Flex is repeated as
+    often as AR even when a burst of load made its first pass slow; another mode whose four
+    decodes would not fit in the time allowed stops at two."""
     names = ["ar", "sequential", "parallel", "flex"]
     always = {"ar", "flex"}
     demo = harness.TimingPlan(repeats=4, repeats_within_seconds=60.0)  # slow: 2.5x and 5 s
@@ -104,10 +107,32 @@ def test_which_modes_are_repeated():
     first = {"ar": 6.5, "sequential": 20.8, "parallel": 39.8, "flex": 6.6}
     assert harness._repeated(names, first, always, demo) == (["ar", "flex"], ["ar", "flex"])
     burst = dict(first, flex=21.0)
-    assert harness._repeated(names, burst, always, demo) == (["ar", "flex"], ["ar"])
+    assert harness._repeated(names, burst, always, demo) == (["ar", "flex"], ["ar", "flex"])
     assert harness._repeated(names, burst, always, no_limit) == (["ar", "flex"], ["ar", "flex"])
     cheap = {"ar": 1.0, "sequential": 2.4, "parallel": 4.9, "flex": 1.1}  # all under 5 s
     assert harness._repeated(names, cheap, always, demo) == (names, names)
+    tight = dataclasses.replace(demo, repeats_within_seconds=10.0)  # parallel: 4 x 4.9 s
+    assert harness._repeated(names, cheap, always, tight) == (names, ["ar", "sequential", "flex"])
+
+
+def test_ar_and_flex_are_timed_back_to_back_in_turns():
+    """Each round times AR and flex first and adjacent (load drifting over seconds weighs on
+    both alike), AR first on even rounds and flex on odd ones, then the other modes."""
+    calls = []
+
+    class Recorder:
+        def add(self, gen, repeat, batch):
+            calls.append(gen)
+
+    names = ["ar", "sequential", "parallel", "flex"]
+    accs = {n: Recorder() for n in names}
+    bar = types.SimpleNamespace(update=lambda: None)
+    for r in (0, 1):
+        harness._round(accs, lambda i, b, n: (i, n), ["b0", "b1"], names, ["ar", "flex"], r, bar)
+    rest = ["sequential", "parallel"]
+    want = [(i, n) for i in (0, 1) for n in ["ar", "flex"] + rest]
+    want += [(i, n) for i in (0, 1) for n in ["flex", "ar"] + rest]
+    assert calls == want
 
 
 def test_timing_plan_is_checked_and_split_from_run_keywords():

@@ -145,8 +145,10 @@ class TimingPlan:
 
     repeats: timed decodes per batch and mode, all with the same seed (a row counts each step at
       its fastest repeat: `rows.Acc`).
-    repeats_within_seconds: a mode's third repeat and later run only if `repeats` decodes as long
-      as its first fit in this many seconds (None: no limit): extra precision where it is cheap.
+    repeats_within_seconds: a mode other than AR and flex gets its third repeat and later only
+      if `repeats` decodes as long as its first fit in this many seconds (None: no limit): extra
+      precision where it is cheap. AR and flex always get every repeat, and the same number:
+      a step's fastest of more repeats is faster, so fewer for one would tilt their comparison.
     slow_factor, slow_seconds: a mode other than AR (the baseline) and flex (the subject) is not
       repeated when its first decode took over `slow_factor` times the fastest mode's and over
       `slow_seconds`: noise cannot change the verdict on it, and its repeats cost minutes at large
@@ -154,9 +156,9 @@ class TimingPlan:
       The `transformers` peer row is not repeated once a pass took over `slow_factor` times
       AR's first pass.
     settle_by, settle_rounds, settle_seconds: after the planned repeats AR and flex are timed
-      again, round by round (up to `settle_rounds`, started within `settle_seconds` per batch
-      size), while their latest repeat still cut their step-wise time by over the fraction
-      `settle_by`: a burst of load can cover all of one mode's repeats and none of the other's.
+      again, both, round by round (up to `settle_rounds`, started within `settle_seconds` per
+      batch size), while the latest repeat of either still cut its step-wise time by over the
+      fraction `settle_by`: a burst of load can cover one mode's repeats more than the other's.
     warmup_tokens: the token budget of the warm-up decode (the budget is traced, so the timed
       decodes reuse its compilations).
     profile_repeats, profile_seconds: rounds over the branches when profiling step costs, stopping
@@ -306,12 +308,14 @@ def _warm_up(run: _Run, decoders: dict, batches: list, bs: int, timing: TimingPl
 
 def _repeated(names, first: dict, always, timing: TimingPlan) -> tuple:
     """The modes timed again after the first pass (`first`: each mode's first-pass decode
-    seconds), and those timed a third time and later (`timing.repeats` of their decodes fit in
-    `timing.repeats_within_seconds`, or no limit)."""
+    seconds), and those timed a third time and later: AR and flex, and the others whose
+    `timing.repeats` decodes fit in `timing.repeats_within_seconds` (or no limit)."""
     cut = max(timing.slow_factor * min(first.values()), timing.slow_seconds)
     again = [n for n in names if n in always or first[n] <= cut]
     within = timing.repeats_within_seconds
-    later = [n for n in again if within is None or timing.repeats * first[n] <= within]
+    later = [
+        n for n in again if n in always or within is None or timing.repeats * first[n] <= within
+    ]
     return again, later
 
 
@@ -344,33 +348,38 @@ def _timed_rounds(run: _Run, decoders, batches, pres, keep, bs, timing: TimingPl
                 timed = later
             if r > 0:
                 bar.total += len(batches) * len(timed)
-            _round(accs, decode, batches, timed, r, bar)
+            _round(accs, decode, batches, timed, run.always, r, bar)
         _settle(accs, decode, batches, run.always, timing, bar)
     pres.clear()
     return accs
 
 
-def _round(accs, decode, batches, names, r: int, bar) -> None:
-    """Repeat `r` of every batch in each of `names`, mode after mode within a batch."""
+def _round(accs, decode, batches, names, always, r: int, bar) -> None:
+    """Repeat `r` of every batch in each of `names`, mode after mode within a batch: AR and
+    flex first and back to back (load drifts over seconds, and then weighs on both alike), in
+    turns (AR first on even rounds)."""
+    pair = [n for n in always if n in names][:: -1 if r % 2 else 1]
     for i, b in enumerate(batches):
-        for name in names:
+        for name in pair + [n for n in names if n not in always]:
             accs[name].add(decode(i, b, name), repeat=r, batch=i)
             bar.update()
 
 
 def _settle(accs, decode, batches, always, timing: TimingPlan, bar) -> None:
-    """More rounds of AR and flex while their latest repeat still cut their step-wise time
-    (`Acc.settling`), within `timing.settle_rounds` rounds started in `settle_seconds`."""
+    """More rounds of AR and flex, both, while the latest repeat of either still cut its
+    step-wise time (`Acc.settling`), within `timing.settle_rounds` rounds started in
+    `settle_seconds`: each keeps its fastest step of as many repeats as the other's."""
     r, t_settle = timing.repeats, time.perf_counter()
-    settle = [n for n in always if timing.repeats > 1 and accs[n].settling(timing.settle_by)]
+    settling = lambda: (
+        timing.repeats > 1 and any(accs[n].settling(timing.settle_by) for n in always)
+    )
     while (
-        settle
+        settling()
         and r < timing.repeats + timing.settle_rounds
         and time.perf_counter() - t_settle < timing.settle_seconds
     ):
-        bar.total += len(batches) * len(settle)
-        _round(accs, decode, batches, settle, r, bar)
-        settle = [n for n in settle if accs[n].settling(timing.settle_by)]
+        bar.total += len(batches) * len(always)
+        _round(accs, decode, batches, always, always, r, bar)
         r += 1
 
 

@@ -36,10 +36,10 @@ DEMO_BENCH = dict(
     batch_sizes=(1, 4, 16, 64),
     modes=None,  # each set's own (DEMO_SETS)
     max_new_tokens=12,
-    # Timed decodes per mode and batch size (each step counts at its fastest repeat): a third
-    # for modes whose three decodes fit in 20 s (AR and flex are always repeated).
+    # Timed decodes per mode and batch size (each step counts at its fastest repeat): three for
+    # AR and flex, a third for the others only where their three decodes fit in 5 s.
     repeats=3,
-    repeats_within_seconds=20.0,
+    repeats_within_seconds=5.0,
     # Rounds over the branches when profiling step costs: up to 4 while they take under 3 s,
     # twice per batch size (before and after the warm-up, each branch at its faster time).
     profile_repeats=4,
