@@ -406,6 +406,7 @@ def test_launch_benchmark_turns_file_and_hf_baseline(tmp_path):
     assert res["config"]["chat"] is True
     hf = next(r for r in res["rows"] if r["mode"] == hf_peer.HF_MODE)
     assert hf["tokens_per_s"] > 0 and hf["speedup_vs_ar"] > 0
+    assert hf["outputs_match_ar"]  # built from our parameters: the same model, the same tokens
     assert "hf_transformers" in stdout
 
 

@@ -4,6 +4,7 @@ and clear errors for bad files."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import gguf
@@ -363,3 +364,29 @@ print(tok(apply_chat(tok, "hi")).input_ids[:3])
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[1, 9690, 198]"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformers_peer_built_from_our_params_is_the_same_model(tied):
+    """The benchmark's `transformers` peer for the embedded target is built from our imported
+    parameters (`state_dict_from_params`, the inverse of the import): the same tensors, the same
+    logits as the model they came from."""
+    from flexdraft_jax.bench.hf_peer import hf_model_from_params
+    from flexdraft_jax.checkpoints.hf import params_from_state_dict, state_dict_from_params
+    from flexdraft_jax.models.config import ModelConfig
+
+    model = _tiny_llama(tied)
+    cfg = ModelConfig.from_hf(model.config.to_dict())
+    theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params = params_from_state_dict(cfg, theirs.get)
+    back = state_dict_from_params(cfg, params)
+    assert set(back) == set(theirs) - ({"lm_head.weight"} if tied else set())
+    for name, x in back.items():
+        np.testing.assert_array_equal(x, theirs[name])
+    peer = hf_model_from_params(cfg, params)
+    ids = torch.tensor([np.random.default_rng(1).integers(0, 67, 11).tolist()])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            peer(ids).logits.numpy(), model(ids).logits.numpy(), rtol=1e-5, atol=1e-5
+        )
+    assert hf_model_from_params(dataclasses.replace(cfg, qk_norm=True), params) is None

@@ -532,7 +532,8 @@ def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str
         ar_outputs = accs[run.ar_name].outputs if run.temperature == 0.0 else None
         slow = timing.slow_factor * accs[run.ar_name].one_pass()["whole"]
         rows.append(hf_row(run.hf_source, batches, run.max_new_tokens, run.cfg, run.eos_ids,
-                           ar_row, ar_outputs, timing.repeats, run.temperature, slow))  # fmt: skip
+                           ar_row, ar_outputs, timing.repeats, run.temperature, slow,
+                           run.target))  # fmt: skip
     return rows, None if prof is None else _step_costs(prof, ar_row)
 
 

@@ -13,6 +13,7 @@ import time
 from tqdm.auto import tqdm
 
 from flexdraft_jax.bench.rows import speed_fields, speedups
+from flexdraft_jax.checkpoints.hf import state_dict_from_params
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,36 @@ def load_hf_model(source: str | None):
         raise ValueError(
             f"hf baseline: expected a Hugging Face directory or a .gguf file: {source}"
         )
+    return model.eval()
+
+
+def hf_model_from_params(cfg, params):
+    """The target as a `transformers` Llama model built from our own parameters (float32), or
+    None when its configuration is not plain Llama. For the embedded GGUF this skips a second
+    import of the file, which `transformers` parses twice (config and weights): ~17 s here."""
+    plain = not (cfg.rope_scaling or cfg.attention_bias or cfg.o_proj_bias or cfg.qk_norm)
+    if cfg.arch != "llama" or not plain:
+        return None
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )  # fmt: skip
+    model = LlamaForCausalLM(hf_cfg).to(torch.float32)
+    state = {k: torch.from_numpy(v) for k, v in state_dict_from_params(cfg, params).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"hf peer: tensors missing {missing}, unexpected {unexpected}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
     return model.eval()
 
 
@@ -82,17 +113,19 @@ def hf_generate(model, batch, max_new_tokens: int, eos_ids, pad_id: int = 0):
 
 def hf_row(
     source, batches, max_new_tokens, cfg, eos_ids, ar_row, ar_outputs, repeats, temp,
-    slow_seconds=float("inf"),
+    slow_seconds=float("inf"), target=None,
 ):  # fmt: skip
     """The `transformers` peer row at one batch size (greedy; warm-up decode excluded): the mean
     of `repeats` passes over the batches, or of one when it took over `slow_seconds` (the
-    harness's rule for modes far slower than AR: more passes could not change the verdict)."""
+    harness's rule for modes far slower than AR: more passes could not change the verdict).
+    source None: the embedded target, built from `target` (our params) where it can be."""
     if temp != 0.0:
         log.warning("hf baseline is greedy only; temperature %s ignored for it", temp)
     key = source or "<embedded>"
     if key not in _HF_CACHE:
         _HF_CACHE.clear()
-        _HF_CACHE[key] = load_hf_model(source)
+        model = None if source or target is None else hf_model_from_params(cfg, target)
+        _HF_CACHE[key] = model if model is not None else load_hf_model(source)
     model = _HF_CACHE[key]
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     hf_generate(model, batches[0], min(2, max_new_tokens), eos)  # warm-up

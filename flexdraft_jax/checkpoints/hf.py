@@ -3,11 +3,13 @@
 `load_hf(path)` returns (ModelConfig, target params) in our stacked layout (see
 `models/transformer.py`). Tensors are read with `safetensors` (numpy, any dtype including bf16 via
 ml_dtypes) and converted to float32 unless another dtype is asked for. `params_from_state_dict`
-maps Hugging Face tensor names to our tree and is shared with the GGUF importer.
+maps Hugging Face tensor names to our tree and is shared with the GGUF importer;
+`state_dict_from_params` maps back.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -114,6 +116,32 @@ def params_from_state_dict(
         params["lm_head"] = {"kernel": need("lm_head.weight").T}
     _check_shapes(cfg, params)
     return params
+
+
+def state_dict_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_state_dict`: Hugging Face tensor names ([out, in] arrays) for
+    target params in our stacked layout (the `transformers` peer row builds its model so)."""
+    host = lambda x: np.asarray(x, np.float32)
+    out = {"model.embed_tokens.weight": host(params["embed"]["embedding"]),
+           "model.norm.weight": host(params["final_norm"]["scale"])}  # fmt: skip
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = host(params["lm_head"]["kernel"]).T
+    lay = params["layers"]
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        at = lambda *path, i=i: host(functools.reduce(lambda t, k: t[k], path, lay)[i])
+        for name in _ATTN:
+            out[pre + f"self_attn.{name}.weight"] = at("attn", name, "kernel").T
+            if "bias" in lay["attn"][name]:
+                out[pre + f"self_attn.{name}.bias"] = at("attn", name, "bias")
+        if cfg.qk_norm:
+            out[pre + "self_attn.q_norm.weight"] = at("attn", "q_norm", "scale")
+            out[pre + "self_attn.k_norm.weight"] = at("attn", "k_norm", "scale")
+        out[pre + "input_layernorm.weight"] = at("input_norm", "scale")
+        out[pre + "post_attention_layernorm.weight"] = at("post_norm", "scale")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[pre + f"mlp.{name}.weight"] = at("mlp", name, "kernel").T
+    return out
 
 
 def _stack(trees: list[dict]) -> dict:
