@@ -9,7 +9,6 @@ maps Hugging Face tensor names to our tree and is shared with the GGUF importer;
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Callable
@@ -126,22 +125,29 @@ def state_dict_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarr
            "model.norm.weight": host(params["final_norm"]["scale"])}  # fmt: skip
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = host(params["lm_head"]["kernel"]).T
-    lay = params["layers"]
+    layers = _unstack(params["layers"], slice(None))  # to the host once, not layer by layer
     for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}."
-        at = lambda *path, i=i: host(functools.reduce(lambda t, k: t[k], path, lay)[i])
+        pre, lay = f"model.layers.{i}.", _unstack(layers, i)
+        attn = lay["attn"]
         for name in _ATTN:
-            out[pre + f"self_attn.{name}.weight"] = at("attn", name, "kernel").T
-            if "bias" in lay["attn"][name]:
-                out[pre + f"self_attn.{name}.bias"] = at("attn", name, "bias")
+            out[pre + f"self_attn.{name}.weight"] = attn[name]["kernel"].T
+            if "bias" in attn[name]:
+                out[pre + f"self_attn.{name}.bias"] = attn[name]["bias"]
         if cfg.qk_norm:
-            out[pre + "self_attn.q_norm.weight"] = at("attn", "q_norm", "scale")
-            out[pre + "self_attn.k_norm.weight"] = at("attn", "k_norm", "scale")
-        out[pre + "input_layernorm.weight"] = at("input_norm", "scale")
-        out[pre + "post_attention_layernorm.weight"] = at("post_norm", "scale")
+            out[pre + "self_attn.q_norm.weight"] = attn["q_norm"]["scale"]
+            out[pre + "self_attn.k_norm.weight"] = attn["k_norm"]["scale"]
+        out[pre + "input_layernorm.weight"] = lay["input_norm"]["scale"]
+        out[pre + "post_attention_layernorm.weight"] = lay["post_norm"]["scale"]
         for name in ("gate_proj", "up_proj", "down_proj"):
-            out[pre + f"mlp.{name}.weight"] = at("mlp", name, "kernel").T
+            out[pre + f"mlp.{name}.weight"] = lay["mlp"][name]["kernel"].T
     return out
+
+
+def _unstack(tree, i: int):
+    """Layer(s) `i` of a stacked tree (`_stack`'s inverse), as float32 numpy."""
+    if isinstance(tree, dict):
+        return {k: _unstack(v, i) for k, v in tree.items()}
+    return np.asarray(tree[i], np.float32)
 
 
 def _stack(trees: list[dict]) -> dict:
