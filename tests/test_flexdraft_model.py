@@ -665,7 +665,34 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
     # The number of leading ids the draft was trained over: decoding's default vocabulary.
     sized = release.save_release(str(tmp_path / "s"), cfg, dcfg, draft, vocab=order, vocab_size=9)
     assert release.load_draft_vocab_size(sized, cfg) == 9
-    assert loading.load_draft(sized, cfg, target).vocab_size == 9
+    back = loading.load_draft(sized, cfg, target)
+    assert back.vocab_size == 9
+    # Only the 9 trained ids' calibration rows are stored; the others load as zeros, so the
+    # draft restricted to its vocabulary (as decoding runs it) gives the same logits.
+    def fc2_rows(d):
+        with safe_open(os.path.join(d, release.WEIGHTS_FILE), framework="numpy") as f:
+            return f.get_slice("anchor_bias_mlp.2.weight").get_shape()[0]
+
+    assert fc2_rows(out) == cfg.vocab_size and fc2_rows(sized) == 9
+    fc2, got = draft["calibration"]["fc2"], jax.tree.map(np.asarray, back.params)
+    np.testing.assert_array_equal(got["calibration"]["fc2"]["kernel"][:, order[:9]],
+                                  fc2["kernel"][:, order[:9]])  # fmt: skip
+    dropped = np.setdiff1d(np.arange(cfg.vocab_size), order[:9])
+    assert not got["calibration"]["fc2"]["kernel"][:, dropped].any()
+    assert not got["calibration"]["fc2"]["bias"][dropped].any()
+    hidden = jax.random.normal(jax.random.PRNGKey(0), (2, 3, cfg.hidden_size))
+    bonus = jnp.array([1, 7], jnp.int32)
+    logits = [
+        T.draft_logits(cfg, target, T.restrict_draft_vocab(cfg, target, d, order[:9]), hidden,
+                       bonus, True)  # fmt: skip
+        for d in (draft, got)
+    ]
+    np.testing.assert_allclose(*logits, rtol=1e-6, atol=1e-6)
+    full = release.save_release(str(tmp_path / "f"), cfg, dcfg, draft, vocab=order, vocab_size=9,
+                                trained_rows_only=False)  # fmt: skip
+    assert fc2_rows(full) == cfg.vocab_size
+    _assert_trees_equal(jax.tree.map(np.asarray, loading.load_draft(full, cfg, target).params),
+                        draft)  # fmt: skip
     for bad, why in (([1, 1, 2], "distinct"), ([cfg.vocab_size], "distinct"), ([], "non-empty")):
         with pytest.raises(ValueError, match=why):
             release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, vocab=np.array(bad))

@@ -13,6 +13,10 @@ A release draft is a directory with `config.json` and `model.safetensors` (or sh
                                                  frequency in the training responses, for a
                                                  restricted draft vocabulary (`load_draft_vocab`)
 
+Ours, optional: with `anchor_bias_rows: n` in the flexdraft config, fc2 holds only the rows of
+`draft_vocab[:n]` ([n, r], [n]), the ids the draft was trained over; every other row loads as zero
+(no correction). A restricted draft never reads those rows, and they are most of the file.
+
 Draft layer `i` pairs with target layer `target_layer_ids[i]`. `config.json` carries, under the
 key `flexdraft_config` (older files: `dflash_config`), the fields `target_layer_ids`,
 `block_size`, `enable_anchor_bias_logits` and `anchor_bias_rank`. Other keys of the release files
@@ -42,6 +46,7 @@ ACCEPTANCE_KEY = "heldout_acceptance"  # ours, optional: see `save_release`
 CONFIDENCE_KEY = "prefill_confidence"  # ours, optional: see `save_release`
 VOCAB_SIZE_KEY = "draft_vocab_size"  # ours, optional: see `save_release`
 FINGERPRINT_KEY = "target_fingerprint"  # ours, optional: see `save_release`
+ROWS_KEY = "anchor_bias_rows"  # ours, optional: see the module docstring
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -296,8 +301,19 @@ def load_release(path: str, cfg: ModelConfig, dtype=np.float32) -> tuple[DraftCo
     if use_calib:
         w1 = t.get("anchor_bias_mlp.0.weight", (rank, 2 * h), dtype)
         b1 = t.get("anchor_bias_mlp.0.bias", (rank,), dtype)
-        w2 = t.get("anchor_bias_mlp.2.weight", (v, rank), dtype)
-        b2 = t.get("anchor_bias_mlp.2.bias", (v,), dtype)
+        rows = fd.get(ROWS_KEY)
+        if rows is None:
+            w2 = t.get("anchor_bias_mlp.2.weight", (v, rank), dtype)
+            b2 = t.get("anchor_bias_mlp.2.bias", (v,), dtype)
+        else:  # only the trained rows are stored: scatter them into zeros
+            where = f"{directory}/config.json"
+            ids = load_draft_vocab(path, cfg)
+            if ids is None:
+                raise ValueError(f"{where}: {ROWS_KEY} counts rows of a draft_vocab it lacks")
+            ids = ids[: _check_vocab_size(rows, len(ids), where) or len(ids)]
+            w2, b2 = np.zeros((v, rank), dtype), np.zeros((v,), dtype)
+            w2[ids] = t.get("anchor_bias_mlp.2.weight", (len(ids), rank), dtype)
+            b2[ids] = t.get("anchor_bias_mlp.2.bias", (len(ids),), dtype)
     else:  # disabled in the release: a zero MLP is an exact no-op
         w1, b1 = np.zeros((rank, 2 * h), dtype), np.zeros((rank,), dtype)
         w2, b2 = np.zeros((v, rank), dtype), np.zeros((v,), dtype)
@@ -387,6 +403,7 @@ def save_release(
     vocab_size=None,
     target_fingerprint: str | None = None,
     prefill_confidence=None,
+    trained_rows_only: bool = True,
 ) -> str:
     """Write `draft` as a release-format directory (config.json + model.safetensors) at `path`.
 
@@ -401,6 +418,8 @@ def save_release(
     flex scales a prompt's own prefill confidence by acceptance / this into its prior.
     target_fingerprint: optional `models.draft.target_fingerprint` of the target the draft was
     trained for (stored in config.json): loading it for another target is refused.
+    trained_rows_only: with `vocab_size` n > 0, store only the calibration fc2 rows of the first n
+    ids of `vocab` (the others load as zeros); for a real vocabulary most of the file is fc2.
 
     dtype: "float32", "bfloat16" or "float16". The write is atomic: everything goes to a temporary
     directory beside `path` that is renamed into place at the end, so a failure leaves either the
@@ -422,6 +441,11 @@ def save_release(
     if vocab_size is not None:
         n = _check_vocab_size(vocab_size, len(tensors["draft_vocab"]), "vocab_size")
         config[CONFIG_KEYS[0]][VOCAB_SIZE_KEY] = n
+        if trained_rows_only and n and dcfg.use_calibration:
+            ids = tensors["draft_vocab"][:n]
+            for name in ("anchor_bias_mlp.2.weight", "anchor_bias_mlp.2.bias"):
+                tensors[name] = np.ascontiguousarray(tensors[name][ids])
+            config[CONFIG_KEYS[0]][ROWS_KEY] = n
     if acceptance is not None:
         acc = _check_acceptance(acceptance, dcfg.block_size, "acceptance")
         config[CONFIG_KEYS[0]][ACCEPTANCE_KEY] = [round(float(a), 4) for a in acc]
