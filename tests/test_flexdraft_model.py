@@ -667,6 +667,7 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
     assert release.load_draft_vocab_size(sized, cfg) == 9
     back = loading.load_draft(sized, cfg, target)
     assert back.vocab_size == 9
+
     # Only the 9 trained ids' calibration rows are stored; the others load as zeros, so the
     # draft restricted to its vocabulary (as decoding runs it) gives the same logits.
     def fc2_rows(d):
@@ -683,8 +684,9 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
     hidden = jax.random.normal(jax.random.PRNGKey(0), (2, 3, cfg.hidden_size))
     bonus = jnp.array([1, 7], jnp.int32)
     logits = [
-        T.draft_logits(cfg, target, T.restrict_draft_vocab(cfg, target, d, order[:9]), hidden,
-                       bonus, True)  # fmt: skip
+        T.draft_logits(
+            cfg, target, T.restrict_draft_vocab(cfg, target, d, order[:9]), hidden, bonus, True
+        )  # fmt: skip
         for d in (draft, got)
     ]
     np.testing.assert_allclose(*logits, rtol=1e-6, atol=1e-6)
