@@ -400,6 +400,27 @@ def test_restricted_draft_vocabulary_training(tmp_path):
     assert all(h["acc"] <= h["in_vocab"] + 1e-6 for h in half["history"])
 
 
+def test_trainer_release_records_the_prior_and_its_calibration(tmp_path):
+    """The trainer's own release carries what launch/export_draft.py records for flex's prior:
+    the held-out acceptance and the prefill-draft confidence on the same held-out prompts, as
+    decoding computes it from the release (restricted to its draft vocabulary)."""
+    from flexdraft_jax.recipes import loading
+    from flexdraft_jax.training import evaluate
+
+    config = tiny_config(tmp_path, stage="joint", steps=3, log_every=1, ckpt_every=1000,
+                         draft_vocab_size=32)  # fmt: skip
+    config.eval.every, config.eval.num_prompts, config.eval.sets = 3, 3, ("humaneval",)
+    config.eval.max_new_tokens, config.eval.seq_len = 12, 64
+    cfg = ModelConfig(**dict(config.model.tiny))
+    target = sharp_target(cfg)
+    trainer.train(config, str(tmp_path / "wd"), target=(cfg, target, None))
+    record = loading.load_draft(str(tmp_path / "wd" / "draft_release"), cfg, target)
+    assert record.acceptance is not None and record.vocab_size == 32
+    prompts = evaluate.heldout_prompts(cfg, None, "humaneval", 3, 64, config.seed)
+    want = evaluate.prefill_confidence(cfg, jax.tree.map(jnp.asarray, target), record, prompts)
+    np.testing.assert_allclose(record.prefill_confidence, want, atol=1e-4)
+
+
 def test_stage_names_are_checked():
     with pytest.raises(ValueError, match="unknown stage"):
         train_step.trainable_keys("everything")

@@ -499,9 +499,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         release_dir = os.path.join(workdir, "draft_release")
         final = [r for r in history if r.get("step") == done and "heldout_acceptance" in r]
         acceptance = evaluate.prior_acceptance(final[-1]) if final else None
+        confidence = None
+        # the prior's calibration, as launch/export_draft.py records it; a Decoder runs on one
+        # process, so a multi-process run leaves it to that script
+        if acceptance is not None and jax.process_count() == 1:
+            from flexdraft_jax.models.draft import Draft
+
+            host = Draft(jax.tree.map(_to_host, state["draft"]), dcfg, vocab_order, n_vocab)
+            confidence = np.mean(
+                [evaluate.prefill_confidence(cfg, target, host, s["prompts"])
+                 for s in heldout.values()], axis=0,
+            ).tolist()  # fmt: skip
         export_release(
-            release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab, target
-        )
+            release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab, target,
+            confidence,
+        )  # fmt: skip
     data = {
         "sequences": int(len(dataset.packed.lengths)),
         "response_tokens": int(dataset.packed.loss_mask.sum()),
@@ -550,7 +562,15 @@ def _summarise(host: list[dict], step: int, seconds: float, tokens: int) -> dict
 
 
 def export_release(
-    path: str, cfg, dcfg, draft, vocab=None, acceptance=None, vocab_size=None, target=None
+    path: str,
+    cfg,
+    dcfg,
+    draft,
+    vocab=None,
+    acceptance=None,
+    vocab_size=None,
+    target=None,
+    prefill_confidence=None,
 ) -> None:
     """The draft in the release layout, with the fingerprint of `target` when given."""
     from flexdraft_jax.checkpoints import release
@@ -564,6 +584,6 @@ def export_release(
     if jax.process_index() == 0:
         release.save_release(
             path, cfg, dcfg, host, vocab=vocab, acceptance=acceptance, vocab_size=vocab_size,
-            target_fingerprint=fingerprint,
+            target_fingerprint=fingerprint, prefill_confidence=prefill_confidence,
         )  # fmt: skip
         log.info("draft exported to %s", path)
