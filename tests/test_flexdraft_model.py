@@ -735,6 +735,34 @@ def test_release_records_the_held_out_acceptance(tmp_path):
         release.save_release(str(tmp_path / "bad"), cfg, dcfg, draft, prefill_confidence=[0.5] * 3)
 
 
+def test_device_training_bf16_export_keeps_what_flex_reads(tmp_path):
+    """The accelerator check's bfloat16 re-export of a trainer's release keeps the vocabulary, its
+    size, the acceptance prior and its prefill-confidence calibration."""
+    from flexdraft_jax.recipes import device_train, loading
+
+    cfg = ARCHS["llama"]
+    dcfg = DraftConfig(depth=DEPTH, block_size=4, calib_rank=16)
+    target = random_target(cfg, 1)
+    draft = random_draft(cfg, dcfg, target, 2)
+    order = np.random.default_rng(0).permutation(cfg.vocab_size).astype(np.int32)
+    src = release.save_release(
+        str(tmp_path / "f32"),
+        cfg,
+        dcfg,
+        draft,
+        vocab=order,
+        vocab_size=9,
+        acceptance=[0.6, 0.5, 0.4],
+        prefill_confidence=[0.9, 0.5, 0.2],
+    )
+    device_train.export_bf16(src, str(tmp_path / "bf16"), cfg, "bfloat16", 2**30)
+    back = loading.load_draft(str(tmp_path / "bf16"), cfg, target)
+    np.testing.assert_array_equal(back.vocab, order)
+    assert back.vocab_size == 9
+    np.testing.assert_allclose(back.acceptance, [0.6, 0.5, 0.4])
+    np.testing.assert_allclose(back.prefill_confidence, [0.9, 0.5, 0.2])
+
+
 def test_a_release_names_its_target_and_another_target_is_refused(tmp_path):
     """The release records the fingerprint of the target it was trained for: loading it for the
     same target (in any dtype) works, for another target of the same shape it fails, naming both;

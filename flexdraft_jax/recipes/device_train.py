@@ -67,16 +67,19 @@ def _config(plan: TrainPlan, minutes: float, work_dir: str):
 
 
 def export_bf16(release_dir: str, out_dir: str, cfg, dtype: str, max_file_bytes: int) -> dict:
-    """The trainer's release (float32) re-saved in `dtype` with its vocabulary, acceptance and
-    target fingerprint, then its large files cut into parts. Returns what was written."""
+    """The trainer's release (float32) re-saved in `dtype` with its vocabulary, acceptance, prefill
+    confidence and target fingerprint, then its large files cut into parts. Returns what was
+    written."""
     from flexdraft_jax.checkpoints import release
 
     dcfg, params = release.load_release(release_dir, cfg)
     vocab = release.load_draft_vocab(release_dir, cfg)
     acceptance = release.load_acceptance(release_dir, dcfg.block_size)
+    confidence = release.load_prefill_confidence(release_dir, dcfg.block_size)
     release.save_release(
         out_dir, cfg, dcfg, params, dtype=dtype, vocab=vocab,
         acceptance=None if acceptance is None else acceptance.tolist(),
+        prefill_confidence=None if confidence is None else confidence.tolist(),
         vocab_size=None if vocab is None else release.load_draft_vocab_size(release_dir, cfg),
         target_fingerprint=release.load_target_fingerprint(release_dir),
     )  # fmt: skip
