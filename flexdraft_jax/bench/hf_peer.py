@@ -54,6 +54,7 @@ def hf_model_from_params(cfg, params):
         return None
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.initialization import no_init_weights
 
     torch.set_num_threads(os.cpu_count() or 1)
     hf_cfg = LlamaConfig(
@@ -64,9 +65,10 @@ def hf_model_from_params(cfg, params):
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )  # fmt: skip
-    model = LlamaForCausalLM(hf_cfg).to(torch.float32)
+    with no_init_weights():  # every weight is overwritten below: skip the random init (~2 s)
+        model = LlamaForCausalLM(hf_cfg).to(torch.float32)
     state = {k: torch.from_numpy(v) for k, v in state_dict_from_params(cfg, params).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"hf peer: tensors missing {missing}, unexpected {unexpected}")
