@@ -6,9 +6,10 @@ from the standard library's source, and documentation prompts; CE on the greedy 
 the deep-layer clean pass be computed once), early slots weighted. Held-out tau is logged on
 HumanEval (code) and on the held-out ShareGPT split (chat).
 
-The shipped draft was made in two runs: this recipe on code alone (stubs and documentation, 6144
-prompts, 3600 steps), then `:finetune`, which continues from that draft on the mix
-(docs/training.md; provenance.json lists both). A run may go in chunks: SIGTERM (or
+The shipped draft was made in three runs: this recipe on code alone (stubs and documentation,
+6144 prompts, 3600 steps); then from that draft on the mix (3072 prompts, 1600 steps); then
+`:finetune`, which grew that depth-6 draft to depth 10 and trained it on a larger mix (4096
+prompts, 1400 steps). docs/training.md gives each run's command; provenance.json lists all three. A run may go in chunks: SIGTERM (or
 `--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
@@ -74,11 +75,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh.shape = (1, -1, 1)
 
-    # Continue from the shipped draft on this config's data: the shipped draft is the code run's
-    # draft after one such run (docs/training.md).
+    # Continue from the shipped draft (depth 10) on the mix; its last run was this from the
+    # depth-6 draft before it, grown (docs/training.md).
     if arg == "finetune":
         c.train.init_from = os.path.join(os.path.dirname(__file__), "..", "drafts", "smollm2_135m")
-        c.train.steps = 1600
+        c.draft.depth = 10
+        c.data.num_prompts = 4096
+        c.data.weights = (10, 5, 1)
+        c.train.steps = 1400
         c.train.lr = 5e-4
         c.train.warmup_steps = 50
     if arg == "runlocal":
