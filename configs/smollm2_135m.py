@@ -9,8 +9,9 @@ HumanEval (code) and on the held-out ShareGPT split (chat).
 The shipped draft was made in three runs: this recipe on code alone (stubs and documentation,
 6144 prompts, 3600 steps); then from that draft on the mix (3072 prompts, 1600 steps); then
 `:finetune`, which grew that depth-6 draft to depth 10 and trained it on a larger mix (4096
-prompts, 1400 steps). docs/training.md gives each run's command; provenance.json lists all three. A run may go in chunks: SIGTERM (or
-`--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same command resumes it.
+prompts, 1400 steps). docs/training.md gives each run's command; provenance.json lists all
+three. A run may go in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a
+checkpoint and the same command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
 
