@@ -499,21 +499,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None, targ
         release_dir = os.path.join(workdir, "draft_release")
         final = [r for r in history if r.get("step") == done and "heldout_acceptance" in r]
         acceptance = evaluate.prior_acceptance(final[-1]) if final else None
+        host = jax.tree.map(_to_host, state["draft"])  # once, for both uses below
         confidence = None
         # the prior's calibration, as launch/export_draft.py records it; a Decoder runs on one
         # process, so a multi-process run leaves it to that script
         if acceptance is not None and jax.process_count() == 1:
             from flexdraft_jax.models.draft import Draft
 
-            host = Draft(jax.tree.map(_to_host, state["draft"]), dcfg, vocab_order, n_vocab)
+            shipped = Draft(host, dcfg, vocab_order, n_vocab)
             confidence = np.mean(
-                [evaluate.prefill_confidence(cfg, target, host, s["prompts"])
+                [evaluate.prefill_confidence(cfg, target, shipped, s["prompts"])
                  for s in heldout.values()], axis=0,
             ).tolist()  # fmt: skip
         export_release(
-            release_dir, cfg, dcfg, state["draft"], vocab_order, acceptance, n_vocab, target,
-            confidence,
-        )  # fmt: skip
+            release_dir, cfg, dcfg, host, vocab_order, acceptance, n_vocab, target, confidence
+        )
     data = {
         "sequences": int(len(dataset.packed.lengths)),
         "response_tokens": int(dataset.packed.loss_mask.sum()),
