@@ -265,7 +265,8 @@ def test_tiny_model_learns_and_target_is_untouched(tmp_path):
     )
     assert out2["history"][-1]["loss"] < out2["history"][0]["loss"]
 
-    # A new calibration rank starts its MLP afresh; a stage that keeps the MLP frozen refuses it.
+    # A higher calibration rank widens the trained MLP (same output to start with); a stage
+    # that keeps the MLP frozen refuses it.
     config3 = tiny_config(
         tmp_path, stage="calibration", steps=3, log_every=1, init_from=str(tmp_path / "wd")
     )
@@ -273,6 +274,16 @@ def test_tiny_model_learns_and_target_is_untouched(tmp_path):
     out3 = trainer.train(config3, str(tmp_path / "wd3"), target=(cfg, params, None))
     d3 = out3["state"]["draft"]
     assert d3["calibration"]["fc1"]["kernel"].shape[1] == config3.draft.calib_rank
+    wide = dataclasses.replace(out["dcfg"], calib_rank=config3.draft.calib_rank)
+    fresh = lambda: trainer.draft_init(cfg, wide, out["target"], jax.random.PRNGKey(1))
+    grown = trainer.load_init_draft(
+        str(tmp_path / "wd2"), cfg, wide, lambda: fresh()["calibration"]
+    )["calibration"]
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, 2 * cfg.hidden_size))
+    calib = lambda p, r: np.asarray(T.Calibration(r, cfg.vocab_size).apply({"params": p}, x))
+    trained = calib(d2["calibration"], out["dcfg"].calib_rank)
+    assert np.abs(trained).max() > 1e-3  # the calibration stage's MLP, not a zero one
+    np.testing.assert_allclose(calib(grown, wide.calib_rank), trained, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(d1["layers"]), jax.tree.leaves(d3["layers"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     config3.train.stage = "attention"

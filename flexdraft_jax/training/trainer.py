@@ -190,13 +190,25 @@ def check_config_sharding(config, min_bytes: int = 4 * 2**20) -> list[str]:
     return bad
 
 
+def grow_calibration(old: dict, fresh: dict) -> dict:
+    """A wider calibration MLP that computes what `old` does: `old`'s hidden units first, then
+    `fresh`'s remaining ones, whose fc2 rows are zero (a fresh MLP's fc2 is zero-initialised)."""
+    r = old["fc1"]["kernel"].shape[1]
+    fc1 = {k: np.concatenate([old["fc1"][k], np.asarray(fresh["fc1"][k])[..., r:]], axis=-1)
+           for k in ("kernel", "bias")}  # fmt: skip
+    added = np.zeros_like(np.asarray(fresh["fc2"]["kernel"])[r:])
+    fc2 = {"kernel": np.concatenate([old["fc2"]["kernel"], added]), "bias": old["fc2"]["bias"]}
+    return {"fc1": fc1, "fc2": fc2}
+
+
 def load_init_draft(
     path: str, cfg: ModelConfig, dcfg: DraftConfig, fresh_calibration=None, fresh_layers=None
 ) -> dict:
     """A draft to start from: a release-format directory, or a previous stage's workdir.
 
     fresh_calibration: when given (a stage that trains the calibration MLP), a draft whose
-    calibration rank differs from `dcfg.calib_rank` is accepted and gets `fresh_calibration()`
+    calibration rank differs from `dcfg.calib_rank` is accepted: a lower rank is widened by
+    `grow_calibration` (the same function to start with), a higher one gets `fresh_calibration()`
     instead of its own MLP. fresh_layers: when given, a shallower draft is accepted and grown
     to `dcfg.depth`: its layers stay the deepest, and the layers added above them come from
     `fresh_layers()` (an initial draft's `layers`, all `dcfg.depth` of them). The block size
@@ -214,13 +226,20 @@ def load_init_draft(
             f"calib_rank={got.calib_rank}; the config asks for depth={dcfg.depth}, "
             f"block_size={dcfg.block_size}, calib_rank={dcfg.calib_rank}"
         )
-    if got.calib_rank != dcfg.calib_rank:
+    if got.calib_rank > dcfg.calib_rank:
         log.info(
             "calibration rank %d -> %d: the calibration MLP starts afresh",
             got.calib_rank,
             dcfg.calib_rank,
         )
         draft = dict(draft, calibration=fresh_calibration())
+    elif got.calib_rank < dcfg.calib_rank:
+        log.info(
+            "calibration rank %d -> %d: trained units kept, new ones added with zero output",
+            got.calib_rank,
+            dcfg.calib_rank,
+        )
+        draft = dict(draft, calibration=grow_calibration(draft["calibration"], fresh_calibration()))
     if got.depth < dcfg.depth:
         added = dcfg.depth - got.depth
         log.info("depth %d -> %d: layers added above the draft's own", got.depth, dcfg.depth)
