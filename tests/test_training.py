@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -669,6 +670,30 @@ def test_clean_cache_top_k_from_the_response_rows(tmp_path):
         np.testing.assert_array_equal(ids[i, s0:n], np.asarray(want_ids)[s0:])
         np.testing.assert_allclose(logp[i, s0:n], np.asarray(want_lp)[s0:], atol=1e-4)
         assert np.isneginf(logp[i, :s0]).all() and np.isneginf(logp[i, n:]).all()
+
+
+def test_clean_cache_on_disk_is_the_pass_in_memory(tmp_path):
+    """Written to a cache folder (bfloat16 and top-k, filled as memory-mapped files), the clean
+    pass returns those files memory-mapped, equal to the pass kept in memory, with no temporary
+    file left; a second call reads them back."""
+    from flexdraft_jax.training import clean_cache
+
+    cfg, target, packed = _tiny_packed(tmp_path, 5, 9, 12, seed=7)
+    toks, lens = packed.tokens, packed.lengths
+    kw = dict(batch_size=2, bucket=8, topk=3, topk_from=packed.loss_mask.argmax(1) - 1)
+    mem = clean_cache.precompute(cfg, 2, target, toks, lens, **kw)
+    d = tmp_path / "cc"
+    for _ in range(2):
+        disk = clean_cache.precompute(cfg, 2, target, toks, lens, cache_dir=str(d), ident="m", **kw)
+        assert all(isinstance(x, np.memmap) for x in disk)
+        assert disk[0].dtype == mem[0].dtype == ml_dtypes.bfloat16
+        for a, b in zip(disk, mem):
+            np.testing.assert_array_equal(np.asarray(a), b)
+        assert np.abs(mem[0].astype(np.float32)).max() > 0 and np.isneginf(mem[3]).any()
+        assert sorted(os.listdir(d)) == sorted(
+            f"{clean_cache.cache_key('m', toks, 2, 'bfloat16')}.{p}.npy"
+            for p in ("k", "v", "top3_ids", "top3_logp")
+        )
 
 
 def _tiny_packed(tmp_path, n, max_prompt, new, seed):

@@ -15,6 +15,7 @@ token at the anchor, which the batch carries).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -117,18 +118,59 @@ def precompute(
         raise ValueError("a clean cache on disk needs `ident` (the model's identity) for its key")
     if topk < 0 or topk > cfg.vocab_size:
         raise ValueError(f"clean cache topk must be in [0, {cfg.vocab_size}], got {topk}")
-    path = None
     n, t = tokens.shape
-    shape = (n, depth, t, cfg.num_kv_heads, cfg.head_dim)
-    out = [np.zeros(shape, DTYPES[dtype]), np.zeros(shape, DTYPES[dtype])]
-    if topk:
-        out += [np.zeros((n, t, topk), np.int32), np.full((n, t, topk), -np.inf, np.float32)]
-    first = 0
+    path = None
     if cache_dir is not None:
         path = os.path.join(cache_dir, name + cache_key(ident, tokens, depth, dtype))
         if _exists(path, topk):
             log.info("clean pass: reusing %s", path)
             return _load(path, dtype, topk)
+    if not (path and jax.process_index() == 0):  # every process computes the same arrays
+        out = _arrays(n, t, depth, cfg, dtype, topk)
+        _fill(cfg, depth, target, tokens, lengths, out, batch_size, bucket, topk, topk_from,
+              path and (cache_dir, name, ident, dtype))  # fmt: skip
+        return tuple(out)
+    # The main process fills memory-mapped temporary files, renamed into place when complete:
+    # the arrays (12 GB at depth 10 for 4096 sequences) need not fit in memory.
+    with contextlib.ExitStack() as files:
+        tmps = [files.enter_context(atomic_path(f"{path}.{p}.npy")) for p in _parts(topk)]
+        out = _arrays(n, t, depth, cfg, dtype, topk, tmps)
+        _fill(cfg, depth, target, tokens, lengths, out, batch_size, bucket, topk, topk_from,
+              (cache_dir, name, ident, dtype))  # fmt: skip
+        for arr in out:
+            arr.flush()
+        del out
+    log.info("clean pass: %s K/V of %d sequences written to %s", dtype, n, path)
+    return _load(path, dtype, topk)
+
+
+def _arrays(n, t, depth, cfg, dtype, topk, files=None) -> list:
+    """The output arrays, zero (log-probabilities -inf): in memory, or with `files` (one path
+    per `_parts`) as new .npy files memory-mapped (bfloat16 stored as 2-byte voids, as np.save
+    writes it)."""
+    kv = (n, depth, t, cfg.num_kv_heads, cfg.head_dim)
+    specs = [(kv, DTYPES[dtype])] * 2
+    if topk:
+        specs += [((n, t, topk), np.int32), ((n, t, topk), np.float32)]
+    if files is None:
+        out = [np.zeros(shape, dt) for shape, dt in specs]
+    else:
+        out = []
+        for f, (shape, dt) in zip(files, specs):
+            stored = np.dtype("V2") if dt is ml_dtypes.bfloat16 else np.dtype(dt)
+            out.append(np.lib.format.open_memmap(f, "w+", stored, shape).view(dt))
+    if topk:
+        out[3][...] = -np.inf
+    return out
+
+
+def _fill(cfg, depth, target, tokens, lengths, out, batch_size, bucket, topk, topk_from, reuse):
+    """Run the clean pass into `out` (`_arrays`); `reuse`: (cache_dir, name, ident, dtype) to
+    copy the rows of the longest cached prefix from, or None."""
+    n, t = tokens.shape
+    first = 0
+    if reuse:
+        cache_dir, name, ident, dtype = reuse
         first, prefix = _longest_cached_prefix(cache_dir, name, ident, tokens, depth, dtype, topk)
         if prefix is not None:
             log.info("clean pass: reusing the first %d of %d sequences from %s", first, n, prefix)
@@ -172,10 +214,3 @@ def precompute(
         for arr, x in zip(out[2:], got[2:]):
             for r, (j, s0, n_i) in enumerate(zip(idx, start, lengths[idx])):
                 arr[j, s0:n_i] = x[r, : n_i - s0]
-    if path and jax.process_index() == 0:  # every process computed the same arrays
-        os.makedirs(cache_dir, exist_ok=True)
-        for kind, arr in zip(_parts(topk), out):
-            with atomic_path(f"{path}.{kind}.npy") as tmp:
-                np.save(tmp, arr)
-        log.info("clean pass: %s K/V of %d sequences written to %s", dtype, n, path)
-    return tuple(out)
