@@ -10,6 +10,9 @@ Default target: the embedded SmolLM2-135M-Instruct; default draft: the one shipp
 chat turns when the tokenizer has a chat template, as the shipped draft was trained (`--nochat`
 for raw completions). Mode specs take ablation options: `flex:nocalib`, `flex:t=0`.
 Writes results.json, speedup.png, acceptance.png and step_cost.png to --output_dir.
+
+  python launch/benchmark.py --tau_only --dataset=sharegpt --modes=sequential --batch_sizes=1 \
+      --num_prompts=48    # tau only: each mode decodes once, untimed, no AR -> tau.json
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from absl import app, flags, logging
 
 from flexdraft_jax import compilation, prompts
 from flexdraft_jax.bench import harness, report
+from flexdraft_jax.common import write_json_atomic
 from flexdraft_jax.models.config import MAX_BLOCK_SIZE
 from flexdraft_jax.recipes import loading
 
@@ -77,6 +81,11 @@ flags.DEFINE_float(
 flags.DEFINE_integer("cache_len", None, "KV cache slots (default: fits prompt + output).")
 loading.define_decoding_flags()
 flags.adopt_module_key_flags(loading)  # list them in --help
+flags.DEFINE_bool(
+    "tau_only", False,
+    "Tau only: each mode decodes every batch once, untimed, without AR or a cost profile; writes"
+    " tau.json.",
+)  # fmt: skip
 flags.DEFINE_string("output_dir", "/tmp/flexdraft_bench", "results.json, plots, cost profiles.")
 
 
@@ -114,6 +123,30 @@ def main(_):
         chat,
         loading.mesh_name(mesh),
     )
+    meta = {
+        "checkpoint": F.checkpoint or "embedded",
+        "draft": draft_path or "untrained",
+        "prompts": F.prompts_file or F.dataset,
+        "chat": chat,
+        "dtype": str(target["embed"]["embedding"].dtype),
+        "mesh": loading.mesh_name(mesh),
+    }
+    if F.tau_only:
+        rows = harness.measure_tau(
+            cfg, target, draft, dcfg, ids, batch_sizes=batch_sizes, modes=F.modes,
+            max_new_tokens=F.max_new_tokens, threshold=F.threshold, temperature=F.temperature,
+            use_calibration=not F.no_calibration, cache_len=F.cache_len, mesh=mesh,
+        )  # fmt: skip
+        if main_process:
+            setup = dict(num_prompts=len(ids), max_new_tokens=F.max_new_tokens,
+                         threshold=F.threshold, temperature=F.temperature)  # fmt: skip
+            out = {"config": {**meta, **setup}, "rows": rows}
+            path = write_json_atomic(os.path.join(F.output_dir, "tau.json"), out)
+            for r in rows:
+                print(f"{r['mode']:<20} batch {r['batch_size']:>3}  tau {r['tau']:.3f}  "
+                      f"({r['tokens']} tokens, {r['steps']} steps)")  # fmt: skip
+            print(f"results: {path}")
+        return
     results = harness.run_benchmark(
         cfg, target, tok, draft, dcfg, ids,
         batch_sizes=batch_sizes,
@@ -131,10 +164,7 @@ def main(_):
             profile_repeats=F.profile_repeats, profile_seconds=F.profile_seconds,
         ),
         mesh=mesh,
-        meta={"checkpoint": F.checkpoint or "embedded", "draft": draft_path or "untrained",
-              "prompts": F.prompts_file or F.dataset, "chat": chat,
-              "dtype": str(target["embed"]["embedding"].dtype),
-              "mesh": loading.mesh_name(mesh)},
+        meta=meta,
     )  # fmt: skip
     if main_process:
         print(report.format_table(results))

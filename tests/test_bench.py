@@ -301,6 +301,25 @@ def test_greedy_outputs_match_ar(tiny_run):
     assert any(r["tau"] > 1.0 for r in res["rows"])  # the accept path ran
 
 
+def test_tau_only_is_the_benchmarks_tau(tiny_run):
+    """`measure_tau` (one untimed decode per batch, no AR) gives the benchmark's tau and
+    per-position acceptance for a mode that does not read step costs."""
+    res, _, _ = tiny_run
+    cfg, target, dcfg, draft = tiny()
+    rows = harness.measure_tau(
+        cfg, target, draft, dcfg, PROMPTS, batch_sizes=(1, 3), modes=("sequential",),
+        max_new_tokens=12, eos_ids=(),
+    )  # fmt: skip
+    assert [(r["mode"], r["batch_size"]) for r in rows] == [("sequential", 1), ("sequential", 3)]
+    for r in rows:
+        want = next(
+            w for w in res["rows"] if (w["mode"], w["batch_size"]) == (r["mode"], r["batch_size"])
+        )
+        assert r["tau"] > 1.0 and r["tau"] == want["tau"]
+        np.testing.assert_allclose(r["per_position_acceptance"], want["per_position_acceptance"])
+        assert r["steps"] == want["steps"] and r["branch_counts"] == want["branch_counts"]
+
+
 def test_plots_and_table(tiny_run):
     res, out, _ = tiny_run
     for name in ("speedup.png", "acceptance.png", "step_cost.png"):

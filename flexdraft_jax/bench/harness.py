@@ -502,6 +502,52 @@ def run_benchmark(
     return results
 
 
+def measure_tau(
+    cfg,
+    target,
+    draft,
+    dcfg,
+    prompts: list[list[int]],
+    *,
+    batch_sizes=(1,),
+    modes=("sequential",),
+    max_new_tokens: int = 64,
+    threshold: float = 0.01,
+    temperature: float = 0.0,
+    use_calibration: bool = True,
+    cache_len: int | None = None,
+    eos_ids=None,
+    seed: int = 0,
+    mesh=None,
+) -> list[dict]:
+    """Tau alone: every batch decoded once in each of `modes` (no AR baseline unless asked, no
+    cost profile, nothing timed), one row per mode and batch size with its tau, per-position
+    acceptance, tokens, steps and branches. Flex decides on its estimated step costs
+    (`Decoder.cost_profile`), so its branches may differ from a benchmark's."""
+    specs = [parse_mode(m, threshold, use_calibration) for m in modes]
+    if draft is None and any(s.mode != "ar" for s in specs):
+        raise ValueError("speculative modes need a draft")
+    if cache_len is None:
+        longest = max(len(p) for p in prompts)
+        cache_len = round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+    run = _Run(cfg, target, draft, dcfg, tuple(specs), temperature, max_new_tokens, cache_len,
+               eos_ids, seed, mesh, {}, frozenset(), None)  # fmt: skip
+    rows = []
+    for bs in batch_sizes:
+        batches = make_batches(prompts, bs)
+        for spec in specs:
+            dec = run.decoder(spec)
+            dec.check(prompts, max_new_tokens)
+            acc = Acc()
+            for i, b in enumerate(tqdm(batches, desc=f"batch {bs}: {spec.name}", leave=False)):
+                acc.add(dec.generate(b, max_new_tokens, seed=seed), batch=i)
+            row = acc.row()
+            keep = ("tau", "per_position_acceptance", "tokens", "steps", "branch_counts")
+            rows.append(dict(mode=spec.name, batch_size=bs, **{k: row[k] for k in keep}))
+            log.info("batch %d, %s: tau %.3f", bs, spec.name, row["tau"])
+    return rows
+
+
 def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str) -> tuple:
     """Every mode at batch size `bs`: step costs profiled, everything compiled, the timed rounds;
     returns the rows (the peer's last) and the step costs (None without a draft)."""
