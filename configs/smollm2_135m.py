@@ -6,11 +6,11 @@ from the standard library's source, and documentation prompts; CE on the greedy 
 the deep-layer clean pass be computed once), early slots weighted. Held-out tau is logged on
 HumanEval (code) and on the held-out ShareGPT split (chat).
 
-The shipped draft was made in three runs: this recipe on code alone (stubs and documentation,
-6144 prompts, 3600 steps); then from that draft on the mix (3072 prompts, 1600 steps); then
-`:finetune`, which grew that depth-6 draft to depth 10 and trained it on a larger mix (4096
-prompts, 1400 steps). docs/training.md gives each run's command; provenance.json lists all
-three. A run may go in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a
+The shipped draft was made in four runs: this recipe on code alone (stubs and documentation,
+6144 prompts, 3600 steps); then from that draft on the mix (3072 prompts, 1600 steps); then that
+depth-6 draft grown to depth 10 and trained on a larger mix (4096 prompts, 1400 steps); then
+`:finetune`, which widened its calibration MLP to rank 512 and trained on the same mix (1200
+steps). docs/training.md gives each run's command; provenance.json lists all four. A run may go in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a
 checkpoint and the same command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
@@ -76,15 +76,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh.shape = (1, -1, 1)
 
-    # Continue from the shipped draft (depth 10) on the mix; its last run was this from the
-    # depth-6 draft before it, grown (docs/training.md).
+    # Continue from the shipped draft (depth 10, calibration rank 512) on the mix; its last run
+    # was this from the rank-256 draft before it, widened (docs/training.md).
     if arg == "finetune":
         c.train.init_from = os.path.join(os.path.dirname(__file__), "..", "drafts", "smollm2_135m")
         c.draft.depth = 10
+        c.draft.calib_rank = 512
         c.data.num_prompts = 4096
         c.data.weights = (10, 5, 1)
-        c.train.steps = 1400
-        c.train.lr = 5e-4
+        c.train.steps = 1200
+        c.train.lr = 3e-4
         c.train.warmup_steps = 50
     if arg == "runlocal":
         c.data.num_prompts = 16

@@ -654,6 +654,8 @@ def test_release_stores_the_draft_vocabulary(tmp_path):
     draft = random_draft(cfg, dcfg, target, 2)
     plain = release.save_release(str(tmp_path / "plain"), cfg, dcfg, draft)
     assert release.load_draft_vocab(plain, cfg) is None
+    modes = {f: os.stat(os.path.join(plain, f)).st_mode & 0o777 for f in ("", *os.listdir(plain))}
+    assert modes == {"": 0o755, "config.json": 0o644, release.WEIGHTS_FILE: 0o644}  # shareable
     assert loading.load_draft(plain, cfg, target).vocab is None
     order = np.random.default_rng(0).permutation(cfg.vocab_size).astype(np.int32)
     out = release.save_release(str(tmp_path / "v"), cfg, dcfg, draft, vocab=order)

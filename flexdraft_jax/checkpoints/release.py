@@ -464,6 +464,10 @@ def save_release(
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+        # mkdtemp's 0700 and safetensors' 0600 would keep a shared release from other users
+        os.chmod(tmp, 0o755)
+        for name in (WEIGHTS_FILE, "config.json"):
+            os.chmod(os.path.join(tmp, name), 0o644)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
             os.rename(path, os.path.join(old, "ckpt"))
