@@ -10,8 +10,9 @@ The shipped draft was made in four runs: this recipe on code alone (stubs and do
 6144 prompts, 3600 steps); then from that draft on the mix (3072 prompts, 1600 steps); then that
 depth-6 draft grown to depth 10 and trained on a larger mix (4096 prompts, 1400 steps); then
 `:finetune`, which widened its calibration MLP to rank 512 and trained on the same mix (1200
-steps). docs/training.md gives each run's command; provenance.json lists all four. A run may go in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a
-checkpoint and the same command resumes it.
+steps). docs/training.md gives each run's command; provenance.json lists all four. A run may go
+in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same
+command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
 
