@@ -482,8 +482,7 @@ def run_benchmark(
     specs = _mode_specs(modes, threshold, use_calibration, draft)
     prompts = list(prompts[:num_prompts] if num_prompts else prompts)
     if cache_len is None:
-        longest = max(len(p) for p in prompts)
-        cache_len = round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+        cache_len = _fitting_cache_len(prompts, max_new_tokens, dcfg)
     hf_sizes = frozenset(batch_sizes if hf_baseline is True else hf_baseline or ())
     run = _Run(cfg, target, draft, dcfg, specs, temperature, max_new_tokens, cache_len, eos_ids,
                seed, mesh, dict(profiles or {}), hf_sizes, hf_source)  # fmt: skip
@@ -528,8 +527,7 @@ def measure_tau(
     if draft is None and any(s.mode != "ar" for s in specs):
         raise ValueError("speculative modes need a draft")
     if cache_len is None:
-        longest = max(len(p) for p in prompts)
-        cache_len = round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
+        cache_len = _fitting_cache_len(prompts, max_new_tokens, dcfg)
     run = _Run(cfg, target, draft, dcfg, tuple(specs), temperature, max_new_tokens, cache_len,
                eos_ids, seed, mesh, {}, frozenset(), None)  # fmt: skip
     rows = []
@@ -546,6 +544,12 @@ def measure_tau(
             rows.append(dict(mode=spec.name, batch_size=bs, **{k: row[k] for k in keep}))
             log.info("batch %d, %s: tau %.3f", bs, spec.name, row["tau"])
     return rows
+
+
+def _fitting_cache_len(prompts, max_new_tokens: int, dcfg) -> int:
+    """KV cache slots for the longest prompt, its output and two blocks, in multiples of 64."""
+    longest = max(len(p) for p in prompts)
+    return round_up(longest + max_new_tokens + 2 * dcfg.block_size + 1, 64)
 
 
 def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str) -> tuple:

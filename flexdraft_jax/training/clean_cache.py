@@ -125,18 +125,17 @@ def precompute(
         if _exists(path, topk):
             log.info("clean pass: reusing %s", path)
             return _load(path, dtype, topk)
-    if not (path and jax.process_index() == 0):  # every process computes the same arrays
-        out = _arrays(n, t, depth, cfg, dtype, topk)
+    # The main process fills memory-mapped temporary files, renamed into place when complete:
+    # the arrays (12 GB at depth 10 for 4096 sequences) need not fit in memory. Every other
+    # process computes the same arrays in memory.
+    write = path is not None and jax.process_index() == 0
+    with contextlib.ExitStack() as files:
+        tmps = [files.enter_context(atomic_path(f"{path}.{p}.npy")) for p in _parts(topk) if write]
+        out = _arrays(n, t, depth, cfg, dtype, topk, tmps or None)
         _fill(cfg, depth, target, tokens, lengths, out, batch_size, bucket, topk, topk_from,
               path and (cache_dir, name, ident, dtype))  # fmt: skip
-        return tuple(out)
-    # The main process fills memory-mapped temporary files, renamed into place when complete:
-    # the arrays (12 GB at depth 10 for 4096 sequences) need not fit in memory.
-    with contextlib.ExitStack() as files:
-        tmps = [files.enter_context(atomic_path(f"{path}.{p}.npy")) for p in _parts(topk)]
-        out = _arrays(n, t, depth, cfg, dtype, topk, tmps)
-        _fill(cfg, depth, target, tokens, lengths, out, batch_size, bucket, topk, topk_from,
-              (cache_dir, name, ident, dtype))  # fmt: skip
+        if not write:
+            return tuple(out)
         for arr in out:
             arr.flush()
         del out
