@@ -109,3 +109,24 @@ def test_weighted_mix_splits_num_prompts(tmp_path):
         data_lib.build_examples(srcs, num_prompts=8, weights=(1,), **kw)
     with pytest.raises(ValueError, match="num_prompts > 0"):
         data_lib.build_examples(srcs, num_prompts=0, weights=(1, 1), **kw)
+
+
+def test_source_offset_grows_a_mix_keeping_the_old_one_as_its_prefix(tmp_path):
+    """`SRC[N:]` is SRC from its (N+1)-th kept prompt on (too-long prompts do not count):
+    appended to a mix it gives the old mix as a prefix and, in all, the prompts of the mix with
+    SRC's weight summed."""
+    recs = [f"a {'x' * i}" for i in range(1, 12)]
+    recs.insert(2, "too " * 9)  # over max_prompt_tokens: skipped, not counted
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in recs))
+    b.write_text("".join(json.dumps({"prompt": f"b b {'y' * i}"}) + "\n" for i in range(1, 9)))
+    kw = dict(tokenizer=_Tok(), seed=0, chat_template=False, max_prompt_tokens=8, vocab_size=64)
+    a, b = f"jsonl:{a}", f"jsonl:{b}"
+    old, _ = data_lib.build_examples([a, b], num_prompts=6, weights=(2, 1), **kw)
+    grown, _ = data_lib.build_examples([a, b, a + "[4:]"], num_prompts=10, weights=(2, 1, 2), **kw)
+    whole, _ = data_lib.build_examples([a, b], num_prompts=10, weights=(4, 1), **kw)
+    assert grown[:6] == old
+    assert grown[6:] == whole[4:8] == [[1, i] for i in range(5, 9)]
+    assert sorted(grown) == sorted(whole)
+    with pytest.raises(ValueError, match="synthetic source takes no"):
+        data_lib.build_examples(["synthetic[2:]"], num_prompts=4, **kw)

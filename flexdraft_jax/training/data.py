@@ -523,6 +523,12 @@ class Dataset:
         return {k: v[process_index * per : (process_index + 1) * per] for k, v in full.items()}
 
 
+def _source_offset(src: str) -> tuple[str, int]:
+    """Source `SRC[N:]` -> (SRC, N); any other source -> (src, 0)."""
+    m = re.fullmatch(r"(.+)\[(\d+):\]", src)
+    return (m.group(1), int(m.group(2))) if m else (src, 0)
+
+
 def build_examples(
     sources: Sequence[str],
     *,
@@ -540,7 +546,9 @@ def build_examples(
     sources: "sharegpt" (its training split), "python_stubs", "python_docs", "site_stubs",
     "synthetic" or "jsonl:PATH". Without `weights` they are taken in order up to `num_prompts`;
     with them (one per source) source i gives its first round(num_prompts * w_i / sum(w))
-    prompts: a mix. Prompts longer than `max_prompt_tokens` are skipped and counted.
+    prompts: a mix. Prompts longer than `max_prompt_tokens` are skipped and counted. `SRC[N:]`
+    is source SRC from its (N+1)-th kept prompt on: appended to a mix, it grows the mix with
+    more of SRC while the old mix stays a prefix, whose distillation and clean pass are reused.
     """
     limit = num_prompts or None
     if weights and (len(weights) != len(sources) or min(weights) < 0 or not sum(weights)):
@@ -552,10 +560,13 @@ def build_examples(
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     skipped = 0
     for n_src, src in enumerate(sources):
+        src, start = _source_offset(src)
         if weights:  # this source's share, on top of what the earlier ones gave
             quota = round(num_prompts * sum(weights[: n_src + 1]) / sum(weights))
             limit = quota
         if src == "synthetic":
+            if start:
+                raise ValueError("the synthetic source takes no [N:] offset")
             to_distill += synthetic_prompts(num_prompts, vocab_size, 4, max_prompt_tokens, seed)
             continue
         if tokenizer is None:
@@ -568,7 +579,7 @@ def build_examples(
             recs = [{"prompt": t} for t in python_stub_prompts(None, seed)]
         elif src == "site_stubs":  # parse only what can still be taken (site-packages is big),
             # with room for the stubs longer than max_prompt_tokens
-            want = None if limit is None else 3 * max(limit - len(to_distill), 0) // 2
+            want = None if limit is None else 3 * max(limit - len(to_distill), 0) // 2 + start
             recs = [{"prompt": t} for t in site_stub_prompts(None, seed, want)]
         elif src.startswith("jsonl:"):
             recs = read_jsonl(src[len("jsonl:") :])
@@ -577,13 +588,18 @@ def build_examples(
                 f"unknown data source {src!r} "
                 "(sharegpt, python_stubs, python_docs, site_stubs, synthetic, jsonl:PATH)"
             )
+        kept = 0
         for rec in tqdm(recs, desc=f"tokenize {src}", unit="prompt", leave=False):
             if "response" not in rec and limit is not None and len(to_distill) >= limit:
                 continue
             ids = encode_prompt(tokenizer, rec["prompt"], chat_template)
             if len(ids) > max_prompt_tokens:
                 skipped += 1
-            elif "response" in rec:
+                continue
+            kept += 1
+            if kept <= start:
+                continue
+            if "response" in rec:
                 given.append((ids, encode_response(tokenizer, rec["response"], eos)))
             else:
                 to_distill.append(ids)
