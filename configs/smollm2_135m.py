@@ -6,13 +6,13 @@ from the standard library's source, and documentation prompts; CE on the greedy 
 the deep-layer clean pass be computed once), early slots weighted. Held-out tau is logged on
 HumanEval (code) and on the held-out ShareGPT split (chat).
 
-The shipped draft was made in four runs: this recipe on code alone (stubs and documentation,
+The shipped draft was made in five runs: this recipe on code alone (stubs and documentation,
 6144 prompts, 3600 steps); then from that draft on the mix (3072 prompts, 1600 steps); then that
-depth-6 draft grown to depth 10 and trained on a larger mix (4096 prompts, 1400 steps); then
-`:finetune`, which widened its calibration MLP to rank 512 and trained on the same mix (1200
-steps). docs/training.md gives each run's command; provenance.json lists all four. A run may go
-in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same
-command resumes it.
+depth-6 draft grown to depth 10 and trained on a larger mix (4096 prompts, 1400 steps); then with
+its calibration MLP widened to rank 512 on the same mix (1200 steps); then `:finetune`, on that
+mix grown with 2560 more ShareGPT prompts (1000 steps). docs/training.md gives each run's
+command; provenance.json lists all five. A run may go in chunks: SIGTERM (or
+`--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
 
@@ -78,14 +78,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.shape = (1, -1, 1)
 
     # Continue from the shipped draft (depth 10, calibration rank 512) on the mix; its last run
-    # was this from the rank-256 draft before it, widened (docs/training.md).
+    # was this from the draft before it (docs/training.md).
     if arg == "finetune":
         c.train.init_from = os.path.join(os.path.dirname(__file__), "..", "drafts", "smollm2_135m")
         c.draft.depth = 10
         c.draft.calib_rank = 512
-        c.data.num_prompts = 4096
-        c.data.weights = (10, 5, 1)
-        c.train.steps = 1200
+        # the third run's 4096-prompt mix, then 2560 more ShareGPT prompts: the old mix stays
+        # a prefix, so its distillation and clean pass are reused
+        c.data.sources += ("sharegpt[2560:]",)
+        c.data.num_prompts = 6656
+        c.data.weights = (10, 5, 1, 10)
+        c.train.steps = 1000
         c.train.lr = 3e-4
         c.train.warmup_steps = 50
     if arg == "runlocal":

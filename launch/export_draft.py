@@ -138,10 +138,11 @@ def main(_):
     n_vocab = draft_vocab_in_use(
         F.draft_vocab_size, record.vocab_size, None if vocab is None else len(vocab)
     )
-    stages = [stage_summary(w) for w in F.workdirs]
-    if F.init_provenance:
+    stages, notes = [stage_summary(w) for w in F.workdirs], list(F.note)
+    if F.init_provenance:  # the runs it started from come first, with their notes
         with open(F.init_provenance) as f:
-            stages = json.load(f)["stages"] + stages
+            init = json.load(f)
+        stages, notes = init["stages"] + stages, init.get("notes", []) + notes
     heldout = {}  # provenance key ("heldout": HumanEval, "heldout_chat": ShareGPT) -> summary
     for name in F.heldout_sets if F.heldout_prompts > 0 else ():
         # before anything is written: a failure leaves no partial output. A training workdir
@@ -179,7 +180,7 @@ def main(_):
         "heldout": heldout.get("heldout"),
         "heldout_chat": heldout.get("heldout_chat"),
         "total_train_minutes": round(sum(s["train_minutes"] for s in stages), 2),
-        "notes": F.note,
+        "notes": notes,
     }
     write_json_atomic(os.path.join(out, "provenance.json"), prov)
     size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)) / 2**20

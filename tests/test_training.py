@@ -625,14 +625,17 @@ def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
         {"step": 5, "train_minutes": 0.5, "heldout_tau": 1.5, "heldout_decoded_tau": 1.25},
     ]
     (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    before = json.loads((src / "provenance.json").read_text())["stages"]
+    init = json.loads((src / "provenance.json").read_text())
+    before = init["stages"]
     extra = [f"--workdirs={wd}", "--heldout_prompts=0", f"--init_provenance={src}/provenance.json"]
+    extra += ["--note=this run"]
     proc = subprocess.run(cmd + extra, capture_output=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "provenance.json") as f:
         prov = json.load(f)
     assert prov["heldout"] is None and prov["heldout_chat"] is None
     assert prov["stages"][: len(before)] == before  # the run it started from comes first
+    assert prov["notes"] == init["notes"] + ["this run"] and init["notes"]
     prov["stages"] = prov["stages"][len(before) :]
     assert prov["stages"][0]["steps"] == 5
     assert prov["stages"][0]["heldout_tau_curve"] == [[5, 0.5, 1.5]]
