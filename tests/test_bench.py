@@ -404,7 +404,8 @@ def _run_launch(tmp_path, *extra):
         return proc.stdout, json.load(f)
 
 
-def test_launch_benchmark_embedded(tmp_path):  # ~40 s: the real target, end to end
+@pytest.mark.slow  # 75 s: the real target, end to end
+def test_launch_benchmark_embedded(tmp_path):
     stdout, res = _run_launch(tmp_path, "--dataset=sharegpt")
     assert "speedup" in stdout and "step cost" in stdout
     assert res["config"]["prompts"] == "sharegpt" and res["config"]["chat"] is True

@@ -750,7 +750,7 @@ def test_profile_times_speculative_steps_with_drafts_and_the_refill_apart(tiny_l
 # ----------------------------------------------------------------------------- the device loop
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_every_mode_equals_ar_through_the_device_loop(tiny_llama, batch):
     """Greedy tokens of every mode, decoded by `engine.run` at 1 and 16 steps per call, equal
     plain AR's (float32)."""

@@ -168,6 +168,7 @@ def jax_abstract_decode_mesh(data: int, tensor: int):
     return AbstractMesh((data, tensor), shd.DECODE_AXES)
 
 
+@pytest.mark.slow  # 90 s; the default run keeps sampling and two processes on a mesh
 def test_every_mode_on_every_mesh_equals_one_device():
     code = _SETUP.format(root=ROOT) + _GREEDY.format(meshes=MESHES)
     res = run_py("from jax.sharding import PartitionSpec as P\n" + code, devices=8)

@@ -255,6 +255,7 @@ def final_state(workdir, like=None) -> dict:
     return jax.device_get(state)
 
 
+@pytest.mark.slow  # 41 s; the default run keeps every stage sharded in one process
 def test_two_processes_agree_with_one_device(tmp_path):
     """Two processes of 4 devices each (a 2x2x2 mesh, coordinated over localhost) train the joint
     stage as one process on one device does: the exported draft and the last checkpoint's whole
