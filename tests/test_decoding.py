@@ -703,12 +703,15 @@ def test_ar_cache_window_crossing_gives_the_same_tokens(tiny_llama, monkeypatch)
     assert len(set(windowed.tokens[0])) > 3  # not a degenerate repetition
 
 
-def test_cost_profiles_merge_to_each_branchs_faster_time():
-    a = CostProfile(4, {"ar1": 2.0, "seq2": 3.0, "seq4": 3.5, "par2": 2.9}, 1.0, {"seq2": (2, 2)})
-    b = CostProfile(4, {"ar1": 1.0, "seq2": 3.2, "seq4": 1.8, "par2": 2.0}, 2.2)
+def test_cost_profiles_merge_to_the_faster_ar_step_and_the_mean_ratio():
+    rows = {"seq2": (2, 2)}
+    a = CostProfile(4, {"ar1": 2.0, "seq2": 4.0, "seq4": 5.0, "par2": 6.0, "par4": 8.0}, 1.0, rows)
+    b = CostProfile(4, {"ar1": 1.0, "seq2": 3.0, "seq4": 2.0, "par2": 2.0}, 2.0)
     m = a.merged(b)
-    assert m.branches == {"ar1": 1.0, "seq2": 3.0, "seq4": 1.8, "par2": 2.0}
-    assert m.draft_pass == pytest.approx(1.0)  # the smaller of the two measured
+    # relative to AR: a 2, 2.5, 3, 4 (par4 measured in a only); b 3, 2, 2
+    want = {"ar1": 1.0, "seq2": 2.5, "seq4": 2.25, "par2": 2.5, "par4": 4.0}
+    assert m.branches == pytest.approx(want)
+    assert m.draft_pass == pytest.approx(1.25)  # 0.5 and 2 AR steps
     assert m.rows == a.rows and m.batch_size == 4
 
 
@@ -724,27 +727,33 @@ def test_profile_times_speculative_steps_with_drafts_and_the_refill_apart(tiny_l
         (i, "time") for i in range(1, len(st.branches))
     ]
     assert decoder_mod.profile_plan((("seq", 2), ("seq", 4))) == [(0, "time"), (1, "time")]
-    # A fake clock: each branch run advances it by that branch's cost, plus 5 without drafts.
+    # A fake clock: each branch run advances it by that branch's cost, plus 5 without drafts,
+    # twice that in a slow phase that starts with the first round's AR step, leaves the rest of
+    # that round and covers the next two: only there is the AR step timed at its true cost.
     cost = {("ar", 1): 1.0, ("seq", 2): 2.0, ("seq", 4): 4.0, ("par", 2): 2.5, ("par", 4): 4.5}
     seen, force, clock = [], dec._force, [0.0]
+    n = len(st.branches) + 1  # runs per round
 
     def recording(st_, idx, state, window):
         br, has = st_.branches[idx], bool(state.block.has_drafts)
+        slow = 2.0 if len(seen) == 0 or len(seen) >= n else 1.0
         seen.append((br, has))
-        clock[0] += cost[br] + (5.0 if br[0] != "ar" and not has else 0.0)
+        clock[0] += slow * (cost[br] + (5.0 if br[0] != "ar" and not has else 0.0))
         return force(st_, idx, state, window)
 
     monkeypatch.setattr(dec, "_force", recording)
     monkeypatch.setattr(decoder_mod.time, "perf_counter", lambda: clock[0])
     prof = dec.measure(2, repeats=3)
-    n = len(st.branches) + 1  # runs per round
     timed = seen  # compiled without a run: every run is timed
     assert len(timed) == 3 * n
     for rnd in (timed[k : k + n] for k in range(0, len(timed), n)):
         assert rnd[0][0] == ("ar", 1) and rnd[1] == (("seq", 2), False)
         assert rnd[2:] == [(br, True) for br in st.branches[1:]]
-    assert prof.branches == {decoder_mod.branch_name(b): cost[b] for b in st.branches}
-    assert prof.draft_pass == pytest.approx(5.0)
+    # The AR step at its fastest (2, slow in every round); the rest at their median ratio to
+    # the AR step of their round (each round's fastest samples would price them at half that).
+    want = {decoder_mod.branch_name(b): 2.0 * cost[b] for b in st.branches}
+    assert prof.branches == pytest.approx(want)
+    assert prof.draft_pass == pytest.approx(10.0)
 
 
 # ----------------------------------------------------------------------------- the device loop

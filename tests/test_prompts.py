@@ -128,5 +128,8 @@ def test_source_offset_grows_a_mix_keeping_the_old_one_as_its_prefix(tmp_path):
     assert grown[:6] == old
     assert grown[6:] == whole[4:8] == [[1, i] for i in range(5, 9)]
     assert sorted(grown) == sorted(whole)
+    # as a command-line override gives them: one comma-separated string
+    joined, _ = data_lib.build_examples([f"{a},{b}"], num_prompts=6, weights=(2, 1), **kw)
+    assert joined == old
     with pytest.raises(ValueError, match="synthetic source takes no"):
         data_lib.build_examples(["synthetic[2:]"], num_prompts=4, **kw)

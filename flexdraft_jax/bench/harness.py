@@ -268,8 +268,8 @@ def _profiler(run: _Run, decoders: dict) -> Decoder | None:
 
 
 def _profile(prof_dec: Decoder, decoders: dict, bs: int, timing: TimingPlan, before=None):
-    """Every branch forced on a warm state and timed at batch `bs` (each at its faster time
-    against the profile `before`), then used by every decoder: a flex decode reads it. One
+    """Every branch forced on a warm state and timed at batch `bs` (merged with the profile
+    `before`: `CostProfile.merged`), then used by every decoder: a flex decode reads it. One
     round can do, as every batch size is profiled twice."""
     prof = prof_dec.measure(
         bs, repeats=timing.profile_repeats, max_seconds=timing.profile_seconds, min_repeats=1
@@ -559,8 +559,8 @@ def _batch_size(run: _Run, prompts, bs: int, timing: TimingPlan, output_dir: str
     decoders = {s.name: run.decoder(s) for s in run.specs}
     for d in decoders.values():  # bad prompts fail here, before any profile or compile
         d.check(prompts, run.max_new_tokens)
-    # Step costs first (a flex decode reads its profile), once more after the warm-up with each
-    # branch at its faster time: a burst of load lasting seconds can cover a whole profile,
+    # Step costs first (a flex decode reads its profile), once more after the warm-up, the two
+    # merged (`CostProfile.merged`): a burst of load lasting seconds can cover a whole profile,
     # rarely two measured a minute apart.
     prof = run.profiles.get(bs)
     prof_dec = _profiler(run, decoders) if prof is None else None  # given: nothing to measure

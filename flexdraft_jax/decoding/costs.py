@@ -67,15 +67,22 @@ class CostProfile:
             [self.branches[branch_name(b)] for b in branches] + [self.draft_pass], np.float32
         )
 
+    def unit(self) -> float:
+        """Seconds of the step prices are relative to: the AR step (else the fastest branch)."""
+        return self.branches.get("ar1") or min(self.branches.values())
+
     def relative(self) -> dict[str, float]:
-        base = self.branches.get("ar1") or min(self.branches.values())
-        return {k: v / base for k, v in self.branches.items()}
+        return {k: v / self.unit() for k, v in self.branches.items()}
 
     def merged(self, other: CostProfile) -> CostProfile:
-        """Each branch at the faster of two measurements (load from elsewhere only adds time;
-        measured minutes apart, a burst of it rarely covers both)."""
-        times = {k: min(v, other.branches.get(k, v)) for k, v in self.branches.items()}
-        draft_pass = min(self.draft_pass, other.draft_pass)
+        """Two measurements combined: the unit (the AR step) at the faster of the two,
+        as load from elsewhere only adds time; every other branch, and the refill, at the mean
+        of their two prices relative to it (each measured beside its own AR step)."""
+        ua, ub = self.unit(), other.unit()
+        base = min(ua, ub)
+        mean = lambda a, b: base * (a / ua + (a / ua if b is None else b / ub)) / 2
+        times = {k: mean(v, other.branches.get(k)) for k, v in self.branches.items()}
+        draft_pass = mean(self.draft_pass, other.draft_pass)
         return dataclasses.replace(
             self, branches=times, draft_pass=draft_pass, rows=dict(self.rows)
         )

@@ -586,7 +586,8 @@ class Decoder:
         max_seconds: float | None = None,
         min_repeats: int = 2,
     ) -> CostProfile:
-        """Time each branch (forced) on a warm state; the draft pass as seq minus its verify.
+        """Time each branch (forced) on a warm state, priced against the AR step timed in the
+        same round (`_prices`); the draft pass as seq minus its verify.
 
         repeats: rounds over the branches; with `max_seconds`, rounds stop once that much time
         has gone on them (after at least `min_repeats`, or `repeats` if fewer)."""
@@ -600,10 +601,9 @@ class Decoder:
         else:
             self._step_exe(st, state, window)
             force = lambda i, state: self._force(st, i, state, window)
-        # Branches interleaved round by round, and the fastest sample of each kept: load from
-        # elsewhere on a shared machine only ever adds time, and hits every branch alike.
-        # A speculative branch is timed with drafts in hand; the one after AR also without
-        # them, which times the draft pass it then runs first (`profile_plan`).
+        # Branches interleaved round by round. A speculative branch is timed with drafts in
+        # hand; the one after AR also without them, which times the draft pass it then runs
+        # first (`profile_plan`).
         plan = profile_plan(st.branches)
         samples = {(i, what): [] for i, what in plan}
         t_start = time.perf_counter()
@@ -617,13 +617,38 @@ class Decoder:
                 state = force(i, state)
                 jax.block_until_ready(state.cache.lengths)
                 samples[i, what].append(time.perf_counter() - t0)
-        fastest = {key: float(np.min(x)) if x else 0.0 for key, x in samples.items()}
-        times = {branch_name(br): fastest[i, "time"] for i, br in enumerate(st.branches)}
-        after_ar = [i for i, what in plan if what == "refill"]  # at most one: one AR branch
-        refill = fastest[after_ar[0], "refill"] - fastest[after_ar[0], "time"] if after_ar else 0.0
+        times, refill = _prices(st.branches, plan, samples)
         w = self.dcfg.block_size
         rows = {branch_name(b): costs_lib.branch_rows(b, w) for b in st.branches}
-        return CostProfile(batch, times, max(refill, 0.0), rows, "measured")
+        return CostProfile(batch, times, refill, rows, "measured")
+
+
+def _prices(branches, plan, samples: dict) -> tuple[dict[str, float], float]:
+    """Seconds per step of each branch, and of the refill, from `measure`'s samples.
+
+    The unit (the AR step; without one, the fastest branch) is its fastest sample: load from
+    elsewhere only ever adds time. Every other price is that unit times the median, over rounds,
+    of the branch's time over the unit's in the same round. This machine's slow phases last
+    longer than a round, so a ratio within one round cancels them, where the fastest samples of
+    branches caught in different phases would not (and then mispriced every speculative step)."""
+    x = {key: np.asarray(v, np.float64) for key, v in samples.items() if v}
+    names = [branch_name(b) for b in branches]
+    kinds = [k for k, _ in branches]
+    unit = (
+        kinds.index("ar")
+        if "ar" in kinds
+        else min(range(len(names)), key=lambda i: x[i, "time"].min())
+    )
+    per_round = x[unit, "time"]
+    base = float(per_round.min())
+    ratio = lambda t: float(np.median(t / per_round))
+    times = {n: base if i == unit else base * ratio(x[i, "time"]) for i, n in enumerate(names)}
+    after_ar = [i for i, what in plan if what == "refill"]  # at most one: one AR branch
+    refill = 0.0
+    if after_ar:
+        i = after_ar[0]
+        refill = max(base * ratio(x[i, "refill"] - x[i, "time"]), 0.0)
+    return times, refill
 
 
 def _draft_record(cfg, target, draft, dcfg) -> tuple[Draft | None, DraftConfig]:

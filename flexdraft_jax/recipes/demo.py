@@ -44,10 +44,11 @@ DEMO_BENCH = dict(
     repeats_within_seconds=5.0,
     # AR and flex timed again while either still gets faster, in rounds started within 10 s.
     settle_seconds=10.0,
-    # Rounds over the branches when profiling step costs: up to 4 while they take under 1.5 s,
-    # twice per batch size (before and after the warm-up, each branch at its faster time).
-    profile_repeats=4,
-    profile_seconds=1.5,
+    # Rounds over the branches when profiling step costs: up to 8 while they take under 3 s,
+    # twice per batch size (before and after the warm-up). Each round prices the speculative
+    # steps against its own AR step; their median ratio over rounds is what the policy reads.
+    profile_repeats=8,
+    profile_seconds=3.0,
 )
 # Prompt sets (`prompts.BENCHMARK_SETS`): every mode on code, with the `transformers` peer row
 # at small batch; AR against flex, the mode a user runs, on chat.

@@ -549,7 +549,9 @@ def build_examples(
     prompts: a mix. Prompts longer than `max_prompt_tokens` are skipped and counted. `SRC[N:]`
     is source SRC from its (N+1)-th kept prompt on: appended to a mix, it grows the mix with
     more of SRC while the old mix stays a prefix, whose distillation and clean pass are reused.
+    A comma-separated name is several sources: `--config.data.sources=a,b` arrives as "a,b".
     """
+    sources = [s for src in sources for s in src.split(",")]
     limit = num_prompts or None
     if weights and (len(weights) != len(sources) or min(weights) < 0 or not sum(weights)):
         raise ValueError(f"data weights {tuple(weights)} must be >= 0, one per source {sources}")
