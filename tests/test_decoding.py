@@ -750,7 +750,7 @@ def test_profile_times_speculative_steps_with_drafts_and_the_refill_apart(tiny_l
         assert rnd[0][0] == ("ar", 1) and rnd[1] == (("seq", 2), False)
         assert rnd[2:] == [(br, True) for br in st.branches[1:]]
     # The AR step at its fastest (2, slow in every round); the rest at their median ratio to
-    # the AR step of their round (each round's fastest samples would price them at half that).
+    # the AR step of their round (by fastest samples alone they would read half that).
     want = {decoder_mod.branch_name(b): 2.0 * cost[b] for b in st.branches}
     assert prof.branches == pytest.approx(want)
     assert prof.draft_pass == pytest.approx(10.0)

@@ -72,7 +72,8 @@ class CostProfile:
         return self.branches.get("ar1") or min(self.branches.values())
 
     def relative(self) -> dict[str, float]:
-        return {k: v / self.unit() for k, v in self.branches.items()}
+        unit = self.unit()
+        return {k: v / unit for k, v in self.branches.items()}
 
     def merged(self, other: CostProfile) -> CostProfile:
         """Two measurements combined: the unit (the AR step) at the faster of the two,

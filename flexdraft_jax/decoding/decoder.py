@@ -630,7 +630,7 @@ def _prices(branches, plan, samples: dict) -> tuple[dict[str, float], float]:
     elsewhere only ever adds time. Every other price is that unit times the median, over rounds,
     of the branch's time over the unit's in the same round. This machine's slow phases last
     longer than a round, so a ratio within one round cancels them, where the fastest samples of
-    branches caught in different phases would not (and then mispriced every speculative step)."""
+    branches caught in different phases would not."""
     x = {key: np.asarray(v, np.float64) for key, v in samples.items() if v}
     names = [branch_name(b) for b in branches]
     kinds = [k for k, _ in branches]
