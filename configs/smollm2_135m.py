@@ -6,12 +6,12 @@ from the standard library's source, and documentation prompts; CE on the greedy 
 the deep-layer clean pass be computed once), early slots weighted. Held-out tau is logged on
 HumanEval (code) and on the held-out ShareGPT split (chat).
 
-The shipped draft was made in five runs: this recipe on code alone (stubs and documentation,
+The shipped draft was made in six runs: this recipe on code alone (stubs and documentation,
 6144 prompts, 3600 steps); then from that draft on the mix (3072 prompts, 1600 steps); then that
 depth-6 draft grown to depth 10 and trained on a larger mix (4096 prompts, 1400 steps); then with
-its calibration MLP widened to rank 512 on the same mix (1200 steps); then `:finetune`, on that
-mix grown with 2560 more ShareGPT prompts (1000 steps). docs/training.md gives each run's
-command; provenance.json lists all five. A run may go in chunks: SIGTERM (or
+its calibration MLP widened to rank 512 on the same mix (1200 steps); then on that mix grown
+with 2560 more ShareGPT prompts (1000 steps); then `:finetune`, grown to depth 12 on the same
+mix (1000 steps). docs/training.md gives each run's command; provenance.json lists all six. A run may go in chunks: SIGTERM (or
 `--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
@@ -77,11 +77,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh.shape = (1, -1, 1)
 
-    # Continue from the shipped draft (depth 10, calibration rank 512) on the mix; its last run
-    # was this from the draft before it (docs/training.md).
+    # Continue from the shipped draft (depth 12, calibration rank 512) on the mix; its last run
+    # was this from the depth-10 draft before it, at learning rate 4e-4 (docs/training.md).
     if arg == "finetune":
         c.train.init_from = os.path.join(os.path.dirname(__file__), "..", "drafts", "smollm2_135m")
-        c.draft.depth = 10
+        c.draft.depth = 12
         c.draft.calib_rank = 512
         # the third run's 4096-prompt mix, then 2560 more ShareGPT prompts: the old mix stays
         # a prefix, so its distillation and clean pass are reused
