@@ -11,8 +11,9 @@ The shipped draft was made in six runs: this recipe on code alone (stubs and doc
 depth-6 draft grown to depth 10 and trained on a larger mix (4096 prompts, 1400 steps); then with
 its calibration MLP widened to rank 512 on the same mix (1200 steps); then on that mix grown
 with 2560 more ShareGPT prompts (1000 steps); then `:finetune`, grown to depth 12 on the same
-mix (1000 steps). docs/training.md gives each run's command; provenance.json lists all six. A run may go in chunks: SIGTERM (or
-`--config.train.stop_at=N`) stops it cleanly at a checkpoint and the same command resumes it.
+mix (1000 steps). docs/training.md gives each run's command; provenance.json lists all six. A
+run may go in chunks: SIGTERM (or `--config.train.stop_at=N`) stops it cleanly at a checkpoint
+and the same command resumes it.
 
   python launch/train.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2
 
