@@ -45,6 +45,7 @@ def dry_run(tmp_path_factory):
     return record, out, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # these share one dry run of the script (~55 s)
 def test_every_section_ran(dry_run):
     record, _, _ = dry_run
     assert list(record["sections"]) == list(accelerator.SECTIONS)
@@ -55,6 +56,7 @@ def test_every_section_ran(dry_run):
     assert record["wall_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_kernels_agree_with_the_reference(dry_run):
     kern = dry_run[0]["sections"]["kernels"]["result"]
     assert kern["interpret"] and kern["all_ok"] and not kern["failed"] and not kern["skipped"]
@@ -70,6 +72,7 @@ def test_kernels_agree_with_the_reference(dry_run):
     assert all(t["kernel_ms"] > 0 and t["reference_ms"] > 0 for t in kern["timings"])
 
 
+@pytest.mark.slow
 def test_step_costs_of_every_branch(dry_run):
     steps = dry_run[0]["sections"]["step_costs"]["result"]
     jobs = {(r["impl"], r["batch"]) for r in steps["results"]}
@@ -85,6 +88,7 @@ def test_step_costs_of_every_branch(dry_run):
     assert len(summary) == 2 and all(s["par2"] > 0 and s["ar_ms"] > 0 for s in summary)
 
 
+@pytest.mark.slow
 def test_decoding_rows(dry_run):
     dec = dry_run[0]["sections"]["decoding"]["result"]
     modes = {r["mode"] for r in dec["rows"]}
@@ -95,6 +99,7 @@ def test_decoding_rows(dry_run):
     assert "2" in dry_run[0]["summary"]["flex_vs_ar"]
 
 
+@pytest.mark.slow
 def test_training_stops_on_time_and_exports_in_parts(dry_run, tmp_path):
     record, out, _ = dry_run
     train = record["sections"]["train"]["result"]
@@ -120,6 +125,7 @@ def test_training_stops_on_time_and_exports_in_parts(dry_run, tmp_path):
     assert dcfg.depth == 2 and np.isfinite(params["mask_embedding"]).all()
 
 
+@pytest.mark.slow
 def test_outputs_written(dry_run):
     record, out, seconds = dry_run
     assert record["outputs"] == {"plot": report.PLOT_FILE, "markdown": report.MARKDOWN_FILE}

@@ -524,6 +524,7 @@ def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):
     assert demo.retrain(wd, demo.Stages(wd), target, "configs/tiny.py", budget) == path
 
 
+@pytest.mark.slow  # 64 s: the real target, both prompt sets
 def test_demo_benchmarks_code_and_chat_then_skips_them(tmp_path):
     """The demo on the embedded target and shipped draft, shrunk to one prompt at batch 1: a
     benchmark per prompt set (every mode on HumanEval, AR and flex on held-out ShareGPT), all

@@ -175,11 +175,13 @@ def test_every_mode_on_every_mesh_equals_one_device():
     assert "OK" in res.stdout, res.stdout
 
 
+@pytest.mark.slow  # 30 s: a subprocess on simulated devices
 def test_sampling_on_a_mesh_is_lossless():
     res = run_py(_SETUP.format(root=ROOT) + _SAMPLING, devices=8)
     assert "OK" in res.stdout, res.stdout
 
 
+@pytest.mark.slow  # 21 s: two processes
 def test_two_processes_decode_as_one_program():
     """A mesh spanning two processes (4 CPU devices each, localhost collectives): every process
     makes the same calls and gets every sequence's tokens, the same as one device."""

@@ -585,6 +585,7 @@ def test_decoded_tau_walks_the_runs_as_greedy_decoding_does(tmp_path):
     np.testing.assert_allclose(res["decoded_acceptance"][0] * res["decoded_steps"], hits)
 
 
+@pytest.mark.slow  # 76 s: the real target and the shipped draft
 def test_export_draft_records_the_heldout_tau_of_what_ships(tmp_path):
     """launch/export_draft.py on the shipped release (the embedded target, 2 held-out prompts):
     the same bytes come out, with the held-out tau of that draft in the provenance; the release it
