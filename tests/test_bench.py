@@ -115,24 +115,34 @@ def test_which_modes_are_repeated():
     assert harness._repeated(names, cheap, always, tight) == (names, ["ar", "sequential", "flex"])
 
 
-def test_ar_and_flex_are_timed_back_to_back_in_turns():
-    """Each round times AR and flex first and adjacent (load drifting over seconds weighs on
-    both alike), AR first on even rounds and flex on odd ones, then the other modes."""
-    calls = []
+def test_ar_and_flex_are_timed_together_in_turns():
+    """Each round decodes AR and flex of a batch together, step by step in turns (load drifting
+    over seconds weighs on both alike), AR first on even rounds and flex on odd ones, then each
+    other mode alone."""
+    calls, added = [], []
 
     class Recorder:
+        def __init__(self, name):
+            self.name = name
+
         def add(self, gen, repeat, batch):
-            calls.append(gen)
+            added.append((self.name, gen, repeat, batch))
+
+    def decode(i, b, group):
+        calls.append((i, tuple(group)))
+        return [f"{n}@{i}" for n in group]
 
     names = ["ar", "sequential", "parallel", "flex"]
-    accs = {n: Recorder() for n in names}
+    accs = {n: Recorder(n) for n in names}
     bar = types.SimpleNamespace(update=lambda: None)
     for r in (0, 1):
-        harness._round(accs, lambda i, b, n: (i, n), ["b0", "b1"], names, ["ar", "flex"], r, bar)
-    rest = ["sequential", "parallel"]
-    want = [(i, n) for i in (0, 1) for n in ["ar", "flex"] + rest]
-    want += [(i, n) for i in (0, 1) for n in ["flex", "ar"] + rest]
+        harness._round(accs, decode, ["b0", "b1"], names, ["ar", "flex"], r, bar)
+    rest = [("sequential",), ("parallel",)]
+    want = [(i, g) for i in (0, 1) for g in [("ar", "flex")] + rest]
+    want += [(i, g) for i in (0, 1) for g in [("flex", "ar")] + rest]
     assert calls == want
+    assert all(gen == f"{name}@{batch}" for name, gen, _, batch in added)  # each to its own
+    assert len(added) == 16
 
 
 def test_timing_plan_is_checked_and_split_from_run_keywords():
@@ -242,12 +252,12 @@ def test_a_kept_batch_prefilled_under_a_stale_profile_is_prefilled_again():
     assert not stale.drafts
     pres = {(0, "flex"): stale}
     dec.profiles[b] = CostProfile(b, cheap, 0.1)  # refined
-    gen = harness._timed_decode({"flex": dec}, pres, True, 6, 0, 0, batch, "flex")
+    (gen,) = harness._timed_decode({"flex": dec}, pres, True, 6, 0, 0, batch, ["flex"])
     assert pres[0, "flex"] is not stale and pres[0, "flex"].drafts
     assert gen.stats["branch_per_step"][0] != "ar1"
     # Still current: decoded from the kept state, not prefilled again.
     again = pres[0, "flex"]
-    harness._timed_decode({"flex": dec}, pres, True, 6, 0, 0, batch, "flex")
+    harness._timed_decode({"flex": dec}, pres, True, 6, 0, 0, batch, ["flex"])
     assert pres[0, "flex"] is again
 
 
@@ -276,9 +286,18 @@ def test_results_json_fields(tiny_run):
         if r["mode"] == "ar":  # one token per step, 11 steps per batch
             assert r["tau"] == 1.0 and r["steps"] == 11 * r["num_batches"], r
     ar = {r["batch_size"]: r for r in saved["rows"] if r["mode"] == "ar"}
-    for r in saved["rows"]:  # speedup: AR's decode time per token over the mode's
+    for r in saved["rows"]:  # step-wise: AR's fastest decode time per token over the mode's
         want = ar[r["batch_size"]]["seconds_per_token"] / r["seconds_per_token"]
-        assert r["speedup_vs_ar"] == pytest.approx(want), r
+        assert r["stepwise_speedup_vs_ar"] == pytest.approx(want), r
+    for r in saved["rows"]:  # the speedup: round by round against AR, every repeat of both
+        if r["mode"] == "ar":
+            assert r["paired_interval"] is None and r["speedup_vs_ar"] == 1.0
+            continue
+        assert r["speedup_vs_ar"] == r["paired_speedup_vs_ar"]
+        assert r["paired_rounds"] == len(r["repeat_seconds"]), r
+        if r["paired_rounds"] >= 5:
+            lo, hi = r["paired_interval"]
+            assert lo <= r["speedup_vs_ar"] <= hi, r
     flex = next(r for r in saved["rows"] if r["mode"] == "flex" and r["batch_size"] == 1)
     assert set(flex["step_cost"]) == {"ar1", "seq2", "seq4", "par2", "par4"}
     seconds = saved["step_costs"]["1"]["seconds"]  # the profile's measured step times
@@ -329,6 +348,13 @@ def test_plots_and_table(tiny_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = report.format_table(res)
     assert "flex:nocalib" in table and "speedup" in table
+    rows = [dict(r) for r in res["rows"] if r["batch_size"] == 1]
+    flex = next(r for r in rows if r["mode"] == "flex")
+    flex.update(paired_interval=[0.912, 1.071], speedup_vs_ar=0.987)
+    line = next(
+        x for x in report.format_table({"rows": rows}).splitlines() if x.startswith("flex ")
+    )
+    assert "0.99x  0.91-1.07" in line
     assert "seq2" in report.format_step_costs(res)
 
 
@@ -489,6 +515,55 @@ def test_rows_time_each_step_at_its_fastest_repeat():
     # Counts are of one pass (each batch's first decode), not summed over repeats.
     assert (row["steps"], row["tokens"], row["branch_counts"]) == (5, 40, {"ar1": 5})
     assert row["seconds"] == pytest.approx(decode + prefill)
+
+
+def test_median_interval_is_the_order_statistics_with_their_coverage():
+    x = np.arange(1.0, 11.0)  # n = 10: (x2, x9) holds the median w.p. 1 - 2 * 11/1024
+    assert bench_rows.median_interval(x, 0.9) == (2.0, 9.0, pytest.approx(1 - 22 / 1024))
+    assert bench_rows.median_interval(x, 0.5)[:2] == (4.0, 7.0)  # 1 - 2 * 176/1024 >= 0.5
+    lo, hi, cover = bench_rows.median_interval(np.array([1.0, 2.0, 3.0, 4.0]), 0.9)
+    assert (lo, hi, cover) == (1.0, 4.0, 0.875)  # too few for 90%: the range, and its coverage
+    # Its coverage is what it claims: medians of 5 draws of a known distribution.
+    rng = np.random.default_rng(0)
+    draws = np.sort(rng.lognormal(0.0, 0.2, size=(4000, 8)), axis=1)
+    spans = [bench_rows.median_interval(d, 0.9) for d in draws]
+    hit = np.mean([lo <= 1.0 <= hi for lo, hi, _ in spans])  # the median of lognormal(0, s) is 1
+    assert abs(hit - spans[0][2]) < 0.02, (hit, spans[0][2])
+
+
+def test_paired_speedup_compares_rounds_side_by_side():
+    """Round r of a mode against AR's round r: a slow phase covering both cancels, where each
+    mode's fastest repeat would compare different phases."""
+    from flexdraft_jax.decoding.ar import Generation
+
+    def gen(seconds, prefill=0.5):
+        stats = {"tokens": 20, "seconds": prefill + seconds, "prefill_seconds": prefill,
+                 "steps": 9, "step_seconds": [seconds / 9] * 9}  # fmt: skip
+        return Generation([[1] * 10, [2] * 10], stats)
+
+    ar, flex = bench_rows.Acc(), bench_rows.Acc()
+    phases = [1.0, 2.0, 1.5, 3.0, 1.2]  # the machine's speed round by round
+    for r, slow in enumerate(phases):
+        for batch in (0, 1):
+            ar.add(gen(1.0 * slow), repeat=r, batch=batch)
+            flex.add(gen(0.8 * slow), repeat=r, batch=batch)  # 1.25x faster in every round
+    flex.add(gen(0.1), repeat=5, batch=0)  # a round without every batch does not count
+    got = bench_rows.paired_speedup(flex, ar)
+    assert got["paired_rounds"] == 5
+    assert got["paired_speedup_vs_ar"] == pytest.approx(1.25)
+    assert got["paired_interval"] == pytest.approx([1.25, 1.25])
+    assert got["paired_coverage"] == pytest.approx(1 - 2 / 32)
+    # Rounds that disagree: AR's time over the mode's, each summed over the rounds; the range
+    # is that of the per-round ratios (all five: fewer would cover under 90%).
+    odd = bench_rows.Acc()
+    for r, (slow, f) in enumerate(zip(phases, [0.8, 1.0, 0.5, 0.8, 2.0])):
+        for batch in (0, 1):
+            odd.add(gen(f * slow), repeat=r, batch=batch)
+    got = bench_rows.paired_speedup(odd, ar)
+    assert got["paired_speedup_vs_ar"] == pytest.approx(8.7 / (0.8 + 2.0 + 0.75 + 2.4 + 2.4))
+    assert got["paired_interval"] == pytest.approx([0.5, 2.0])
+    assert bench_rows.paired_speedup(odd, ar, level=0.95)["paired_interval"] is None
+    assert bench_rows.paired_speedup(flex, bench_rows.Acc())["paired_interval"] is None
 
 
 def test_demo_retrain_runs_every_stage_then_skips_them(tmp_path, monkeypatch):

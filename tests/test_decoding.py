@@ -648,6 +648,39 @@ def test_step_seconds_share_each_host_syncs_time(tiny_llama, monkeypatch, run, s
     assert stats["prefill_seconds"] == 1 and stats["seconds"] == 1 + syncs + 1
 
 
+def test_decodes_in_turns_are_lossless_and_time_their_own_steps(tiny_llama, monkeypatch):
+    """AR and flex advanced step by step in turns (`decode_in_turns`, as the benchmark times
+    them) give the tokens and branches each gives alone; with a clock that ticks once per
+    reading, each decode's steps count only their own ticks, as alone, never the other's."""
+    import types
+
+    cfg, target = tiny_llama
+    dcfg, draft = random_draft(cfg, target, 4, seed=7)
+    host = RunConfig(dispatch="host", lookahead=0)
+    prof = {
+        1: CostProfile(1, {"ar1": 1.0, "seq2": 1.2, "seq4": 1.5, "par2": 1.1, "par4": 1.4}, 0.3)
+    }
+    decs = [
+        Decoder(cfg, target, draft, dcfg, engine.EngineConfig(mode=m), cache_len=128,
+                eos_ids=(), profiles=prof, run=host)
+        for m in ("ar", "flex")
+    ]  # fmt: skip
+    pres = [d.start(PROMPTS[:1], 12) for d in decs]
+    alone = [d.decode(p) for d, p in zip(decs, pres)]  # compiles every step they take
+    assert alone[1].stats["steps"] < alone[0].stats["steps"]  # flex speculated
+    ticks = iter(range(10**4))
+    monkeypatch.setattr(
+        decoder_mod, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks))
+    )
+    paired = decoder_mod.decode_in_turns(list(zip(decs, pres)))
+    for one, two in zip(alone, paired):
+        assert two.tokens == one.tokens
+        assert two.stats["branch_per_step"] == one.stats["branch_per_step"]
+        n = two.stats["steps"]  # one host sync per step: one tick between its two readings
+        assert two.stats["step_seconds"] == [1] * n
+        assert two.stats["seconds"] == two.stats["prefill_seconds"] + n + 1
+
+
 @pytest.mark.parametrize("mode", ["ar", "flex"])
 def test_lookahead_dispatch_is_lossless_and_stops_on_time(tiny_llama, mode):
     """The host queues step t+1 (with the branch chosen after step t-1) before reading step t:

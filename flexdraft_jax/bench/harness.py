@@ -38,11 +38,11 @@ import jax
 from tqdm.auto import tqdm
 
 from flexdraft_jax.bench.hf_peer import hf_row
-from flexdraft_jax.bench.rows import Acc, speedups
+from flexdraft_jax.bench.rows import Acc, paired_speedup, speedups
 from flexdraft_jax.common import round_up
 from flexdraft_jax.decoding import engine
 from flexdraft_jax.decoding.ar import match_rate
-from flexdraft_jax.decoding.decoder import Decoder, RunConfig
+from flexdraft_jax.decoding.decoder import Decoder, RunConfig, decode_in_turns
 from flexdraft_jax.decoding.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -319,17 +319,20 @@ def _repeated(names, first: dict, always, timing: TimingPlan) -> tuple:
     return again, later
 
 
-def _timed_decode(decoders, pres, keep, max_new_tokens, seed, i, batch, name):
-    """Decode batch `i` in mode `name` from its kept prefilled state (kept again) or a new one
-    (also when the kept one was prefilled under a cost profile since refined, and decided
-    otherwise whether to draft in the prefill: `Decoder.current`)."""
-    pre = pres.pop((i, name), None)
-    if pre is None or not decoders[name].current(pre):
-        pre = decoders[name].start(batch, max_new_tokens, seed=seed)
-    gen = decoders[name].decode(pre, reuse=keep)
-    if keep:
-        pres[(i, name)] = pre
-    return gen
+def _timed_decode(decoders, pres, keep, max_new_tokens, seed, i, batch, names):
+    """Decode batch `i` in each mode of `names`, step by step in turns (`decode_in_turns`; one
+    name: a plain decode), each from its kept prefilled state (kept again) or a new one (also
+    when the kept one was prefilled under a cost profile since refined, and decided otherwise
+    whether to draft in the prefill: `Decoder.current`). Returns their Generations."""
+    jobs = []
+    for name in names:
+        pre = pres.pop((i, name), None)
+        if pre is None or not decoders[name].current(pre):
+            pre = decoders[name].start(batch, max_new_tokens, seed=seed)
+        jobs.append((decoders[name], pre))
+        if keep:
+            pres[(i, name)] = pre
+    return decode_in_turns(jobs, reuse=keep)
 
 
 def _timed_rounds(run: _Run, decoders, batches, pres, keep, bs, timing: TimingPlan) -> dict:
@@ -355,14 +358,16 @@ def _timed_rounds(run: _Run, decoders, batches, pres, keep, bs, timing: TimingPl
 
 
 def _round(accs, decode, batches, names, always, r: int, bar) -> None:
-    """Repeat `r` of every batch in each of `names`, mode after mode within a batch: AR and
-    flex first and back to back (load drifts over seconds, and then weighs on both alike), in
-    turns (AR first on even rounds)."""
+    """Repeat `r` of every batch in each of `names`: first AR and flex, step by step in turns
+    (`decode_in_turns`: a slow phase of the machine then weighs on both alike), AR first on
+    even rounds and flex on odd ones; then the other modes one after the other."""
     pair = [n for n in always if n in names][:: -1 if r % 2 else 1]
     for i, b in enumerate(batches):
-        for name in pair + [n for n in names if n not in always]:
-            accs[name].add(decode(i, b, name), repeat=r, batch=i)
-            bar.update()
+        groups = ([pair] if pair else []) + [[n] for n in names if n not in always]
+        for group in groups:
+            for name, gen in zip(group, decode(i, b, group)):
+                accs[name].add(gen, repeat=r, batch=i)
+                bar.update()
 
 
 def _settle(accs, decode, batches, always, timing: TimingPlan, bar) -> None:
@@ -410,6 +415,7 @@ def _rows(run: _Run, accs: dict, ar_row: dict, bs: int, n_batches: int, prof) ->
             temperature=run.temperature,
             num_batches=n_batches,
             **speedups(row, ar_row),
+            **paired_speedup(acc, ar_acc if spec.name != run.ar_name else Acc()),
             step_seconds_vs_ar=row["step_seconds"] / max(ar_row["step_seconds"], 1e-12),
             outputs_match_ar=same if greedy else None,
             # Share of AR's tokens reproduced before the first difference (`ar.match_rate`):
@@ -418,6 +424,11 @@ def _rows(run: _Run, accs: dict, ar_row: dict, bs: int, n_batches: int, prof) ->
             step_cost=_branch_subset(rel, spec.mode),
             rows_per_branch={k: list(v) for k, v in branch_rows.items()},
         )
+        # The speedup is the paired one, from the same rounds of both (DESIGN §5: side by side);
+        # the ratio of each mode's fastest steps stays beside it.
+        row["stepwise_speedup_vs_ar"] = row["speedup_vs_ar"]
+        if row["paired_speedup_vs_ar"] is not None:
+            row["speedup_vs_ar"] = row["paired_speedup_vs_ar"]
         rows.append(row)
     return rows
 

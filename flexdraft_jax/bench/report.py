@@ -32,12 +32,13 @@ def _fmt_match(m) -> str:
 
 
 def format_table(results: dict) -> str:
-    """One line per (mode, batch size). tok/s and speedup: decode phase; e2e: with the prefill;
-    step: the mode's mean decode step / AR's."""
+    """One line per (mode, batch size). tok/s and speedup: decode phase; paired: the range that
+    holds the round-by-round speedup's median (`rows.paired_speedup`), the run's resolution; e2e:
+    with the prefill; step: the mode's mean decode step / AR's."""
     rows = results["rows"]
     head = (
-        f"{'mode':<18}{'batch':>6}{'tau':>7}{'tok/s':>10}{'speedup':>9}{'e2e':>8}{'step':>7}"
-        f"{'match':>7}  branches"
+        f"{'mode':<18}{'batch':>6}{'tau':>7}{'tok/s':>10}{'speedup':>9}{'paired':>11}{'e2e':>8}"
+        f"{'step':>7}{'match':>7}  branches"
     )
     lines = [head, "-" * len(head)]
     for bs in _batches(rows):
@@ -48,9 +49,12 @@ def format_table(results: dict) -> str:
                 counts = r.get("branch_counts") or {}
                 br = " ".join(f"{k}:{v}" for k, v in counts.items() if v) if len(counts) > 1 else ""
                 step = r.get("step_seconds_vs_ar")
+                span = r.get("paired_interval")
+                span = "-" if not span else f"{span[0]:.2f}-{span[1]:.2f}"
                 lines.append(
                     f"{mode:<18}{bs:>6}{r['tau']:>7.2f}{r['tokens_per_s']:>10.1f}"
-                    f"{r['speedup_vs_ar']:>8.2f}x{r.get('e2e_speedup_vs_ar', float('nan')):>7.2f}x"
+                    f"{r['speedup_vs_ar']:>8.2f}x{span:>11}"
+                    f"{r.get('e2e_speedup_vs_ar', float('nan')):>7.2f}x"
                     f"{'-' if step is None else f'{step:.2f}':>7}"
                     f"{_fmt_match(r['outputs_match_ar']):>7}  {br}"
                 )

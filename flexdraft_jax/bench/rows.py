@@ -3,10 +3,13 @@
 `Acc` collects the decodes (every repeat of every batch) and turns them into a row: tau and
 per-position acceptance, counts of one pass over the batches, and decode speed with each step at
 its fastest repeat. `speed_fields` and `speedups` are the speed columns every row shares, the
-`transformers` peer's included.
+`transformers` peer's included; `paired_speedup` is the speed over AR's round by round, with the
+interval that shows how finely the run resolves it.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -96,6 +99,13 @@ class Acc:
                 out["decode"] += whole
         return out
 
+    def round_seconds(self) -> dict[int, float]:
+        """Decode seconds (prefill excluded) of each repeat that decoded every batch: one pass
+        over the batches per round."""
+        reps = list(self.decodes.values())
+        common = set.intersection(*(set(r) for r in reps)) if reps else set()
+        return {r: sum(d[r]["seconds"] - d[r]["prefill"] for d in reps) for r in sorted(common)}
+
     def repeats(self) -> int:
         """Repeats recorded (of the batch with the most)."""
         return max((len(reps) for reps in self.decodes.values()), default=0)
@@ -139,6 +149,42 @@ class Acc:
             # Decode step at the row's timing, to hold against the profile's forced steps.
             "step_seconds": p["decode"] / max(p["steps"], 1),
         }
+
+
+def paired_speedup(acc: Acc, ar: Acc, level: float = 0.9) -> dict:
+    """Speed over AR's from the rounds both decoded every batch in (flex: decoded in turns with
+    AR, step by step, so a slow phase of the machine weighs on both alike): AR's decode seconds
+    per token over the mode's, each summed over those rounds; and the range of the per-round
+    ratios that holds their median with probability `coverage` >= `level` (`median_interval`;
+    None before 5 rounds, too few for 90%). The range shows how finely the run resolves it."""
+    mine, base = acc.round_seconds(), ar.round_seconds()
+    rounds = sorted(mine.keys() & base.keys())
+    if not rounds:
+        return {"paired_speedup_vs_ar": None, "paired_interval": None,
+                "paired_coverage": None, "paired_rounds": 0}  # fmt: skip
+    p, q = acc.one_pass(), ar.one_pass()
+    tok, ar_tok = max(p["tokens"] - p["sequences"], 1), max(q["tokens"] - q["sequences"], 1)
+    speed = lambda a, x: (a / ar_tok) / max(x / tok, 1e-12)
+    ratios = np.sort([speed(base[r], mine[r]) for r in rounds])
+    lo, hi, coverage = median_interval(ratios, level)
+    return {
+        "paired_speedup_vs_ar": speed(sum(base[r] for r in rounds), sum(mine[r] for r in rounds)),
+        "paired_interval": [lo, hi] if coverage >= level else None,
+        "paired_coverage": coverage,
+        "paired_rounds": len(rounds),
+    }
+
+
+def median_interval(x, level: float = 0.9) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of samples `x` (sorted): the order statistics
+    (x_k, x_{n+1-k}) with the largest k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is at
+    least `level`; with too few samples for that, the full range. Returns (low, high, coverage)."""
+    n = len(x)
+    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2.0**n  # P(Bin(n, 1/2) < k)
+    k = 1
+    while k < (n + 1) // 2 and 1 - 2 * below(k + 1) >= level:
+        k += 1
+    return float(x[k - 1]), float(x[n - k]), 1 - 2 * below(k)
 
 
 def speed_fields(tokens: int, seconds: float, prefill_seconds: float, sequences: int) -> dict:

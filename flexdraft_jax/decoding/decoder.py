@@ -273,43 +273,60 @@ class Decoder:
     def decode(self, pre: Prefilled, *, reuse: bool = True) -> Generation:
         """Decode from a prefilled batch. reuse: copy its state first (steps donate theirs), so
         `pre` can be decoded again; False consumes it."""
+        return _run_out(self.decode_steps(pre, reuse=reuse))
+
+    def decode_steps(self, pre: Prefilled, *, reuse: bool = True):
+        """`decode` as a generator that pauses after the state copy and after each host sync
+        (one step in host dispatch, one call in the device loop) and returns the Generation. Its
+        clock counts only the time it runs, so decodes advanced in turns (`decode_in_turns`)
+        each time their own steps."""
         st, max_new_tokens = pre.st, pre.max_new_tokens
         # The profile as it is now (a benchmark refines it after prefilling its first batches).
         costs = self._replicated(self._costs(st, len(pre.state.output.done)))
         state = pre.state
         if reuse:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, state))
-        marks = [_decoding_clock()]  # then one per host sync
+        yield
         compiled = compilation.seconds()
-        idxs, counts = [], []  # per step
-        with self._on_mesh():
-            if self.run_config.resolved_dispatch() == "device":
-                state, per_sync, syncs = self._device_loop(st, state, costs, idxs, counts)
-            else:
-                state, per_sync, syncs = self._host_loop(
-                    st, state, costs, idxs, counts, max_new_tokens
-                )
-        marks += syncs
+        idxs, counts, step_seconds = [], [], []  # per step
+        if self.run_config.resolved_dispatch() == "device":
+            loop = self._device_loop(st, state, costs, idxs, counts)
+        else:
+            loop = self._host_loop(st, state, costs, idxs, counts, max_new_tokens)
+        ran, owed = 0.0, 0.0  # this decode's own seconds; those of syncs that ran no step
+        t = _decoding_clock()
+        while True:
+            try:
+                with self._on_mesh():  # entered per resume: other decodes run in between
+                    n = next(loop)
+            except StopIteration as stop:
+                state = stop.value
+                break
+            now = _decoding_clock()
+            ran += now - t
+            # Wall time of each step: a sync's time shared evenly among the steps it ran.
+            share = (now - t + owed) / max(n, 1)
+            step_seconds += [share] * n
+            owed = 0.0 if n else owed + now - t
+            yield
+            t = _decoding_clock()
+        ran += _decoding_clock() - t
         compiled = compilation.seconds() - compiled
-        elapsed = pre.prefill_seconds + _decoding_clock() - marks[0]
         gen = self._result(
-            st, state, [int(i) for i in idxs], elapsed, pre.prefill_seconds, max_new_tokens
-        )
+            st, state, [int(i) for i in idxs], pre.prefill_seconds + ran, pre.prefill_seconds,
+            max_new_tokens,
+        )  # fmt: skip
         counts = [placement.to_host(c) for c in counts]
         gen.stats["committed_per_step"] = np.asarray(counts).T.tolist() if counts else []
         if self.ecfg.mode == "flex":  # "measured" or "estimate"
             gen.stats["cost_profile"] = self.cost_profile(len(pre.state.output.done)).source
-        # Wall time of each step: a call's time shared evenly among the steps it ran.
-        gen.stats["step_seconds"] = [
-            dt / n for dt, n in zip(np.diff(marks), per_sync) for _ in range(n)
-        ]
+        gen.stats["step_seconds"] = step_seconds
         gen.stats["decode_compile_seconds"] = compiled
         return gen
 
     def _device_loop(self, st, state, costs, idxs, counts):
         """`engine.run` calls until every sequence is done; appends each step's branch and counts.
-        Returns (state, steps between host syncs, the time of each sync)."""
-        per_sync, marks = [], []
+        A generator: yields after each host sync the number of steps it ran; returns the state."""
         lengths, done = placement.host_tree((state.cache.lengths, state.output.done))
         spc = self.run_config.steps_per_call
         ar_only = False
@@ -326,7 +343,6 @@ class Decoder:
             br, cnt, lengths, done, nxt_ar = placement.host_tree(
                 (br, cnt, state.cache.lengths, state.output.done, nxt_ar)
             )  # the one sync per call
-            marks.append(_decoding_clock())
             ran = br >= 0
             if not ran.any() and not done.all():  # the window was full: the next is larger
                 if window >= self.cache_len or bool(nxt_ar) != ar_only:
@@ -334,13 +350,12 @@ class Decoder:
             ar_only = bool(nxt_ar) and engine.switches_to_ar(st)
             idxs += br[ran].tolist()
             counts += list(cnt[ran])
-            per_sync.append(int(ran.sum()))
-        return state, per_sync, marks
+            yield int(ran.sum())
+        return state
 
     def _host_loop(self, st, state, costs, idxs, counts, max_new_tokens):
         """Host dispatch: one executable per step, its branch read from the previous step's
-        status (`RunConfig.lookahead` steps queued ahead). Returns like `_device_loop`."""
-        per_sync, marks = [], []
+        status (`RunConfig.lookahead` steps queued ahead). A generator like `_device_loop`."""
         lengths = placement.to_host(state.cache.lengths)
         window = engine.kv_window(lengths, max_new_tokens + self.dcfg.block_size, self.cache_len)
         lookahead = self.run_config.lookahead
@@ -362,9 +377,8 @@ class Decoder:
                 if len(inflight) <= lookahead:
                     continue
             nxt, done, n_out = engine.read_status(placement.to_host(inflight.pop(0)))  # the sync
-            marks.append(_decoding_clock())
-            per_sync.append(1)
-        return state, per_sync, marks
+            yield 1
+        return state
 
     def _compile_ahead(self, st, state, lengths, max_new_tokens: int) -> None:
         """Start compiling, on a background thread, the step programs the first steps will run
@@ -694,6 +708,34 @@ def _draft_for_engine(cfg, target, record, dcfg, ecfg) -> tuple[dict | None, eng
 
 
 _POOL = []
+
+
+def decode_in_turns(jobs, *, reuse: bool = True) -> list[Generation]:
+    """Decode prefilled batches, (Decoder, Prefilled) pairs, step by step in turns: one host
+    sync of each per turn, in the order given, each decode's clock counting only its own steps
+    (`Decoder.decode_steps`). The same tokens as decoding each alone. The benchmark times AR
+    against flex so: a slow phase of a shared machine (seconds long) then weighs on neighbouring
+    steps of both alike, where whole decodes one after the other can fall in different phases
+    (docs/benchmark.md, "How it times, and why")."""
+    runs = [dec.decode_steps(pre, reuse=reuse) for dec, pre in jobs]
+    out, live = [None] * len(runs), list(range(len(runs)))
+    while live:
+        for i in list(live):
+            try:
+                next(runs[i])
+            except StopIteration as stop:
+                out[i] = stop.value
+                live.remove(i)
+    return out
+
+
+def _run_out(steps):
+    """The return value of a generator run to its end."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:
