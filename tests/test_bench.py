@@ -561,6 +561,8 @@ def test_paired_speedup_compares_rounds_side_by_side():
             odd.add(gen(f * slow), repeat=r, batch=batch)
     got = bench_rows.paired_speedup(odd, ar)
     assert got["paired_speedup_vs_ar"] == pytest.approx(8.7 / (0.8 + 2.0 + 0.75 + 2.4 + 2.4))
+    mean_ar, mean_odd = 2 * 8.7 / 5, 2 * 8.35 / 5  # a round's two batches, each prefilled in 0.5 s
+    assert got["paired_e2e_speedup_vs_ar"] == pytest.approx((1.0 + mean_ar) / (1.0 + mean_odd))
     assert got["paired_interval"] == pytest.approx([0.5, 2.0])
     assert bench_rows.paired_speedup(odd, ar, level=0.95)["paired_interval"] is None
     assert bench_rows.paired_speedup(flex, bench_rows.Acc())["paired_interval"] is None

@@ -36,10 +36,10 @@ DEMO_BENCH = dict(
     batch_sizes=(1, 4, 16, 64),
     modes=None,  # each set's own (DEMO_SETS)
     max_new_tokens=12,
-    # Timed decodes per mode and batch size (each step counts at its fastest repeat): five for
-    # AR and flex, whose 11-step decodes at one batch take about a second, so that a burst of
-    # load does not decide their ratio; a third and later for the others only where their five
-    # decodes fit in 5 s.
+    # Timed decodes per mode and batch size: five rounds of AR and flex decoded in turns, step
+    # by step (their 11-step decodes at one batch take about a second; the speedup sums the
+    # rounds, and five give its range at >= 90%); a third and later for the others only where
+    # their five decodes fit in 5 s.
     repeats=5,
     repeats_within_seconds=5.0,
     # AR and flex timed again while either still gets faster, in rounds started within 10 s.
