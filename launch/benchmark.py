@@ -67,7 +67,11 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("no_calibration", False, "Ablation: decode without the calibration MLP.")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers generate on the same weights.")
-flags.DEFINE_integer("repeats", 3, "Timed decodes per batch (the fastest counts).", lower_bound=1)
+flags.DEFINE_integer(
+    "repeats", 3,
+    "Timed rounds per batch size (the speedup sums them; 5 or more give its range).",
+    lower_bound=1,
+)  # fmt: skip
 flags.DEFINE_float(
     "repeats_within_seconds", None,
     "A mode's repeats after the second only if that many of its decodes fit in this many seconds"
