@@ -157,8 +157,8 @@ class TimingPlan:
       AR's first pass.
     settle_by, settle_rounds, settle_seconds: after the planned repeats AR and flex are timed
       again, both, round by round (up to `settle_rounds`, started within `settle_seconds` per
-      batch size), while the latest repeat of either still cut its step-wise time by over the
-      fraction `settle_by`: a burst of load can cover one mode's repeats more than the other's.
+      batch size), while flex's speedup is not resolved to the fraction `settle_by`: its
+      paired range (`rows.paired_speedup`, 5 rounds or more) reaches further on either side.
     warmup_tokens: the token budget of the warm-up decode (the budget is traced, so the timed
       decodes reuse its compilations).
     profile_repeats, profile_seconds: rounds over the branches when profiling step costs, stopping
@@ -371,21 +371,30 @@ def _round(accs, decode, batches, names, always, r: int, bar) -> None:
 
 
 def _settle(accs, decode, batches, always, timing: TimingPlan, bar) -> None:
-    """More rounds of AR and flex, both, while the latest repeat of either still cut its
-    step-wise time (`Acc.settling`), within `timing.settle_rounds` rounds started in
-    `settle_seconds`: each keeps its fastest step of as many repeats as the other's."""
+    """More rounds of AR and flex, both, while flex's speedup is unresolved (`_unresolved`),
+    within `timing.settle_rounds` rounds started in `settle_seconds`."""
     r, t_settle = timing.repeats, time.perf_counter()
-    settling = lambda: (
-        timing.repeats > 1 and any(accs[n].settling(timing.settle_by) for n in always)
-    )
     while (
-        settling()
+        _unresolved(accs, always, timing.settle_by)
         and r < timing.repeats + timing.settle_rounds
         and time.perf_counter() - t_settle < timing.settle_seconds
     ):
         bar.total += len(batches) * len(always)
         _round(accs, decode, batches, always, always, r, bar)
         r += 1
+
+
+def _unresolved(accs, always, by: float) -> bool:
+    """Whether the speedup over AR (`always[0]`) of a flex mode (the rest of `always`) has no
+    paired range yet (under 5 rounds) or one reaching beyond the fraction `by` on either side."""
+    for name in always[1:]:
+        p = paired_speedup(accs[name], accs[always[0]])
+        span, speed = p["paired_interval"], p["paired_speedup_vs_ar"]
+        if speed is not None and (
+            span is None or span[0] < (1 - by) * speed or span[1] > (1 + by) * speed
+        ):
+            return True
+    return False
 
 
 def _branch_subset(rel: dict, mode: str) -> dict:

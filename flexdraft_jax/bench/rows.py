@@ -110,16 +110,6 @@ class Acc:
         """Repeats recorded (of the batch with the most)."""
         return max((len(reps) for reps in self.decodes.values()), default=0)
 
-    def settling(self, by: float) -> bool:
-        """Whether the latest repeat cut the step-wise decode time by more than the fraction
-        `by` (a burst of load covered some step in every repeat before it)."""
-        n = self.repeats()
-        if n < 2:
-            return False
-        last = max(max(reps) for reps in self.decodes.values())
-        before, now = self.one_pass(before=last)["decode"], self.one_pass()["decode"]
-        return now < (1.0 - by) * before
-
     def row(self) -> dict:
         ppa = [] if self.acc_weighted is None else (self.acc_weighted / self.spec_steps).tolist()
         p = self.one_pass()
