@@ -1,7 +1,7 @@
 """The one-command demo: SmolLM2-135M-Instruct, its FlexDraft drafter, the benchmark.
 
   python launch/demo.py --workdir=/tmp/demo            shipped draft (else an untrained one),
-                                                       HumanEval and chat benchmark, 7-12 minutes
+                                                       HumanEval and chat benchmark, 8-12 minutes
   python launch/demo.py --workdir=/tmp/demo --retrain  build training prompts, self-distil,
                                                        attention-tune, calibrate, benchmark,
                                                        within --budget_minutes

@@ -30,7 +30,7 @@ from flexdraft_jax.recipes import loading
 
 log = logging.getLogger(__name__)
 
-# The benchmark a demo runs on each prompt set (7-12 minutes in all on a 2-core CPU).
+# The benchmark a demo runs on each prompt set (8-12 minutes in all on a 2-core CPU).
 DEMO_BENCH = dict(
     num_prompts=4,
     batch_sizes=(1, 4, 16, 64),
