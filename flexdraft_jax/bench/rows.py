@@ -145,9 +145,9 @@ def paired_speedup(acc: Acc, ar: Acc, level: float = 0.9) -> dict:
     """Speed over AR's from the rounds both decoded every batch in (flex: decoded in turns with
     AR, step by step, so a slow phase of the machine weighs on both alike): AR's decode seconds
     per token over the mode's, each summed over those rounds (e2e: with each one's prefill, its
-    fastest, added to its mean round); and the range of the per-round
-    ratios that holds their median with probability `coverage` >= `level` (`median_interval`;
-    None before 5 rounds, too few for 90%). The range shows how finely the run resolves it."""
+    fastest, added to its mean round); and the range of the per-round ratios that holds their
+    median with probability `coverage` >= `level` (`median_interval`; None before 5 rounds, too
+    few for 90%). The range shows how finely the run resolves it."""
     mine, base = acc.round_seconds(), ar.round_seconds()
     rounds = sorted(mine.keys() & base.keys())
     if not rounds:

@@ -273,7 +273,7 @@ class Decoder:
     def decode(self, pre: Prefilled, *, reuse: bool = True) -> Generation:
         """Decode from a prefilled batch. reuse: copy its state first (steps donate theirs), so
         `pre` can be decoded again; False consumes it."""
-        return _run_out(self.decode_steps(pre, reuse=reuse))
+        return decode_in_turns([(self, pre)], reuse=reuse)[0]
 
     def decode_steps(self, pre: Prefilled, *, reuse: bool = True):
         """`decode` as a generator that pauses after the state copy and after each host sync
@@ -293,7 +293,7 @@ class Decoder:
             loop = self._device_loop(st, state, costs, idxs, counts)
         else:
             loop = self._host_loop(st, state, costs, idxs, counts, max_new_tokens)
-        ran, owed = 0.0, 0.0  # this decode's own seconds; those of syncs that ran no step
+        ran, owed = 0.0, 0.0  # this decode's own seconds; those not yet shared among steps
         t = _decoding_clock()
         while True:
             try:
@@ -303,11 +303,10 @@ class Decoder:
                 state = stop.value
                 break
             now = _decoding_clock()
-            ran += now - t
-            # Wall time of each step: a sync's time shared evenly among the steps it ran.
-            share = (now - t + owed) / max(n, 1)
-            step_seconds += [share] * n
-            owed = 0.0 if n else owed + now - t
+            ran, owed = ran + now - t, owed + now - t
+            if n:  # wall time of each step: a sync's time shared evenly among its steps
+                step_seconds += [owed / n] * n
+                owed = 0.0
             yield
             t = _decoding_clock()
         ran += _decoding_clock() - t
@@ -727,15 +726,6 @@ def decode_in_turns(jobs, *, reuse: bool = True) -> list[Generation]:
                 out[i] = stop.value
                 live.remove(i)
     return out
-
-
-def _run_out(steps):
-    """The return value of a generator run to its end."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:
